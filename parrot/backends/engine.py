@@ -1,0 +1,206 @@
+"""The engine interface: what the dataflow layer may ask of any engine.
+
+An engine runs *programs*: a sequence of :class:`Fill` (append these tokens
+to the context) and :class:`Gen` (generate into the context) steps over one
+growing context. A semantic function with several outputs is one program
+(fill the text before the first output, generate it, fill the text up to the
+next output, generate that, ...), so the context is prefilled once and never
+re-sent. This is the Fill/Gen pair of the published Parrot; forking a child
+context from a parent is how prefix sharing becomes explicit later.
+
+Engines know nothing of sessions, variables or tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Literal, Protocol, Sequence
+
+from parrot.semantic_vars import EngineError, SamplingConfig, new_id
+
+FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Append ``token_ids`` to the context."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Gen:
+    """Generate into the context under ``sampling``; ``name`` labels the events."""
+
+    sampling: SamplingConfig
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PrefixHint:
+    """Tells the engine that the first ``num_tokens`` tokens are shared by a
+    group of requests identified by ``key`` (already namespaced per tenant)."""
+
+    key: str
+    num_tokens: int
+
+
+@dataclass
+class GenerationRequest:
+    """One program to run on one engine."""
+
+    program: Sequence[Fill | Gen]
+    request_id: str = field(default_factory=lambda: new_id("req"))
+    prefix_hint: PrefixHint | None = None
+
+    @property
+    def num_gens(self) -> int:
+        return sum(isinstance(step, Gen) for step in self.program)
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Newly decoded text of the ``gen_index``-th :class:`Gen` (for streaming)."""
+
+    gen_index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """A finished :class:`Gen`: its text (stop string removed) and tokens."""
+
+    gen_index: int
+    name: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+
+
+@dataclass
+class RequestStats:
+    """Where a request's time and tokens went (monotonic seconds)."""
+
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RequestFinished:
+    """The last event of a request that ran to its end."""
+
+    stats: RequestStats
+
+
+EngineEvent = TokenDelta | GenResult | RequestFinished
+
+
+@dataclass(frozen=True)
+class EngineCapacity:
+    """Load figures a scheduler places calls by."""
+
+    max_running: int
+    running: int
+    waiting: int
+    free_kv_tokens: int | None = None
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_running - self.running - self.waiting)
+
+
+class TokenizerLike(Protocol):
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class RequestStream:
+    """The events of one request, consumed with ``async for`` on the loop
+    that submitted it. Engines push from any thread with :meth:`push`."""
+
+    _END = object()
+
+    def __init__(self, request: GenerationRequest, cancel: Callable[[str], None]) -> None:
+        self.request = request
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._cancel = cancel
+        self.done = False
+
+    # -- producer side (engine thread) ---------------------------------
+    def push(self, event: EngineEvent) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def fail(self, error: BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
+
+    # -- consumer side ------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[EngineEvent]:
+        while not self.done:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            if isinstance(item, RequestFinished):
+                self.done = True
+            yield item  # type: ignore[misc]
+
+    async def results(self) -> tuple[list[GenResult], RequestStats]:
+        """Drain the stream; return every :class:`GenResult` and the stats."""
+        results: list[GenResult] = []
+        stats = RequestStats()
+        async for event in self:
+            if isinstance(event, GenResult):
+                results.append(event)
+            elif isinstance(event, RequestFinished):
+                stats = event.stats
+        return results, stats
+
+    def cancel(self) -> None:
+        """Stop the request; the engine frees its memory at its next step."""
+        if not self.done:
+            self.done = True
+            self._cancel(self.request.request_id)
+
+
+class Engine(ABC):
+    """Runs generation programs and reports its load."""
+
+    name: str
+    tokenizer: TokenizerLike
+
+    @abstractmethod
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``; call from a running event loop, which receives its events."""
+
+    @abstractmethod
+    def capacity(self) -> EngineCapacity:
+        """Current load."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Stop a request if it is queued or running."""
+
+    def close(self) -> None:
+        """Release threads and memory. The default does nothing."""
+
+
+__all__ = [
+    "Engine", "EngineCapacity", "EngineError", "EngineEvent", "Fill", "FinishReason", "Gen", "GenResult",
+    "GenerationRequest", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta",
+    "TokenizerLike",
+]

@@ -1,0 +1,51 @@
+"""The tokenizer of a local model folder, behind the small surface engines use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class Tokenizer:
+    """Wraps a Hugging Face tokenizer loaded from a local folder (never the hub)."""
+
+    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = ()) -> None:
+        from transformers import AutoTokenizer  # imported here: transformers is slow to import
+
+        self.path = Path(path)
+        if not (self.path / "tokenizer.json").exists() and not (self.path / "tokenizer.model").exists():
+            raise FileNotFoundError(f"{self.path}: no tokenizer.json or tokenizer.model in the model folder")
+        self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.bos_token_id: int | None = self.hf.bos_token_id
+        eos = set(eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(self.hf.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one."""
+        ids: list[int] = self.hf.encode(text, add_special_tokens=False)
+        if add_bos and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` with special tokens dropped."""
+        return self.hf.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the model's own chat template makes of ``messages``."""
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def read_generation_eos(path: str | Path) -> list[int]:
+    """EOS ids from ``generation_config.json``, which some models list there only."""
+    file = Path(path) / "generation_config.json"
+    if not file.exists():
+        return []
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

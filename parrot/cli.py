@@ -1,0 +1,115 @@
+"""The ``parrot`` command line: ``parrot demo`` and ``parrot model``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _resolve_model(arg: str | None) -> Path:
+    from parrot.dataflow import default_model_dir
+
+    if arg:
+        path = Path(arg).expanduser()
+        if not (path / "config.json").exists():
+            raise SystemExit(f"parrot: --model {arg}: no config.json in that folder (a local Hugging Face model folder is expected)")
+        return path
+    return default_model_dir(progress=_say)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import parrot as P
+    from parrot import workflows
+    from parrot.backends.torch_engine import TorchEngine
+    from parrot.dataflow import LocalRuntime
+
+    started = time.perf_counter()
+    model_dir = _resolve_model(args.model)
+    _say(f"model: {model_dir}")
+    if args.model is None and not os.environ.get("PARROT_MODEL"):
+        _say("  (the embedded test model: seeded random weights, so its text is not meaningful)")
+    engine = TorchEngine.from_pretrained(model_dir, device=args.device, name="engine-0")
+    _say(f"engine: {engine.device}, {engine.dtype}, loaded in {time.perf_counter() - started:.1f} s")
+    runtime = LocalRuntime([engine])
+    chunks = workflows.split_paragraphs(workflows.SAMPLE_DOCUMENT)
+
+    def show(label: str, var: P.SemanticVariable, t0: float, perf: str) -> None:
+        value = var.get(perf=perf)  # type: ignore[arg-type]
+        _say(f"  [{time.perf_counter() - t0:6.2f} s] {label}: {value!r}")
+
+    try:
+        _say(f"\n== chain summary: {len(chunks)} chunks, each step refines the last ==")
+        t0 = time.perf_counter()
+        with P.Session(runtime) as session:
+            steps = workflows.chain_summary(chunks)
+            _say(f"  submitted {len(steps)} calls in {1000 * (time.perf_counter() - t0):.1f} ms; nothing ran on the client")
+            for i, var in enumerate(steps):
+                show(f"step {i}", var, t0, "latency")
+        _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
+        chain_s = time.perf_counter() - t0
+
+        _say(f"\n== map-reduce summary: {len(chunks)} maps, one reduce ==")
+        t0 = time.perf_counter()
+        with P.Session(runtime) as session:
+            partial, merged = workflows.map_reduce_summary(chunks)
+            _say(f"  submitted {len(partial) + 1} calls in {1000 * (time.perf_counter() - t0):.1f} ms")
+            for i, var in enumerate(partial):
+                show(f"map {i}", var, t0, "throughput")
+            show("reduce", merged, t0, "latency")
+        _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
+        map_reduce_s = time.perf_counter() - t0
+
+        calls = len(runtime.graph.calls)
+        _say(
+            f"\nran {calls} calls: chain {chain_s:.2f} s, map-reduce {map_reduce_s:.2f} s, "
+            f"total {time.perf_counter() - started:.1f} s; "
+            f"{engine.counters.prefill_tokens} prefill + {engine.counters.decode_tokens} decode tokens "
+            f"in {engine.counters.steps} engine steps"
+        )
+    finally:
+        runtime.portal.call(runtime.shutdown())
+    return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    print(_resolve_model(args.model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parrot", description="Parrot: application-level LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            default=os.environ.get("PARROT_MODEL"),
+            help="local Hugging Face Llama/Mistral/Qwen2 folder (default: $PARROT_MODEL, else the embedded test model)",
+        )
+
+    demo = sub.add_parser("demo", help="run a chain-summary and a map-reduce workflow in-process")
+    add_model_args(demo)
+    demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    demo.set_defaults(func=_run_demo)
+
+    model = sub.add_parser("model", help="print the model folder that would be used (building the default one)")
+    add_model_args(model)
+    model.set_defaults(func=_run_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

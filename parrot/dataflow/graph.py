@@ -1,0 +1,245 @@
+"""The dataflow graph of calls and Semantic Variables.
+
+Nodes are variables and calls; edges run variable -> call (an input) and
+call -> variable (an output), so the graph is bipartite and a path between
+two calls is a real data dependency. One graph holds every session of a
+runtime, kept incrementally as calls arrive. It is plain data: no asyncio,
+no engines; the runtime drives it and the scheduler reads it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import networkx as nx
+
+from parrot.semantic_vars import (
+    CallSpec,
+    DataflowCycleError,
+    FunctionSpec,
+    InvalidArgumentError,
+    Perf,
+    Template,
+    UnknownVariableError,
+    VariableAlreadySetError,
+)
+
+CallState = Literal["waiting", "ready", "running", "done", "failed", "cancelled"]
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+@dataclass
+class VariableNode:
+    """A Semantic Variable as the runtime knows it."""
+
+    id: str
+    name: str
+    session_id: str
+    value: str | None = None
+    producer: str | None = None  # id of the call that outputs it
+    constant: bool = False
+    error: str | None = None  # set when its producer failed
+    perf: Perf | None = None  # strongest get() annotation seen
+    set_at: float | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.value is not None
+
+
+@dataclass
+class CallNode:
+    """One call of a semantic function and what happened to it."""
+
+    id: str
+    session_id: str
+    function: FunctionSpec
+    template: Template
+    inputs: dict[str, str]  # input name -> variable id (constants included)
+    outputs: dict[str, str]  # output name -> variable id
+    state: CallState = "waiting"
+    engine: str | None = None
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class DataflowGraph:
+    """Calls and variables of every session, with readiness tracking."""
+
+    def __init__(self) -> None:
+        self.graph = nx.DiGraph()
+        self.variables: dict[str, VariableNode] = {}
+        self.calls: dict[str, CallNode] = {}
+        self._unset_inputs: dict[str, int] = {}  # call id -> inputs still without a value
+
+    # -- building -------------------------------------------------------
+    def add_variable(
+        self, var_id: str, name: str, session_id: str, value: str | None = None, *, constant: bool = False
+    ) -> VariableNode:
+        if var_id in self.variables or var_id in self.calls:
+            raise VariableAlreadySetError(f"variable id {var_id!r} is already in use")
+        var = VariableNode(var_id, name, session_id, value=value, constant=constant)
+        if value is not None:
+            var.set_at = time.monotonic()
+        self.variables[var_id] = var
+        self.graph.add_node(var_id, kind="variable")
+        return var
+
+    def _validate_call(self, session_id: str, spec: CallSpec, template: Template) -> None:
+        """Every check of :meth:`add_call`, before anything is changed."""
+        if spec.call_id in self.calls or spec.call_id in self.variables:
+            raise InvalidArgumentError("call_id", f"{spec.call_id!r} is already in use")
+        bound = [*spec.inputs, *spec.constants]
+        for name in bound:
+            if name not in template.inputs:
+                raise InvalidArgumentError(f"inputs.{name}", f"{spec.function.name}() has no input {name!r}")
+        if len(set(bound)) != len(bound):
+            twice = next(n for n in bound if bound.count(n) > 1)
+            raise InvalidArgumentError(f"inputs.{twice}", "bound both to a variable and to a constant")
+        for name in template.inputs:
+            if name not in bound:
+                raise InvalidArgumentError(f"inputs.{name}", f"{spec.function.name}() needs input {name!r}")
+        if set(spec.outputs) != set(template.outputs):
+            missing = sorted(set(template.outputs) ^ set(spec.outputs))[0]
+            raise InvalidArgumentError(f"outputs.{missing}", "outputs must name exactly the template's outputs")
+        for name, var_id in spec.inputs.items():
+            if var_id not in self.variables:
+                raise UnknownVariableError(f"input {name!r} refers to unknown variable {var_id!r}")
+        out_ids = list(spec.outputs.values())
+        if len(set(out_ids)) != len(out_ids):
+            raise InvalidArgumentError("outputs", "two outputs share one variable id")
+        for name, var_id in spec.outputs.items():
+            if var_id in self.calls:
+                raise InvalidArgumentError(f"outputs.{name}", f"{var_id!r} is a call id")
+            existing = self.variables.get(var_id)
+            if existing is None:
+                continue
+            if existing.producer is not None or existing.is_set:
+                raise VariableAlreadySetError(f"output {name!r}: variable {var_id!r} already has a value or producer")
+            if existing.session_id != session_id:
+                raise UnknownVariableError(f"output {name!r} refers to unknown variable {var_id!r}")
+            for in_id in spec.inputs.values():
+                if in_id == var_id or nx.has_path(self.graph, var_id, in_id):
+                    raise DataflowCycleError(
+                        f"{spec.function.name}(): output {name!r} would feed its own input through the graph"
+                    )
+
+    def add_call(self, session_id: str, spec: CallSpec) -> CallNode:
+        """Add a call, its constant inputs and its outputs. Raises before
+        changing anything if the call is invalid or would close a cycle."""
+        template = Template(spec.function.template)
+        self._validate_call(session_id, spec, template)
+        inputs = dict(spec.inputs)
+        for name, value in spec.constants.items():
+            const_id = f"{spec.call_id}.{name}"
+            self.add_variable(const_id, name, session_id, value, constant=True)
+            inputs[name] = const_id
+        call = CallNode(spec.call_id, session_id, spec.function, template, inputs, dict(spec.outputs))
+        self.calls[call.id] = call
+        self.graph.add_node(call.id, kind="call")
+        for in_id in inputs.values():
+            self.graph.add_edge(in_id, call.id)
+        for name, out_id in spec.outputs.items():
+            var = self.variables.get(out_id) or self.add_variable(out_id, name, session_id)
+            var.producer = call.id
+            self.graph.add_edge(call.id, out_id)
+        self._unset_inputs[call.id] = sum(not self.variables[v].is_set for v in set(inputs.values()))
+        failed = [self.variables[v] for v in inputs.values() if self.variables[v].error is not None]
+        if failed:
+            self.fail_call(call.id, f"input {failed[0].name!r} failed: {failed[0].error}")
+        elif self._unset_inputs[call.id] == 0:
+            self._mark_ready(call)
+        return call
+
+    # -- running --------------------------------------------------------
+    def _mark_ready(self, call: CallNode) -> None:
+        call.state = "ready"
+        call.ready_at = time.monotonic()
+
+    def set_value(self, var_id: str, value: str) -> list[CallNode]:
+        """Set a variable; returns the calls that became ready."""
+        var = self.variable(var_id)
+        if var.is_set:
+            raise VariableAlreadySetError(f"variable {var.name!r} ({var_id}) already has a value")
+        var.value = value
+        var.set_at = time.monotonic()
+        ready: list[CallNode] = []
+        for call_id in self.graph.successors(var_id):
+            self._unset_inputs[call_id] -= 1
+            call = self.calls[call_id]
+            if self._unset_inputs[call_id] == 0 and call.state == "waiting":
+                self._mark_ready(call)
+                ready.append(call)
+        return ready
+
+    def fail_call(self, call_id: str, error: str) -> list[VariableNode]:
+        """Fail a call and, transitively, every call downstream of it.
+        Returns the variables that will now never get a value."""
+        lost: list[VariableNode] = []
+        stack = [call_id]
+        while stack:
+            call = self.calls[stack.pop()]
+            if call.state in FINAL_STATES:
+                continue
+            call.state, call.error = "failed", error
+            call.finished_at = time.monotonic()
+            for out_id in call.outputs.values():
+                var = self.variables[out_id]
+                if var.is_set:
+                    continue
+                var.error = error if call.id == call_id else f"upstream call {call_id} failed: {error}"
+                lost.append(var)
+                stack.extend(self.graph.successors(out_id))
+        return lost
+
+    def annotate_get(self, var_id: str, perf: Perf) -> None:
+        """Record a ``get(perf=...)``; latency outranks throughput."""
+        var = self.variable(var_id)
+        if var.perf != "latency":
+            var.perf = perf
+
+    # -- queries --------------------------------------------------------
+    def variable(self, var_id: str) -> VariableNode:
+        try:
+            return self.variables[var_id]
+        except KeyError:
+            raise UnknownVariableError(f"unknown variable {var_id!r}") from None
+
+    def input_values(self, call: CallNode) -> dict[str, str]:
+        values = {name: self.variables[v].value for name, v in call.inputs.items()}
+        return values  # type: ignore[return-value]
+
+    def session_calls(self, session_id: str) -> list[CallNode]:
+        return [c for c in self.calls.values() if c.session_id == session_id]
+
+    def upstream_calls(self, call: CallNode) -> Iterable[CallNode]:
+        """Calls whose outputs feed ``call`` directly."""
+        for var_id in self.graph.predecessors(call.id):
+            producer = self.variables[var_id].producer
+            if producer is not None:
+                yield self.calls[producer]
+
+    def describe(self, session_id: str) -> str:
+        """A text picture of a session's DAG in submission order."""
+        lines = []
+        for call in self.session_calls(session_id):
+            ins = []
+            for name, var_id in call.inputs.items():
+                var = self.variables[var_id]
+                ins.append(f"{name}=<const>" if var.constant else f"{name}<-{var.name}[{var_id[-6:]}]")
+            outs = [f"{name}[{var_id[-6:]}]" for name, var_id in call.outputs.items()]
+            took = ""
+            if call.started_at is not None and call.finished_at is not None:
+                took = f" {1000 * (call.finished_at - call.started_at):.0f} ms"
+            engine = f" on {call.engine}" if call.engine else ""
+            lines.append(
+                f"{call.function.name}({', '.join(ins)}) -> {', '.join(outs)}  [{call.state}{engine}{took}]"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""The Parrot language: templates, Semantic Variables, semantic functions, sessions.
+
+This package imports no other part of Parrot; every other layer imports it.
+"""
+
+from .errors import (
+    CallFailedError,
+    DataflowCycleError,
+    EngineError,
+    InvalidArgumentError,
+    NoActiveSessionError,
+    ParrotError,
+    SamplingConfigError,
+    SessionClosedError,
+    TemplateError,
+    UnknownSessionError,
+    UnknownVariableError,
+    VariableAlreadySetError,
+)
+from .function import Input, Output, SemanticFunction, semantic_function
+from .portal import Portal
+from .runtime import PERF_VALUES, CallSpec, FunctionSpec, Perf, Runtime, check_perf, new_id
+from .sampling import SamplingConfig
+from .session import Session, current_session, default_runtime, set_default_runtime_factory
+from .template import Placeholder, Template, Text
+from .variable import SemanticVariable
+
+__all__ = [
+    "CallFailedError", "CallSpec", "DataflowCycleError", "EngineError", "FunctionSpec", "Input",
+    "InvalidArgumentError", "NoActiveSessionError", "Output", "PERF_VALUES", "ParrotError", "Perf",
+    "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",
+    "SemanticVariable", "Session", "SessionClosedError", "Template", "TemplateError", "Text",
+    "UnknownSessionError", "UnknownVariableError", "VariableAlreadySetError", "check_perf",
+    "current_session", "default_runtime", "new_id", "semantic_function", "set_default_runtime_factory",
+]

@@ -1,0 +1,76 @@
+"""Typed errors shared by every layer.
+
+They live here because ``semantic_vars`` is imported by all layers and
+imports none of them, so the SDK, the dataflow and the service raise the same
+classes and a user catches one name whichever runtime they use.
+"""
+
+from __future__ import annotations
+
+
+class ParrotError(Exception):
+    """Base class of every error Parrot raises on purpose."""
+
+
+class TemplateError(ParrotError, ValueError):
+    """A prompt template does not parse or does not match its function.
+
+    ``position`` is the character offset in the template where the problem
+    was found (``None`` when it concerns the template as a whole).
+    """
+
+    def __init__(self, message: str, *, position: int | None = None, template: str | None = None) -> None:
+        self.position = position
+        self.template = template
+        if position is not None and template is not None:
+            line = template.count("\n", 0, position) + 1
+            column = position - (template.rfind("\n", 0, position) + 1) + 1
+            message = f"{message} (line {line}, column {column})"
+        super().__init__(message)
+
+
+class InvalidArgumentError(ParrotError, ValueError):
+    """An argument has an invalid value; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class SamplingConfigError(InvalidArgumentError):
+    """A sampling option has an invalid value; ``field`` names it."""
+
+
+class NoActiveSessionError(ParrotError, RuntimeError):
+    """A semantic function was called outside ``with Session():``."""
+
+
+class SessionClosedError(ParrotError, RuntimeError):
+    """The session was closed; it takes no new calls or variables."""
+
+
+class UnknownVariableError(ParrotError, KeyError):
+    """A call or request names a Semantic Variable the runtime does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownSessionError(UnknownVariableError):
+    """A request names a session the runtime does not know (or does not own)."""
+
+
+class DataflowCycleError(ParrotError, ValueError):
+    """Submitting the call would make the dataflow graph cyclic."""
+
+
+class VariableAlreadySetError(ParrotError, ValueError):
+    """A variable that already has a value (or a producer) would be set again."""
+
+
+class CallFailedError(ParrotError, RuntimeError):
+    """The call that produces a variable failed; the cause is chained."""
+
+
+class EngineError(ParrotError, RuntimeError):
+    """An engine could not run a request (bad prompt, out of memory, crash)."""

@@ -1,0 +1,220 @@
+"""Semantic functions: prompt templates that are called like Python functions.
+
+Calling one does not run it. It submits a call to the current session's
+runtime and returns the output :class:`SemanticVariable` handles at once;
+passing those handles to other functions builds the dataflow graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from typing import Any, Callable, Mapping, Sequence, overload
+
+from .errors import TemplateError
+from .runtime import CallSpec, FunctionSpec, new_id
+from .sampling import SamplingConfig
+from .template import Placeholder, Template
+from .variable import SemanticVariable
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
+_OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "seed": int,
+    "stop": lambda s: (s,),
+}
+
+
+class Input:
+    """Marks a parameter of a semantic function as an input placeholder."""
+
+
+class Output:
+    """Marks a parameter as an output placeholder; may carry sampling options.
+
+    ``summary: P.Output`` uses the function's defaults;
+    ``summary: P.Output(max_tokens=16, stop=["\\n"])`` overrides them.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed}
+
+
+def _placeholder_sampling(p: Placeholder, source: str) -> dict[str, Any]:
+    """Sampling options written in a template placeholder, typed."""
+    out: dict[str, Any] = {}
+    for key, raw in p.options.items():
+        if key not in _SAMPLING_FIELDS:
+            raise TemplateError(f"unknown option {key!r} for output {p.name!r}", position=p.position, template=source)
+        try:
+            out[key] = _OPTION_PARSERS[key](raw)
+        except ValueError:
+            raise TemplateError(
+                f"option {key}={raw!r} of output {p.name!r} is not a valid {key}", position=p.position, template=source
+            ) from None
+    return out
+
+
+class SemanticFunction:
+    """A prompt template with typed inputs and outputs.
+
+    Construct it with :func:`semantic_function` on a Python stub whose
+    docstring is the template, or directly from a template string.
+    """
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        name: str = "semantic_function",
+        input_order: Sequence[str] | None = None,
+        defaults: SamplingConfig | None = None,
+        output_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.name = name
+        self.template = Template(template)
+        for p in self.template.placeholders:
+            if p.kind == "input" and p.options:
+                key = next(iter(p.options))
+                raise TemplateError(f"unknown option {key!r} for input {p.name!r}", position=p.position, template=template)
+        self.input_names: tuple[str, ...] = tuple(input_order) if input_order is not None else self.template.inputs
+        defaults = defaults or SamplingConfig()
+        output_options = output_options or {}
+        sampling: dict[str, SamplingConfig] = {}
+        for out_name in self.template.outputs:
+            # Most specific wins: function defaults < Output(...) annotation < template options.
+            placeholder = self.template.placeholder("output", out_name)
+            options = {**dict(output_options.get(out_name, {})), **_placeholder_sampling(placeholder, template)}
+            sampling[out_name] = defaults.merged(**options)
+        self.output_sampling: Mapping[str, SamplingConfig] = sampling
+        self.spec = FunctionSpec(name=name, template=template, output_sampling=sampling)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.template.outputs
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if len(args) > len(self.input_names):
+            raise TypeError(f"{self.name}() takes {len(self.input_names)} inputs but {len(args)} were given")
+        bound = dict(zip(self.input_names, args))
+        for key, value in kwargs.items():
+            if key in self.output_names:
+                raise TypeError(f"{self.name}(): {key!r} is an output; it is returned, not passed")
+            if key not in self.input_names:
+                raise TypeError(f"{self.name}() got an unexpected input {key!r}")
+            if key in bound:
+                raise TypeError(f"{self.name}() got input {key!r} twice")
+            bound[key] = value
+        missing = [n for n in self.input_names if n not in bound]
+        if missing:
+            raise TypeError(f"{self.name}() is missing input(s): {', '.join(missing)}")
+        return bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit a call in the current session; returns the output variable
+        (or a tuple of them, in template order, when there are several)."""
+        from .session import current_session
+
+        session = current_session()
+        bound = self._bind(args, kwargs)
+        inputs: dict[str, str] = {}
+        constants: dict[str, str] = {}
+        for key, value in bound.items():
+            if isinstance(value, SemanticVariable):
+                if value.session.runtime is not session.runtime:
+                    raise ValueError(f"{self.name}(): input {key!r} belongs to a session of another runtime")
+                inputs[key] = value.id
+            elif isinstance(value, str):
+                constants[key] = value
+            else:
+                raise TypeError(
+                    f"{self.name}(): input {key!r} must be a str or a SemanticVariable, got {type(value).__name__}"
+                )
+        call_id = new_id("call")
+        outputs = {name: new_id("var") for name in self.output_names}
+        session.submit(CallSpec(call_id=call_id, function=self.spec, inputs=inputs, constants=constants, outputs=outputs))
+        handles = tuple(SemanticVariable(session, outputs[n], n, producer=call_id) for n in self.output_names)
+        return handles[0] if len(handles) == 1 else handles
+
+    def __repr__(self) -> str:
+        return f"SemanticFunction({self.name!r}, inputs={self.input_names}, outputs={self.output_names})"
+
+
+def _from_stub(fn: Callable[..., Any], defaults: SamplingConfig) -> SemanticFunction:
+    doc = inspect.getdoc(fn)
+    if not doc:
+        raise TemplateError(f"semantic function {fn.__name__!r} has no docstring: the docstring is its prompt template")
+    template = Template(doc)
+    inputs: list[str] = []
+    output_options: dict[str, Mapping[str, Any]] = {}
+    for param in inspect.signature(fn).parameters.values():
+        ann = param.annotation
+        if isinstance(ann, str):  # `from __future__ import annotations` leaves strings
+            ann = {"P.Input": Input, "Input": Input, "P.Output": Output, "Output": Output}.get(ann, ann)
+        if ann is Input or isinstance(ann, Input):
+            kind = "input"
+            inputs.append(param.name)
+        elif ann is Output or isinstance(ann, Output):
+            kind = "output"
+            output_options[param.name] = ann.options if isinstance(ann, Output) else {}
+        else:
+            raise TypeError(f"{fn.__name__}(): parameter {param.name!r} must be annotated with P.Input or P.Output")
+        names = template.inputs if kind == "input" else template.outputs
+        if param.name not in names:
+            raise TemplateError(
+                f"{fn.__name__}(): {kind} parameter {param.name!r} does not appear as {{{{{kind}:{param.name}}}}} in the template"
+            )
+    for kind, names, declared in (("input", template.inputs, inputs), ("output", template.outputs, output_options)):
+        for name in names:
+            if name not in declared:
+                p = template.placeholder(kind, name)  # type: ignore[arg-type]
+                raise TemplateError(
+                    f"the template uses {kind} {name!r} but {fn.__name__}() has no such {kind} parameter",
+                    position=p.position,
+                    template=doc,
+                )
+    return SemanticFunction(doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options)
+
+
+@overload
+def semantic_function(fn: Callable[..., Any], /) -> SemanticFunction: ...
+@overload
+def semantic_function(
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> Callable[[Callable[..., Any]], SemanticFunction]: ...
+
+
+def semantic_function(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> Any:
+    """Declare a semantic function from a stub whose docstring is its template.
+
+    The keyword options are the defaults for every output; an
+    ``P.Output(...)`` annotation or options in the placeholder override them.
+    """
+    defaults = SamplingConfig().merged(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+    if fn is not None:
+        return _from_stub(fn, defaults)
+    return lambda f: _from_stub(f, defaults)

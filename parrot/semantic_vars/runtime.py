@@ -1,0 +1,100 @@
+"""The interface a :class:`~parrot.semantic_vars.session.Session` submits to.
+
+A runtime is either in-process (:class:`parrot.dataflow.LocalRuntime`) or a
+client of the HTTP service. Both take the same messages: a call carries its
+function, its input bindings and the ids of its output variables, so the
+client learns nothing it must wait for and the whole DAG is resolved on the
+runtime's side.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from .errors import InvalidArgumentError
+from .portal import Portal
+from .sampling import SamplingConfig
+
+Perf = Literal["latency", "throughput"]
+PERF_VALUES: tuple[Perf, ...] = ("latency", "throughput")
+
+
+def check_perf(perf: str) -> Perf:
+    """Validate a ``perf`` annotation."""
+    if perf not in PERF_VALUES:
+        raise InvalidArgumentError("perf", f"must be one of {', '.join(PERF_VALUES)}, got {perf!r}")
+    return perf  # type: ignore[return-value]
+
+
+def new_id(prefix: str) -> str:
+    """A fresh, unguessable id such as ``var-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """A semantic function as the runtime sees it: a template and per-output sampling."""
+
+    name: str
+    template: str
+    output_sampling: Mapping[str, SamplingConfig]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "template": self.template,
+            "output_sampling": {k: v.to_dict() for k, v in self.output_sampling.items()},
+        }
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """One call of a semantic function.
+
+    ``inputs`` binds input names to variable ids, ``constants`` binds input
+    names to literal text, ``outputs`` names the ids the outputs will get.
+    """
+
+    call_id: str
+    function: FunctionSpec
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    constants: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+
+
+class Runtime(ABC):
+    """Where sessions, variables and calls live. All methods are coroutines
+    run on :attr:`portal`'s loop."""
+
+    def __init__(self, portal: Portal | None = None) -> None:
+        self.portal = portal or Portal.shared()
+
+    @abstractmethod
+    async def open_session(self) -> str:
+        """Open a session and return its id."""
+
+    @abstractmethod
+    async def close_session(self, session_id: str, *, cancel: bool = False) -> None:
+        """Close a session: wait for its calls to finish, or cancel them."""
+
+    @abstractmethod
+    async def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None) -> None:
+        """Declare a free variable, optionally with its value."""
+
+    @abstractmethod
+    async def set_variable(self, session_id: str, var_id: str, value: str) -> None:
+        """Give a free variable its value (once)."""
+
+    @abstractmethod
+    async def submit_call(self, session_id: str, call: CallSpec) -> None:
+        """Add a call to the DAG; it runs as soon as its inputs are set."""
+
+    @abstractmethod
+    async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:
+        """Record the ``perf`` annotation on the DAG, then wait for the value."""
+
+    async def shutdown(self) -> None:
+        """Release engines and connections. The default does nothing."""

@@ -1,0 +1,134 @@
+"""Sessions: the scope in which a program submits calls to a runtime."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from types import TracebackType
+from typing import Callable
+
+from .errors import NoActiveSessionError, SessionClosedError
+from .runtime import CallSpec, Runtime, new_id
+from .variable import SemanticVariable
+
+_current: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("parrot_session", default=None)
+
+RuntimeFactory = Callable[[], Runtime]
+_default_factory: RuntimeFactory | None = None
+_default_runtime: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def set_default_runtime_factory(factory: RuntimeFactory) -> None:
+    """Choose what ``Session()`` without a runtime connects to."""
+    global _default_factory, _default_runtime
+    with _default_lock:
+        _default_factory, _default_runtime = factory, None
+
+
+def default_runtime() -> Runtime:
+    """The process-wide default runtime, created on first use."""
+    global _default_runtime
+    with _default_lock:
+        if _default_runtime is None:
+            if _default_factory is None:
+                raise RuntimeError("no default runtime is configured; pass Session(runtime=...)")
+            _default_runtime = _default_factory()
+        return _default_runtime
+
+
+def current_session() -> "Session":
+    """The innermost open session of this context."""
+    session = _current.get()
+    if session is None:
+        raise NoActiveSessionError("semantic functions are called inside `with P.Session():` (or `async with`)")
+    return session
+
+
+class Session:
+    """A program's scope: calls made inside ``with Session() as s:`` go to ``s``.
+
+    Leaving the block normally waits until every submitted call has finished
+    (like ``concurrent.futures.Executor``); leaving it with an exception
+    cancels what has not run yet.
+    """
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime or default_runtime()
+        self.id: str | None = None
+        self.closed = False
+        self._tokens: list[contextvars.Token["Session | None"]] = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def open(self) -> "Session":
+        if self.closed:
+            raise SessionClosedError("this session was closed; open a new one")
+        if self.id is None:
+            self.id = self.runtime.portal.call(self.runtime.open_session())
+        return self
+
+    async def aopen(self) -> "Session":
+        if self.closed:
+            raise SessionClosedError("this session was closed; open a new one")
+        if self.id is None:
+            self.id = await self.runtime.portal.call_async(self.runtime.open_session())
+        return self
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Close the session, waiting for its calls unless ``cancel``."""
+        if self.id is not None and not self.closed:
+            self.closed = True
+            self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
+
+    async def aclose(self, *, cancel: bool = False) -> None:
+        if self.id is not None and not self.closed:
+            self.closed = True
+            await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
+
+    def __enter__(self) -> "Session":
+        self.open()
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        _current.reset(self._tokens.pop())
+        self.close(cancel=exc_type is not None)
+
+    async def __aenter__(self) -> "Session":
+        await self.aopen()
+        self._tokens.append(_current.set(self))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _current.reset(self._tokens.pop())
+        await self.aclose(cancel=exc_type is not None)
+
+    # -- program API -------------------------------------------------------
+    def _require_open(self) -> str:
+        if self.closed:
+            raise SessionClosedError("this session was closed; open a new one")
+        if self.id is None:
+            self.open()
+        assert self.id is not None
+        return self.id
+
+    def variable(self, name: str = "var", value: str | None = None) -> SemanticVariable:
+        """A free variable: pass it to calls now, :meth:`SemanticVariable.set` it later."""
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"a variable's value must be a str, got {type(value).__name__}")
+        session_id = self._require_open()
+        var_id = new_id("var")
+        self.runtime.portal.call(self.runtime.create_variable(session_id, var_id, name, value))
+        var = SemanticVariable(self, var_id, name)
+        var._value = value
+        return var
+
+    def submit(self, call: CallSpec) -> None:
+        """Hand a call to the runtime (used by :class:`SemanticFunction`)."""
+        session_id = self._require_open()
+        self.runtime.portal.call(self.runtime.submit_call(session_id, call))
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, runtime={type(self.runtime).__name__})"

@@ -1,0 +1,192 @@
+"""Prompt templates with Semantic Variable placeholders.
+
+A template is plain text with placeholders ``{{input:NAME}}`` (filled by the
+caller) and ``{{output:NAME}}`` (filled by the model). A placeholder may carry
+options after bars, ``{{output:answer|max_tokens=32|stop=\\n}}``; which
+options a kind accepts is decided by :mod:`parrot.semantic_vars.function`.
+
+Parsing is strict: every problem raises :class:`TemplateError` with the
+character position, so a user sees where their prompt is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+from .errors import TemplateError
+
+PlaceholderKind = Literal["input", "output"]
+KINDS: tuple[PlaceholderKind, ...] = ("input", "output")
+
+_OPEN, _CLOSE = "{{", "}}"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class Text:
+    """Literal prompt text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """An ``{{input:...}}`` or ``{{output:...}}`` hole at ``position``."""
+
+    kind: PlaceholderKind
+    name: str
+    position: int
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+Segment = Text | Placeholder
+
+
+def _unescape(value: str) -> str:
+    # Option values may spell newlines and tabs the way users type them.
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _parse_placeholder(body: str, position: int, source: str) -> Placeholder:
+    parts = body.split("|")
+    head = parts[0].strip()
+    if ":" not in head:
+        raise TemplateError(
+            f"malformed placeholder {{{{{body}}}}}: expected {{{{input:NAME}}}} or {{{{output:NAME}}}}",
+            position=position,
+            template=source,
+        )
+    kind, _, name = (s.strip() for s in head.partition(":"))
+    if kind not in KINDS:
+        raise TemplateError(
+            f"unknown placeholder kind {kind!r}: expected one of {', '.join(KINDS)}", position=position, template=source
+        )
+    if not _NAME.match(name):
+        raise TemplateError(
+            f"invalid variable name {name!r}: use letters, digits and underscores, not starting with a digit",
+            position=position,
+            template=source,
+        )
+    options: dict[str, str] = {}
+    for raw in parts[1:]:
+        key, eq, value = raw.partition("=")
+        key = key.strip()
+        if not eq or not _NAME.match(key):
+            raise TemplateError(
+                f"malformed option {raw.strip()!r} in placeholder {name!r}: expected KEY=VALUE",
+                position=position,
+                template=source,
+            )
+        if key in options:
+            raise TemplateError(f"option {key!r} given twice in placeholder {name!r}", position=position, template=source)
+        options[key] = _unescape(value)
+    return Placeholder(kind=kind, name=name, position=position, options=options)  # type: ignore[arg-type]
+
+
+def parse_segments(source: str) -> list[Segment]:
+    """Split ``source`` into text and placeholders, raising on malformed holes."""
+    if not isinstance(source, str):
+        raise TemplateError(f"a template must be a string, got {type(source).__name__}")
+    segments: list[Segment] = []
+    cursor = 0
+    while True:
+        start = source.find(_OPEN, cursor)
+        if start < 0:
+            break
+        end = source.find(_CLOSE, start + len(_OPEN))
+        if end < 0:
+            raise TemplateError("unclosed placeholder: '{{' without a matching '}}'", position=start, template=source)
+        body = source[start + len(_OPEN) : end]
+        if _OPEN in body:
+            raise TemplateError("unclosed placeholder: '{{' without a matching '}}'", position=start, template=source)
+        if start > cursor:
+            segments.append(Text(source[cursor:start]))
+        segments.append(_parse_placeholder(body, start, source))
+        cursor = end + len(_CLOSE)
+    if cursor < len(source):
+        segments.append(Text(source[cursor:]))
+    return segments
+
+
+class Template:
+    """A parsed prompt template.
+
+    >>> t = Template("Q: {{input:q}}\\nA: {{output:a}}")
+    >>> t.inputs, t.outputs
+    (('q',), ('a',))
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.segments: tuple[Segment, ...] = tuple(parse_segments(source))
+        inputs: list[str] = []
+        outputs: list[str] = []
+        for seg in self.segments:
+            if not isinstance(seg, Placeholder):
+                continue
+            if seg.kind == "output":
+                if seg.name in outputs:
+                    raise TemplateError(f"duplicate output {seg.name!r}", position=seg.position, template=source)
+                if seg.name in inputs:
+                    raise TemplateError(
+                        f"{seg.name!r} is used both as an input and as an output", position=seg.position, template=source
+                    )
+                outputs.append(seg.name)
+            else:
+                if seg.name in outputs:
+                    raise TemplateError(
+                        f"{seg.name!r} is used both as an input and as an output", position=seg.position, template=source
+                    )
+                if seg.name not in inputs:  # an input may be quoted twice
+                    inputs.append(seg.name)
+        if not outputs:
+            raise TemplateError("the template has no {{output:NAME}} placeholder, so a call would produce nothing")
+        self.inputs: tuple[str, ...] = tuple(inputs)
+        self.outputs: tuple[str, ...] = tuple(outputs)
+
+    @property
+    def placeholders(self) -> list[Placeholder]:
+        return [s for s in self.segments if isinstance(s, Placeholder)]
+
+    def placeholder(self, kind: PlaceholderKind, name: str) -> Placeholder:
+        """The first placeholder of ``kind`` named ``name``."""
+        for p in self.placeholders:
+            if p.kind == kind and p.name == name:
+                return p
+        raise KeyError(f"no {kind} placeholder named {name!r}")
+
+    @property
+    def constant_prefix(self) -> str:
+        """The literal text before the first placeholder: known at submit time,
+        so calls that share it can share its KV cache."""
+        first = self.segments[0] if self.segments else None
+        return first.text if isinstance(first, Text) else ""
+
+    @property
+    def fingerprint(self) -> str:
+        """A short stable hash of the source, for caches and registries."""
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def render(self, values: Mapping[str, str], *, missing: str = "{{{{{kind}:{name}}}}}") -> str:
+        """The prompt with known values filled in and the rest left as holes."""
+        out: list[str] = []
+        for seg in self.segments:
+            if isinstance(seg, Text):
+                out.append(seg.text)
+            elif seg.name in values:
+                out.append(values[seg.name])
+            else:
+                out.append(missing.format(kind=seg.kind, name=seg.name))
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"Template(inputs={self.inputs}, outputs={self.outputs})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Template) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(self.source)

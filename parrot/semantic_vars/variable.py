@@ -1,0 +1,57 @@
+"""Semantic Variables: handles to values that live in the runtime."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .runtime import Perf, check_perf
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class SemanticVariable:
+    """A named value in a session's dataflow.
+
+    It is either *free* (set by the program with :meth:`set`, or a constant)
+    or the output of a call. Reading it (:meth:`get` / :meth:`aget`) is the
+    only place a program waits, and the ``perf`` annotation tells the
+    scheduler what the program wants: ``"latency"`` (this value soon) or
+    ``"throughput"`` (many such values, in aggregate).
+    """
+
+    __slots__ = ("id", "name", "session", "producer", "_value")
+
+    def __init__(self, session: "Session", var_id: str, name: str, producer: str | None = None) -> None:
+        self.session = session
+        self.id = var_id
+        self.name = name
+        self.producer = producer
+        self._value: str | None = None
+
+    def get(self, perf: Perf = "latency", timeout: float | None = None) -> str:
+        """Block until the value exists and return it."""
+        if self._value is None:
+            check_perf(perf)
+            coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
+            self._value = self.session.runtime.portal.call(coro, timeout=timeout)
+        return self._value
+
+    async def aget(self, perf: Perf = "latency") -> str:
+        """Await the value (from any event loop)."""
+        if self._value is None:
+            check_perf(perf)
+            coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
+            self._value = await self.session.runtime.portal.call_async(coro)
+        return self._value
+
+    def set(self, value: str) -> None:
+        """Give a free variable its value; calls waiting on it start."""
+        if not isinstance(value, str):
+            raise TypeError(f"a variable's value must be a str, got {type(value).__name__}")
+        self.session.runtime.portal.call(self.session.runtime.set_variable(self.session.id, self.id, value))
+        self._value = value
+
+    def __repr__(self) -> str:
+        state = "set" if self._value is not None else "pending"
+        return f"SemanticVariable({self.name!r}, id={self.id!r}, {state})"
