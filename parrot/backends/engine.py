@@ -140,10 +140,21 @@ class RequestStream:
 
     # -- producer side (engine thread) ---------------------------------
     def push(self, event: EngineEvent) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        self._deliver(event)
 
     def fail(self, error: BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
+        self._deliver(error)
+
+    def _deliver(self, item: object) -> None:
+        if self.done:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            # The consumer's loop is closed: nobody is listening any more,
+            # and the engine thread must not die for it.
+            self.done = True
+            self._cancel(self.request.request_id)
 
     # -- consumer side ------------------------------------------------
     def __aiter__(self) -> AsyncIterator[EngineEvent]:

@@ -17,6 +17,9 @@ class Tokenizer:
         if not (self.path / "tokenizer.json").exists() and not (self.path / "tokenizer.model").exists():
             raise FileNotFoundError(f"{self.path}: no tokenizer.json or tokenizer.model in the model folder")
         self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        # Engines check prompt length against the model themselves; silence
+        # the tokenizer's own warning about it.
+        self.hf.model_max_length = 1 << 62
         self.bos_token_id: int | None = self.hf.bos_token_id
         eos = set(eos_token_ids)
         if self.hf.eos_token_id is not None:

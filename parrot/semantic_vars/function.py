@@ -157,10 +157,9 @@ def _from_stub(fn: Callable[..., Any], defaults: SamplingConfig) -> SemanticFunc
     template = Template(doc)
     inputs: list[str] = []
     output_options: dict[str, Mapping[str, Any]] = {}
-    for param in inspect.signature(fn).parameters.values():
+    # eval_str: modules with `from __future__ import annotations` keep them as strings.
+    for param in inspect.signature(fn, eval_str=True).parameters.values():
         ann = param.annotation
-        if isinstance(ann, str):  # `from __future__ import annotations` leaves strings
-            ann = {"P.Input": Input, "Input": Input, "P.Output": Output, "Output": Output}.get(ann, ann)
         if ann is Input or isinstance(ann, Input):
             kind = "input"
             inputs.append(param.name)

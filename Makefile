@@ -1,0 +1,36 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Both create .venv with a Python >= 3.11 and install Parrot into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU build of PyTorch for CI and laptops; GPU users install their own torch
+# first (pyproject only asks for torch>=2.4).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test test-gpu venv clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Parrot needs Python >= 3.11, this is " + sys.version' 
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/parrot demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the GPU-marked tests only.
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
