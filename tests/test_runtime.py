@@ -39,9 +39,10 @@ def test_chain_and_fan_in_run_without_client_round_trips(runtime):
     assert isinstance(final, str)
     calls = runtime.graph.session_calls(s.id)
     assert len(calls) == 5 and all(c.state == "done" for c in calls)
-    # The client submitted 5 calls and read one value; it never set or read
-    # an intermediate value, so every dependent call was started by the runtime.
-    assert runtime.client_requests == {"submit": 5, "get": 1}
+    # The client sent the 5 calls in one message and read one value; it never
+    # set or read an intermediate value, so every dependent call was started
+    # by the runtime.
+    assert runtime.client_requests == {"submit": 1, "get": 1}
     for call in calls:
         for upstream in runtime.graph.upstream_calls(call):
             produced = [runtime.graph.variables[v] for v in upstream.outputs.values()]
@@ -88,6 +89,7 @@ def test_free_variable_set_later_starts_its_calls(runtime):
     with P.Session(runtime) as s:
         question = s.variable("question")
         out = summarize(question)
+        s.flush()
         call = runtime.graph.session_calls(s.id)[0]
         assert call.state == "waiting"
         question.set("set after submitting")
@@ -138,10 +140,18 @@ def test_calls_spread_over_two_engines(default_model_dir):
     runtime = LocalRuntime(engines)
     try:
         with P.Session(runtime) as s:
+            # Independent latency calls with nothing in common are spread by load ...
+            answer = P.SemanticFunction("{{input:q}}\nAnswer: {{output:a|max_tokens=4}}")
+            answers = [answer(f"question {i}") for i in range(4)]
+            for a in answers:
+                a.get(perf="latency")
+            # ... while a task group goes to one engine, so it batches.
             partial, merged = workflows.map_reduce_summary(["one", "two", "three", "four"])
             merged.get()
-        used = {c.engine for c in runtime.graph.session_calls(s.id)}
-        assert used == {"e0", "e1"}
+        calls = runtime.graph.session_calls(s.id)
+        assert {c.engine for c in calls[:4]} == {"e0", "e1"}
+        assert len({c.engine for c in calls[4:8]}) == 1
+        assert len({c.group for c in calls[4:8]}) == 1 and calls[4].group is not None
     finally:
         runtime.portal.call(runtime.shutdown())
 
@@ -151,3 +161,52 @@ def test_default_session_uses_the_embedded_model():
         out = summarize("the default runtime needs no arguments")
         assert isinstance(out.get(), str)
     assert type(s.runtime).__name__ == "LocalRuntime"
+
+
+SYSTEM = (
+    "You are the reviewer on a small software team. You read each change carefully, "
+    "point out bugs and unclear names, and answer in one short sentence. "
+)
+
+
+@P.semantic_function(max_tokens=5)
+def review(system: P.Input, change: P.Input, verdict: P.Output):
+    """{{input:system}}
+    Change: {{input:change}}
+    Verdict: {{output:verdict}}"""
+
+
+CHANGES = ["rename x to count", "add a retry loop", "delete dead code", "fix the off-by-one"]
+
+
+def test_prefix_hints_reach_the_engine(runtime, default_engine):
+    hits, saved = default_engine.counters.prefix_hits, default_engine.counters.prefix_tokens_saved
+    with P.Session(runtime) as s:
+        verdicts = [review(SYSTEM, c) for c in CHANGES]
+        [v.get(perf="throughput") for v in verdicts]
+    calls = runtime.graph.session_calls(s.id)
+    assert len({c.prefix_key for c in calls}) == 1 and calls[0].prefix_key is not None
+    # The shared system prompt was prefilled once; every other call reused it.
+    assert default_engine.counters.prefix_hits - hits == len(CHANGES) - 1
+    assert sorted(c.cached_tokens > 0 for c in calls) == [False] + [True] * (len(CHANGES) - 1)
+    assert default_engine.counters.prefix_tokens_saved - saved == sum(c.cached_tokens for c in calls)
+
+
+def test_request_level_baseline_gives_the_same_text_the_slow_way(default_engine):
+    def program(runtime):
+        with P.Session(runtime) as s:
+            verdicts = [review(SYSTEM, c) for c in CHANGES[:2]]
+            steps = workflows.chain_summary(["a b c", "d e f", "g h"])
+            return [v.get() for v in verdicts] + [steps[-1].get()], s
+
+    parrot_rt = LocalRuntime([default_engine])
+    baseline_rt = LocalRuntime([default_engine], request_level=True)
+    fast, _ = program(parrot_rt)
+    slow, s = program(baseline_rt)
+    assert fast == slow
+    calls = baseline_rt.graph.session_calls(s.id)
+    assert all(c.prefix_key is None and c.cached_tokens == 0 for c in calls)
+    # No call had a variable input: the client fetched each value and sent its text.
+    assert all(baseline_rt.graph.variables[v].constant for c in calls for v in c.inputs.values())
+    assert baseline_rt.client_requests["get"] >= 2 + 2  # the chain's two links + the final reads
+    assert baseline_rt.client_requests["submit"] == len(calls)

@@ -111,6 +111,7 @@ class EngineCapacity:
     running: int
     waiting: int
     free_kv_tokens: int | None = None
+    cached_prefixes: frozenset[str] = frozenset()  # prefix-hint keys whose KV the engine holds now
 
     @property
     def free_slots(self) -> int:

@@ -74,6 +74,33 @@ class SequenceKV:
             raise ValueError(f"cannot truncate a sequence of length {self.length} to {length}")
         self.length = length
 
+    def copy_prefix_from(self, other: "SequenceKV", n: int) -> None:
+        """Replace this sequence's contents by the first ``n`` positions of
+        ``other`` (every layer, keys and values); ``length`` becomes ``n``."""
+        if (other.num_layers, other.num_kv_heads, other.head_dim) != (
+            self.num_layers, self.num_kv_heads, self.head_dim
+        ):
+            raise ValueError("cannot copy KV between sequences of different shapes")
+        if not 0 <= n <= other.length:
+            raise ValueError(f"cannot copy {n} positions from a sequence of length {other.length}")
+        self.length = 0
+        self.reserve(n)
+        for layer in range(self.num_layers):
+            self.keys[layer][:, :n].copy_(other.keys[layer][:, :n])
+            self.values[layer][:, :n].copy_(other.values[layer][:, :n])
+        self.length = n
+
+    def snapshot(self, n: int | None = None) -> "SequenceKV":
+        """A new sequence holding a copy of the first ``n`` positions (default
+        all), allocated to exactly ``n`` positions so :meth:`nbytes` is exact."""
+        n = self.length if n is None else n
+        copy = SequenceKV(
+            self.num_layers, self.num_kv_heads, self.head_dim,
+            dtype=self.dtype, device=self.device, initial_capacity=n,
+        )
+        copy.copy_prefix_from(self, n)
+        return copy
+
     def nbytes(self) -> int:
         """Bytes held by this sequence's allocation (all layers, keys and values)."""
         per = self.num_kv_heads * self.capacity * self.head_dim * torch.finfo(self.dtype).bits // 8

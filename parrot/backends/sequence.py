@@ -90,6 +90,25 @@ class Sequence:
         assert isinstance(step, Gen)
         return step
 
+    def use_cached_prefix(self, source: SequenceKV, n: int) -> int:
+        """Start the context from the first ``n`` cached positions of ``source``
+        (a shared prefix's KV) instead of prefilling them.
+
+        Call before any token was fed. When the prefix is the whole context
+        before a Gen, its last position is fed again (generating needs its
+        logits). Returns the positions actually skipped, also added to
+        ``stats.cached_tokens``.
+        """
+        if self.kv.length:
+            raise ValueError("a cached prefix must be attached before the sequence runs")
+        if not 0 < n <= len(self.tokens):
+            raise ValueError(f"a cached prefix of {n} tokens does not fit a context of {len(self.tokens)}")
+        self.kv.copy_prefix_from(source, n)
+        if self.generating and self.kv.length == len(self.tokens):
+            self.kv.truncate(self.kv.length - 1)
+        self.stats.cached_tokens += self.kv.length
+        return self.kv.length
+
     # -- program steps ----------------------------------------------------
     def _advance(self) -> None:
         """Consume Fill steps up to the next Gen (or the end)."""

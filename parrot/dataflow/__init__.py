@@ -1,11 +1,13 @@
 """The dataflow layer: the DAG of calls and variables, readiness, dispatch."""
 
-from .graph import CallNode, CallState, DataflowGraph, VariableNode
+from .graph import CallNode, CallState, DataflowGraph, TaskGroup, VariableNode
 from .program import build_request
 from .runtime import LocalRuntime, default_local_runtime, default_model_dir
-from .scheduler import LeastLoadedScheduler, Scheduler
+from .analysis import ObjectiveAnalyzer
+from .prefix import PrefixIndex
+from .scheduler import AppScheduler, FifoScheduler, Scheduler
 
 __all__ = [
-    "CallNode", "CallState", "DataflowGraph", "LeastLoadedScheduler", "LocalRuntime", "Scheduler",
-    "VariableNode", "build_request", "default_local_runtime", "default_model_dir",
+    "AppScheduler", "CallNode", "CallState", "DataflowGraph", "FifoScheduler", "LocalRuntime",
+    "ObjectiveAnalyzer", "PrefixIndex", "Scheduler", "TaskGroup", "VariableNode", "build_request", "default_local_runtime", "default_model_dir",
 ]

@@ -68,6 +68,25 @@ class CallNode:
     finished_at: float | None = None
     prefill_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
+    # Deduced by the analyser (see analysis.py); None until a read says.
+    objective: Literal["latency", "throughput"] | None = None
+    latency_critical: bool = False
+    wants_throughput: bool = False
+    group: str | None = None
+    # Shared-prefix analysis (see prefix.py).
+    prefix_key: str | None = None
+    prefix_text: str = ""
+
+
+@dataclass
+class TaskGroup:
+    """Calls whose outputs all feed ``consumer``; scheduled and batched together
+    (found by :class:`parrot.dataflow.analysis.ObjectiveAnalyzer`)."""
+
+    id: str
+    consumer: str
+    members: list[str] = field(default_factory=list)
 
 
 class DataflowGraph:
@@ -77,6 +96,7 @@ class DataflowGraph:
         self.graph = nx.DiGraph()
         self.variables: dict[str, VariableNode] = {}
         self.calls: dict[str, CallNode] = {}
+        self.groups: dict[str, TaskGroup] = {}
         self._unset_inputs: dict[str, int] = {}  # call id -> inputs still without a value
 
     # -- building -------------------------------------------------------
@@ -239,7 +259,11 @@ class DataflowGraph:
             if call.started_at is not None and call.finished_at is not None:
                 took = f" {1000 * (call.finished_at - call.started_at):.0f} ms"
             engine = f" on {call.engine}" if call.engine else ""
+            tags = [t for t in (call.objective, call.group and f"group {call.group[-6:]}") if t]
+            if call.cached_tokens:
+                tags.append(f"{call.cached_tokens} prefix tokens cached")
+            extra = f" ({', '.join(tags)})" if tags else ""
             lines.append(
-                f"{call.function.name}({', '.join(ins)}) -> {', '.join(outs)}  [{call.state}{engine}{took}]"
+                f"{call.function.name}({', '.join(ins)}) -> {', '.join(outs)}  [{call.state}{engine}{took}]{extra}"
             )
         return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from parrot.backends.engine import Fill, Gen, GenerationRequest, TokenizerLike
+from parrot.backends.engine import Fill, Gen, GenerationRequest, PrefixHint, TokenizerLike
 from parrot.semantic_vars import FunctionSpec, Placeholder, Template
 
 
@@ -15,24 +15,43 @@ def build_request(
     tokenizer: TokenizerLike,
     *,
     request_id: str,
+    prefix: tuple[str, int] | None = None,
 ) -> GenerationRequest:
     """Text and inputs up to each output become a Fill, each output a Gen.
 
-    The text after the last output is not sent: nothing is generated after
-    it. The first Fill starts with the model's BOS token.
+    Each template segment (literal text, an input's value) is tokenized on
+    its own, so the tokens of any segment boundary are an exact prefix of the
+    program whether or not a prefix hint is given: hinted and unhinted runs
+    see the same tokens. ``prefix`` is ``(key, char_end)`` of a shared
+    boundary (see :mod:`parrot.dataflow.prefix`); it becomes the request's
+    :class:`PrefixHint`. The first token is the model's BOS; the text after
+    the last output is not sent (nothing is generated after it).
     """
     program: list[Fill | Gen] = []
-    buffer: list[str] = []
+    pending: list[int] = []
+    chars = tokens = 0
+    tokens_at: dict[int, int] = {}  # char offset of a boundary before the first Gen -> tokens
+    first_gen_seen = False
     for seg in template.segments:
-        if not isinstance(seg, Placeholder):
-            buffer.append(seg.text)
-        elif seg.kind == "input":
-            buffer.append(values[seg.name])
-        else:
-            text = "".join(buffer)
-            buffer.clear()
-            ids = tokenizer.encode(text, add_bos=not program)
-            if ids:
-                program.append(Fill(tuple(ids)))
+        if isinstance(seg, Placeholder) and seg.kind == "output":
+            if pending:
+                program.append(Fill(tuple(pending)))
+                pending = []
             program.append(Gen(function.output_sampling[seg.name], name=seg.name))
-    return GenerationRequest(program=program, request_id=request_id)
+            first_gen_seen = True
+            continue
+        text = values[seg.name] if isinstance(seg, Placeholder) else seg.text
+        if not text:
+            continue
+        ids = tokenizer.encode(text, add_bos=not program and not pending)
+        pending.extend(ids)
+        if not first_gen_seen:
+            chars += len(text)
+            tokens += len(ids)
+            tokens_at[chars] = tokens
+    hint = None
+    if prefix is not None:
+        key, end = prefix
+        if end in tokens_at:
+            hint = PrefixHint(key, tokens_at[end])
+    return GenerationRequest(program=program, request_id=request_id, prefix_hint=hint)

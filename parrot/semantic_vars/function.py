@@ -133,7 +133,12 @@ class SemanticFunction:
             if isinstance(value, SemanticVariable):
                 if value.session.runtime is not session.runtime:
                     raise ValueError(f"{self.name}(): input {key!r} belongs to a session of another runtime")
-                inputs[key] = value.id
+                if session.runtime.request_level:
+                    # The request-level baseline: the client waits for each
+                    # input and sends its text, one round trip per dependency.
+                    constants[key] = value.get()
+                else:
+                    inputs[key] = value.id
             elif isinstance(value, str):
                 constants[key] = value
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from .errors import InvalidArgumentError
 from .portal import Portal
@@ -69,6 +69,10 @@ class Runtime(ABC):
     """Where sessions, variables and calls live. All methods are coroutines
     run on :attr:`portal`'s loop."""
 
+    #: When True the SDK resolves every input on the client before submitting
+    #: a call (the request-level baseline) instead of sending the DAG.
+    request_level: bool = False
+
     def __init__(self, portal: Portal | None = None) -> None:
         self.portal = portal or Portal.shared()
 
@@ -89,8 +93,9 @@ class Runtime(ABC):
         """Give a free variable its value (once)."""
 
     @abstractmethod
-    async def submit_call(self, session_id: str, call: CallSpec) -> None:
-        """Add a call to the DAG; it runs as soon as its inputs are set."""
+    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+        """Add calls to the DAG in one message; each runs as soon as its
+        inputs are set. Seeing them together lets the runtime group them."""
 
     @abstractmethod
     async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:

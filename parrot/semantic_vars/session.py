@@ -48,6 +48,11 @@ def current_session() -> "Session":
 class Session:
     """A program's scope: calls made inside ``with Session() as s:`` go to ``s``.
 
+    Calls are buffered and sent to the runtime together, in one message, the
+    first time the program reads or sets a variable, calls :meth:`flush`, or
+    leaves the block; so the runtime sees the DAG whole before it schedules
+    any of it (and a remote runtime gets one request, not one per call).
+
     Leaving the block normally waits until every submitted call has finished
     (like ``concurrent.futures.Executor``); leaving it with an exception
     cancels what has not run yet.
@@ -58,6 +63,8 @@ class Session:
         self.id: str | None = None
         self.closed = False
         self._tokens: list[contextvars.Token["Session | None"]] = []
+        self._buffer: list[CallSpec] = []
+        self._buffer_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Session":
@@ -77,13 +84,19 @@ class Session:
     def close(self, *, cancel: bool = False) -> None:
         """Close the session, waiting for its calls unless ``cancel``."""
         if self.id is not None and not self.closed:
-            self.closed = True
-            self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
+            try:
+                self.flush()
+            finally:
+                self.closed = True
+                self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
 
     async def aclose(self, *, cancel: bool = False) -> None:
         if self.id is not None and not self.closed:
-            self.closed = True
-            await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
+            try:
+                await self.aflush()
+            finally:
+                self.closed = True
+                await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
 
     def __enter__(self) -> "Session":
         self.open()
@@ -126,9 +139,31 @@ class Session:
         return var
 
     def submit(self, call: CallSpec) -> None:
-        """Hand a call to the runtime (used by :class:`SemanticFunction`)."""
-        session_id = self._require_open()
-        self.runtime.portal.call(self.runtime.submit_call(session_id, call))
+        """Queue a call for the runtime (used by :class:`SemanticFunction`)."""
+        self._require_open()
+        with self._buffer_lock:
+            self._buffer.append(call)
+        if self.runtime.request_level:
+            self.flush()
+
+    def _take_buffer(self) -> list[CallSpec]:
+        with self._buffer_lock:
+            calls, self._buffer = self._buffer, []
+        return calls
+
+    def flush(self) -> None:
+        """Send the buffered calls to the runtime now."""
+        calls = self._take_buffer()
+        if calls:
+            assert self.id is not None
+            self.runtime.portal.call(self.runtime.submit_calls(self.id, calls))
+
+    async def aflush(self) -> None:
+        """:meth:`flush` for async programs."""
+        calls = self._take_buffer()
+        if calls:
+            assert self.id is not None
+            await self.runtime.portal.call_async(self.runtime.submit_calls(self.id, calls))
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, runtime={type(self.runtime).__name__})"

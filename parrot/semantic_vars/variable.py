@@ -33,6 +33,7 @@ class SemanticVariable:
         """Block until the value exists and return it."""
         if self._value is None:
             check_perf(perf)
+            self.session.flush()
             coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
             self._value = self.session.runtime.portal.call(coro, timeout=timeout)
         return self._value
@@ -41,6 +42,7 @@ class SemanticVariable:
         """Await the value (from any event loop)."""
         if self._value is None:
             check_perf(perf)
+            await self.session.aflush()
             coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
             self._value = await self.session.runtime.portal.call_async(coro)
         return self._value
@@ -49,6 +51,7 @@ class SemanticVariable:
         """Give a free variable its value; calls waiting on it start."""
         if not isinstance(value, str):
             raise TypeError(f"a variable's value must be a str, got {type(value).__name__}")
+        self.session.flush()
         self.session.runtime.portal.call(self.session.runtime.set_variable(self.session.id, self.id, value))
         self._value = value
 

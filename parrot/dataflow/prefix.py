@@ -1,0 +1,91 @@
+"""Shared-prefix analysis before calls run.
+
+At submit time a call's prompt is known up to its first output or first
+input whose value is not set yet. Its *prefix boundaries* are the points in
+that known text where a template segment ends (after literal text, after an
+input's value); each boundary gets a key that hashes the tenant's namespace
+and the text before it, chained so that computing all of them costs one pass
+over the text. Two calls share a prefix exactly when they share a boundary
+key: a common system prompt shared by many users, the constant head of a
+template, or a long document fed to several questions.
+
+When a call is dispatched, its hint is its longest boundary that some other
+call has too; the engine prefills that text once and reuses its KV cache.
+Token-level reuse that templates cannot declare is the engine's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+from parrot.semantic_vars import Placeholder
+
+from .graph import CallNode, DataflowGraph
+
+
+@dataclass(frozen=True)
+class PrefixBoundary:
+    """A point in a call's known prompt text: ``key`` names the text before ``end``."""
+
+    key: str
+    end: int
+
+
+def known_prefix(call: CallNode, graph: DataflowGraph) -> tuple[str, list[int]]:
+    """The prompt text known now, and the offsets where template segments end."""
+    parts: list[str] = []
+    ends: list[int] = []
+    length = 0
+    for seg in call.template.segments:
+        if isinstance(seg, Placeholder):
+            if seg.kind == "output":
+                break
+            value = graph.variables[call.inputs[seg.name]].value
+            if value is None:
+                break
+            text = value
+        else:
+            text = seg.text
+        if text:
+            parts.append(text)
+            length += len(text)
+            ends.append(length)
+    return "".join(parts), ends
+
+
+class PrefixIndex:
+    """Counts, per namespace, how many calls reach each prefix boundary."""
+
+    def __init__(self, *, min_chars: int = 32) -> None:
+        self.min_chars = min_chars
+        self.counts: Counter[str] = Counter()
+        self.boundaries: dict[str, list[PrefixBoundary]] = {}
+
+    def add(self, call: CallNode, graph: DataflowGraph, namespace: str) -> None:
+        """Register ``call``'s boundaries (at submit time)."""
+        text, ends = known_prefix(call, graph)
+        digest = hashlib.sha256(namespace.encode() + b"\0")
+        start = 0
+        found: list[PrefixBoundary] = []
+        for end in ends:
+            digest.update(text[start:end].encode())
+            start = end
+            if end >= self.min_chars:
+                found.append(PrefixBoundary(digest.copy().hexdigest()[:32], end))
+        call.prefix_text = text
+        self.boundaries[call.id] = found
+        self.counts.update(b.key for b in found)
+
+    def hint_for(self, call: CallNode) -> PrefixBoundary | None:
+        """The longest boundary of ``call`` that another call reaches too."""
+        for boundary in reversed(self.boundaries.get(call.id, ())):
+            if self.counts[boundary.key] >= 2:
+                return boundary
+        return None
+
+    def forget(self, call: CallNode) -> None:
+        """Drop a finished call's boundary list (the counts stay: history is
+        what makes a later user's identical system prompt a known prefix)."""
+        self.boundaries.pop(call.id, None)

@@ -1,0 +1,377 @@
+"""Prefix hints: a shared prefix is prefilled once per engine and its KV reused.
+
+The store is tested on its own (LRU, pins, byte budget), then through real
+engines on the tiny Llama: greedy outputs must be identical with the hint,
+without it and with the store off, while the prefill counters show the
+prefix was computed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from parrot.backends import Fill, Gen, GenerationRequest, GenResult, PrefixHint, TokenDelta
+from parrot.backends.kv_cache import SequenceKV
+from parrot.backends.prefix_cache import PrefixCache
+from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+from parrot.semantic_vars import SamplingConfig
+
+TEXT = (
+    "You are a careful assistant for a company that builds serving systems for large language "
+    "models. Answer every question in one short sentence, cite the relevant component by name, "
+    "never invent numbers, and prefer plain words over jargon. The system has a scheduler, a "
+    "dataflow graph of calls and variables, engines that run the model forward with continuous "
+    "batching, and a cache of shared prompt prefixes that many users reuse across their calls. "
+    "When a question is unclear, say which part is unclear and stop there."
+)
+SUFFIXES = [
+    "Question: what does the scheduler do?\nAnswer:",
+    "Question: why share prefixes?\nAnswer:",
+    "Q: engines?\nA:",
+    "Question: what is a semantic variable, and who fills it?\nAnswer:",
+]
+
+
+def run(engine: TorchEngine, *requests: GenerationRequest) -> list[tuple[list[GenResult], object]]:
+    """Submit all requests at once (so they batch) and collect their results."""
+
+    async def main():
+        streams = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(s.results() for s in streams))
+
+    return asyncio.run(main())
+
+
+def greedy(max_tokens: int) -> SamplingConfig:
+    return SamplingConfig(max_tokens=max_tokens)
+
+
+def request(prefix, suffix, key: str | None = "sys", max_tokens: int = 8) -> GenerationRequest:
+    program = [Fill(tuple(prefix)), Fill(tuple(suffix)), Gen(greedy(max_tokens))] if suffix else [
+        Fill(tuple(prefix)), Gen(greedy(max_tokens))
+    ]
+    hint = PrefixHint(key, len(prefix)) if key is not None else None
+    return GenerationRequest(program, prefix_hint=hint)
+
+
+def tokens_of(results) -> list[tuple[int, ...]]:
+    return [res[0][0].token_ids for res in results]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama_dir):
+    from parrot.backends.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_llama_dir)
+    prefix = tok.encode(TEXT, add_bos=True)[:100]
+    assert len(prefix) == 100
+    suffixes = [tok.encode(s) for s in SUFFIXES]
+    return prefix, suffixes
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_llama_dir):
+    """The request-level baseline: hints ignored, every prompt prefilled whole."""
+    engine = TorchEngine.from_pretrained(
+        tiny_llama_dir, device="cpu", name="no-prefix", config=TorchEngineConfig(prefix_cache=False)
+    )
+    yield engine
+    engine.close()
+
+
+def make_engine(path, **config) -> TorchEngine:
+    return TorchEngine.from_pretrained(path, device="cpu", config=TorchEngineConfig(**config))
+
+
+def assert_no_refs(engine: TorchEngine) -> None:
+    """Every reference released once the engine is idle (a stream may end a
+    moment before the worker drops the finished request, so wait for idle)."""
+    deadline = time.monotonic() + 10
+    while engine.capacity().running or engine.capacity().waiting:
+        assert time.monotonic() < deadline, "engine never became idle"
+        time.sleep(0.001)
+    store = engine.prefix_cache
+    assert store is not None
+    for key in store.keys():
+        assert store.refcount(key) == 0, key
+    assert not engine._computing and not engine._parked
+    assert engine.capacity().running == 0 and engine.capacity().waiting == 0
+
+
+# -- the store alone ---------------------------------------------------------
+def _kv(n: int) -> SequenceKV:
+    kv = SequenceKV(2, 2, 4, dtype=torch.float32, device="cpu", initial_capacity=max(n, 1))
+    kv.reserve(n)
+    for layer in range(2):
+        kv.write(layer, 0, torch.randn(2, n, 4), torch.randn(2, n, 4))
+    kv.length = n
+    return kv.snapshot(n)
+
+
+def test_store_lookup_insert_lru_pins_and_budget():
+    per = _kv(10).nbytes()
+    assert per == 2 * 2 * 2 * 10 * 4 * 4
+    store = PrefixCache(max_bytes=2 * per + per // 2)  # room for two entries of 10 tokens
+    a, b, c, d = (tuple(range(i, i + 10)) for i in (0, 100, 200, 300))
+    assert store.lookup("a", a) is None and store.misses == 1
+    store.insert("a", a, _kv(10))
+    store.insert("b", b, _kv(10))
+    assert store.lookup("a", b) is None  # same key, other tokens: a miss, never a hit
+    assert store.lookup("a", a) is not None and store.hits == 1 and store.tokens_saved == 10
+    store.insert("c", c, _kv(10))  # "b" is now least recently used
+    assert store.keys() == {"a", "c"} and store.evictions == 1
+    assert store.total_bytes == 2 * per
+
+    pinned = store.get("a")
+    store.acquire(pinned)
+    store.insert("d", d, _kv(10))  # "a" is LRU but pinned: "c" goes
+    assert store.keys() == {"a", "d"}
+    assert store.insert("a", d, _kv(10)) is None  # a pinned entry is never replaced
+    assert not store.can_insert("a", d) and store.can_insert("a", a)
+    big = store.insert("big", tuple(range(30)), _kv(30), acquire=True)  # alone over budget, but pinned
+    assert big is not None and "big" in store and "a" in store and "d" not in store
+    store.release(big)  # unpinned and over budget: evicted at once
+    assert "big" not in store and store.total_bytes <= store.max_bytes
+    store.release(pinned)
+    assert store.refcount("a") == 0
+    with pytest.raises(ValueError, match="without a reference"):
+        store.release(pinned)
+    assert store.evict(0) == 1 and len(store) == 0
+
+
+def test_kv_snapshot_and_copy_prefix():
+    src = _kv(12)
+    snap = src.snapshot(5)
+    assert snap.length == 5 and snap.capacity == 5
+    dst = SequenceKV(2, 2, 4, dtype=torch.float32, device="cpu")
+    dst.copy_prefix_from(snap, 5)
+    assert dst.length == 5
+    for layer in range(2):
+        assert torch.equal(dst.keys[layer][:, :5], src.keys[layer][:, :5])
+        assert torch.equal(dst.values[layer][:, :5], src.values[layer][:, :5])
+    with pytest.raises(ValueError):
+        dst.copy_prefix_from(snap, 6)
+
+
+# -- through the engine ------------------------------------------------------
+def test_group_prefills_its_prefix_once_with_identical_outputs(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    n, p, extra = len(suffixes), len(prefix), sum(len(s) for s in suffixes)
+    base_before = baseline.counters.prefill_tokens
+    expected = tokens_of(run(baseline, *(request(prefix, s) for s in suffixes)))
+    assert baseline.counters.prefill_tokens - base_before == n * p + extra  # hints ignored
+    assert baseline.capacity().cached_prefixes == frozenset()
+
+    # A small step budget: the prefix takes several steps while the group waits.
+    engine = make_engine(tiny_llama_dir, max_step_tokens=32)
+    try:
+        assert tokens_of(run(engine, *(request(prefix, s, key=None) for s in suffixes))) == expected
+        before = engine.counters.prefill_tokens
+
+        together = run(engine, *(request(prefix, s) for s in suffixes))  # all in the same step
+        assert tokens_of(together) == expected
+        c = engine.counters
+        assert c.prefill_tokens - before == p + extra  # not n * p
+        assert (c.prefix_hits, c.prefix_misses, c.prefix_tokens_saved) == (n - 1, 1, (n - 1) * p)
+        # The first admitted computes the prefix; the others wait for it and copy it.
+        assert [stats.cached_tokens for _, stats in together] == [0] + [p] * (n - 1)
+        assert [stats.prefill_tokens for _, stats in together] == [p + len(suffixes[0])] + [
+            len(s) for s in suffixes[1:]
+        ]
+        assert engine.capacity().cached_prefixes == frozenset({"sys"})
+
+        before = engine.counters.prefill_tokens
+        for s, want in zip(suffixes, expected):  # one after another, after the group
+            [(results, stats)] = run(engine, request(prefix, s))
+            assert results[0].token_ids == want and stats.cached_tokens == p
+        assert engine.counters.prefill_tokens - before == extra
+        assert engine.counters.prefix_hits == (n - 1) + n
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+def test_sequential_first_request_then_hits(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    expected = tokens_of(run(baseline, *(request(prefix, s) for s in suffixes)))
+    engine = make_engine(tiny_llama_dir)
+    try:
+        got = [run(engine, request(prefix, s))[0][0][0].token_ids for s in suffixes]
+        assert got == expected
+        c = engine.counters
+        assert (c.prefix_hits, c.prefix_misses) == (len(suffixes) - 1, 1)
+        assert c.prefill_tokens == len(prefix) + sum(len(s) for s in suffixes)
+        # The whole context is the prefix: its last position is fed again for the logits.
+        [(results, stats)] = run(engine, request(prefix, [], max_tokens=6))
+        [(want, _)] = run(baseline, request(prefix, [], max_tokens=6))
+        assert results[0].token_ids == want[0].token_ids
+        assert stats.cached_tokens == len(prefix) - 1 and stats.prefill_tokens == 1
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+def test_same_key_with_other_tokens_is_a_miss(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    other = list(prefix)
+    other[50] = (other[50] + 1) % 1000 + 3  # same key, one token differs
+    expected = tokens_of(run(baseline, request(prefix, suffixes[0]), request(other, suffixes[1])))
+    engine = make_engine(tiny_llama_dir, max_step_tokens=32)
+    try:
+        [(first, _)] = run(engine, request(prefix, suffixes[0]))
+        [(second, stats)] = run(engine, request(other, suffixes[1]))
+        assert [first[0].token_ids, second[0].token_ids] == expected
+        assert stats.cached_tokens == 0 and engine.counters.prefix_hits == 0
+        assert engine.counters.prefix_misses == 2
+        # Unpinned, the entry was replaced by the tokens of the later request.
+        assert engine.prefix_cache.get("sys").tokens == tuple(other)
+        # Arriving together, the one with other tokens must not wait for the first one's prefix.
+        together = run(engine, request(prefix, suffixes[0]), request(other, suffixes[1]))
+        assert tokens_of(together) == expected
+        assert engine.counters.prefix_hits == 1  # only `other` matches what is stored now
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+def test_eviction_is_lru_over_unpinned_entries(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    # Four distinct 40-token prefixes, a budget of two and a half of them.
+    prefixes = {k: [prefix[0]] + [(t + i * 7) % 900 + 3 for t in prefix[1:40]] for i, k in enumerate("abcdefg")}
+    cfg = baseline.model.config
+    per = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 40
+    engine = make_engine(tiny_llama_dir, prefix_cache_bytes=per * 5 // 2)
+    try:
+        def use(key):
+            [(results, _)] = run(engine, request(prefixes[key], suffixes[2], key=key, max_tokens=4))
+            [(want, _)] = run(baseline, request(prefixes[key], suffixes[2], key=key, max_tokens=4))
+            assert results[0].token_ids == want[0].token_ids
+
+        use("a"), use("b"), use("a")  # "b" is now least recently used
+        use("c")
+        assert engine.capacity().cached_prefixes == {"a", "c"}
+        assert engine.prefix_cache.evictions == 1
+        pinned = engine.prefix_cache.get("a")
+        engine.prefix_cache.acquire(pinned)  # as a running member of a's group would
+        use("d"), use("e")  # "a" is least recently used but pinned
+        assert engine.capacity().cached_prefixes == {"a", "e"}
+        engine.prefix_cache.release(pinned)
+        use("f")
+        assert engine.capacity().cached_prefixes == {"e", "f"}
+        assert engine.prefix_cache.total_bytes <= engine.prefix_cache.max_bytes
+        use("a")  # evicted, so a miss that still answers right
+        assert engine.counters.prefix_hits == 1 and engine.counters.prefix_misses == 7
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+async def _wait_for(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.0005)
+
+
+def test_cancel_parked_computing_and_running_requests_leaks_nothing(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    tok_prefix = (prefix * 4)[:320]  # a long prefix in steps of 4 tokens: ~80 steps to compute
+    expected = tokens_of(run(baseline, *(request(tok_prefix, s) for s in suffixes[1:3])))
+    engine = make_engine(tiny_llama_dir, max_running=4, max_step_tokens=4)
+    try:
+        async def main():
+            computer = engine.submit(request(tok_prefix, suffixes[0], max_tokens=4))
+            waiters = [engine.submit(request(tok_prefix, s)) for s in suffixes[1:]]
+            await _wait_for(lambda: engine.capacity().running == 4)
+            assert "sys" not in engine.prefix_cache, "the prefix was computed before the cancels"
+            waiters[2].cancel()  # a parked request
+            computer.cancel()  # the one computing: a waiter takes over
+            results = await asyncio.gather(*(w.results() for w in waiters[:2]))
+            return results
+
+        results = asyncio.run(main())
+        assert tokens_of(results) == expected
+        c = engine.counters
+        assert c.requests_cancelled == 2
+        assert (c.prefix_hits, c.prefix_misses) == (1, 2)
+        assert sorted(stats.cached_tokens for _, stats in results) == [0, len(tok_prefix)]
+        assert_no_refs(engine)
+
+        # Cancel a running hit (it holds a reference while it generates).
+        async def running_hit():
+            stream = engine.submit(request(tok_prefix, suffixes[3], max_tokens=100))
+            async for event in stream:
+                if isinstance(event, TokenDelta):
+                    assert engine.prefix_cache.refcount("sys") == 1
+                    stream.cancel()
+            await engine.submit(request(tok_prefix, suffixes[1], max_tokens=1)).results()
+
+        asyncio.run(running_hit())
+        assert engine.counters.requests_cancelled == 3
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+def test_fuzz_random_groups_cancels_and_evictions(tiny_llama_dir, prompts, baseline):
+    prefix, suffixes = prompts
+    rng = random.Random(7)
+    keys = {
+        k: [prefix[0]] + [rng.randrange(3, 900) for _ in range(rng.randrange(4, 60))] for k in ("x", "y", "z")
+    }
+    cfg = baseline.model.config
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    engine = make_engine(tiny_llama_dir, max_running=5, max_step_tokens=24, prefix_cache_bytes=per_token * 80)
+    try:
+        for _ in range(6):
+            batch = []
+            for _ in range(rng.randrange(2, 8)):
+                key = rng.choice(list(keys))
+                suffix = [rng.randrange(3, 900) for _ in range(rng.randrange(0, 12))]
+                batch.append((request(keys[key], suffix, key=key, max_tokens=rng.randrange(1, 5)),
+                              rng.random() < 0.3))
+            expected = tokens_of(run(baseline, *(r for r, _ in batch)))
+
+            async def main():
+                streams = [engine.submit(r) for r, _ in batch]
+                for s, (_, cancel) in zip(streams, batch):
+                    if cancel:
+                        if rng.random() < 0.5:
+                            await asyncio.sleep(rng.random() * 0.01)
+                        s.cancel()
+                return await asyncio.gather(
+                    *(s.results() for s, (_, cancel) in zip(streams, batch) if not cancel)
+                )
+
+            got = tokens_of(asyncio.run(main()))
+            assert got == [e for e, (_, cancel) in zip(expected, batch) if not cancel]
+            # Let cancellations land: a fresh request completing proves the loop moved past them.
+            run(engine, request(keys["x"], [5], key="x", max_tokens=1))
+            assert_no_refs(engine)
+        assert engine.counters.prefix_hits > 0 and engine.prefix_cache.evictions > 0
+    finally:
+        engine.close()
+
+
+def test_hint_longer_than_the_context_is_an_engine_error(tiny_llama_dir, baseline):
+    from parrot.semantic_vars import EngineError
+
+    engine = make_engine(tiny_llama_dir)
+    try:
+        bad = GenerationRequest([Fill((1, 5, 6)), Gen(greedy(2))], prefix_hint=PrefixHint("k", 4))
+
+        async def submit(e):
+            return e.submit(bad)
+
+        with pytest.raises(EngineError, match="covers 4 tokens"):
+            asyncio.run(submit(engine))
+        asyncio.run(submit(baseline))  # with the store off, hints are ignored
+    finally:
+        engine.close()

@@ -1,0 +1,192 @@
+"""Objective deduction, task groups, prefix analysis and placement.
+
+The analysis tests drive the graph and analyser directly; the placement
+tests use real (idle) torch engines, whose capacity the scheduler reads.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parrot.dataflow import AppScheduler, DataflowGraph, FifoScheduler, ObjectiveAnalyzer, PrefixIndex
+from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+
+S = "session-1"
+SYSTEM = "You are a meticulous assistant on a software team. " * 3
+UNARY = FunctionSpec("f", "{{input:x}} -> {{output:y}}", {"y": SamplingConfig()})
+PAIR = FunctionSpec("pair", "{{input:a}} + {{input:b}} -> {{output:y}}", {"y": SamplingConfig()})
+TRIPLE = FunctionSpec("triple", "{{input:a}} {{input:b}} {{input:c}} -> {{output:y}}", {"y": SamplingConfig()})
+ASK = FunctionSpec("ask", "{{input:system}}\nUser: {{input:q}}\nAssistant: {{output:y}}", {"y": SamplingConfig()})
+
+
+class Program:
+    """A graph with its analyser and prefix index, driven like the runtime does."""
+
+    def __init__(self) -> None:
+        self.graph = DataflowGraph()
+        self.analyzer = ObjectiveAnalyzer(self.graph)
+        self.prefixes = PrefixIndex(min_chars=32)
+
+    def call(self, call_id, fn=UNARY, inputs=None, constants=None):
+        spec = CallSpec(call_id, fn, inputs or {}, constants or {}, {"y": f"{call_id}.y"})
+        node = self.graph.add_call(S, spec)
+        self.prefixes.add(node, self.graph, "tenant-a")
+        self.analyzer.on_call_added(node)
+        return node
+
+    def get(self, call_id, perf):
+        self.graph.annotate_get(f"{call_id}.y", perf)
+        self.analyzer.on_get(f"{call_id}.y", perf)
+
+    def ready(self):
+        out = [c for c in self.graph.calls.values() if c.state == "ready"]
+        for c in out:
+            hint = self.prefixes.hint_for(c)
+            c.prefix_key = hint.key if hint else None
+        return out
+
+
+def test_latency_read_marks_the_whole_chain():
+    p = Program()
+    p.call("a", constants={"x": "doc"})
+    p.call("b", inputs={"x": "a.y"})
+    p.call("c", inputs={"x": "b.y"})
+    side = p.call("side", constants={"x": "other"})
+    assert all(c.objective is None for c in p.graph.calls.values())
+    p.get("c", "latency")
+    assert [p.graph.calls[i].objective for i in "abc"] == ["latency"] * 3
+    assert side.objective is None
+
+
+def test_fan_in_forms_a_task_group_that_wants_throughput():
+    p = Program()
+    maps = [p.call(f"m{i}", constants={"x": f"chunk {i}"}) for i in range(3)]
+    reduce_ = p.call("r", TRIPLE, inputs={"a": "m0.y", "b": "m1.y", "c": "m2.y"})
+    p.get("r", "latency")
+    group = p.graph.groups[maps[0].group]
+    assert group.consumer == "r" and group.members == ["m0", "m1", "m2"]
+    assert all(m.objective == "throughput" and m.latency_critical for m in maps)
+    assert reduce_.objective == "latency" and reduce_.group is None
+
+
+def test_a_producer_read_elsewhere_too_is_not_in_the_group():
+    p = Program()
+    p.call("m0", constants={"x": "0"})
+    p.call("m1", constants={"x": "1"})
+    p.call("m2", constants={"x": "2"})
+    p.call("other", inputs={"x": "m2.y"})  # m2 feeds a second consumer
+    p.call("r", TRIPLE, inputs={"a": "m0.y", "b": "m1.y", "c": "m2.y"})
+    assert p.graph.calls["m0"].group == p.graph.calls["m1"].group is not None
+    assert p.graph.calls["m2"].group is None
+
+
+def test_throughput_reads_do_not_override_latency():
+    p = Program()
+    p.call("a", constants={"x": "doc"})
+    p.call("b", inputs={"x": "a.y"})
+    p.get("a", "throughput")
+    assert p.graph.calls["a"].objective == "throughput"
+    p.get("b", "latency")
+    assert p.graph.calls["a"].objective == "latency"
+    p.get("b", "throughput")
+    assert p.graph.calls["b"].objective == "latency"
+
+
+def test_shared_system_prompt_is_found_per_tenant_before_running():
+    p = Program()
+    a = p.call("u1", ASK, constants={"system": SYSTEM, "q": "How do I add a test?"})
+    assert p.prefixes.hint_for(a) is None  # nobody shares it yet
+    b = p.call("u2", ASK, constants={"system": SYSTEM, "q": "Why is CI red?"})
+    hint_a, hint_b = p.prefixes.hint_for(a), p.prefixes.hint_for(b)
+    assert hint_a == hint_b and hint_a is not None
+    assert a.prefix_text[: hint_a.end] == SYSTEM + "\nUser: "
+    # The same prompt under another tenant is another key.
+    other = PrefixIndex(min_chars=32)
+    p.graph.add_variable("sys2", "system", S, SYSTEM)
+    c = p.graph.add_call(S, CallSpec("u3", ASK, {"system": "sys2"}, {"q": "hi"}, {"y": "u3.y"}))
+    other.add(c, p.graph, "tenant-b")
+    other.add(p.graph.calls["u1"], p.graph, "tenant-b")
+    assert other.hint_for(c).key != hint_a.key
+
+
+def test_prefix_stops_at_the_first_unset_input():
+    p = Program()
+    p.graph.add_variable("late", "late", S)
+    node = p.call("x", ASK, inputs={"q": "late"}, constants={"system": SYSTEM})
+    assert node.prefix_text == SYSTEM + "\nUser: "
+
+
+@pytest.fixture(scope="module")
+def two_engines(default_model_dir):
+    from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+
+    engines = [
+        TorchEngine.from_pretrained(default_model_dir, device="cpu", name=f"e{i}", config=TorchEngineConfig(max_running=4))
+        for i in range(2)
+    ]
+    yield engines
+    for e in engines:
+        e.close()
+
+
+def test_latency_calls_are_spread_by_load(two_engines):
+    p = Program()
+    for i in range(4):
+        p.call(f"q{i}", constants={"x": f"unrelated question number {i}"})
+    placed = AppScheduler().schedule(p.ready(), p.graph, two_engines)
+    assert [e.name for _, e in placed] == ["e0", "e1", "e0", "e1"]
+
+
+def test_a_task_group_goes_to_one_engine_and_is_held_until_complete(two_engines):
+    p = Program()
+    p.graph.add_variable("late", "late", S)
+    p.call("m0", constants={"x": "chunk 0"})
+    p.call("m1", constants={"x": "chunk 1"})
+    p.call("m2", inputs={"x": "late"})
+    p.call("r", TRIPLE, inputs={"a": "m0.y", "b": "m1.y", "c": "m2.y"})
+    p.call("chat", constants={"x": "a latency call of another app"})
+    sched = AppScheduler()
+    first = sched.schedule(p.ready(), p.graph, two_engines)
+    assert [c.id for c, _ in first] == ["chat"]  # m0, m1 wait for their sibling
+    for c, _ in first:
+        c.state = "running"
+    p.graph.set_value("late", "chunk 2")
+    second = sched.schedule([c for c in p.ready()], p.graph, two_engines)
+    assert sorted(c.id for c, _ in second) == ["m0", "m1", "m2"]
+    assert len({e.name for _, e in second}) == 1
+
+
+def test_held_group_is_released_when_engines_would_idle(two_engines):
+    p = Program()
+    p.graph.add_variable("late", "late", S)
+    p.call("m0", constants={"x": "chunk 0"})
+    p.call("m1", inputs={"x": "late"})
+    p.call("r", PAIR, inputs={"a": "m0.y", "b": "m1.y"})
+    placed = AppScheduler().schedule(p.ready(), p.graph, two_engines)
+    assert [c.id for c, _ in placed] == ["m0"]
+
+
+def test_prefix_affinity_follows_the_engine_that_has_it(two_engines):
+    p = Program()
+    sched = AppScheduler()
+    p.call("filler", constants={"x": "something else entirely, long enough"})
+    p.call("u1", ASK, constants={"system": SYSTEM, "q": "first"})
+    p.call("u2", ASK, constants={"system": SYSTEM, "q": "second"})
+    placed = dict((c.id, e.name) for c, e in sched.schedule(p.ready(), p.graph, two_engines))
+    assert placed["u1"] == placed["u2"]
+    for c in p.ready():
+        c.state = "running"
+    p.call("u3", ASK, constants={"system": SYSTEM, "q": "third, later"})
+    [(call, engine)] = sched.schedule(p.ready(), p.graph, two_engines)
+    assert call.id == "u3" and engine.name == placed["u1"]
+
+
+def test_fifo_baseline_ignores_objectives_and_groups(two_engines):
+    p = Program()
+    p.graph.add_variable("late", "late", S)
+    p.call("m0", constants={"x": "chunk 0"})
+    p.call("m1", inputs={"x": "late"})
+    p.call("r", PAIR, inputs={"a": "m0.y", "b": "m1.y"})
+    p.call("chat", constants={"x": "another"})
+    placed = FifoScheduler().schedule(p.ready(), p.graph, two_engines)
+    assert [c.id for c, _ in placed] == ["m0", "chat"]
