@@ -204,9 +204,10 @@ class TorchEngine(Engine):
     def capacity(self) -> EngineCapacity:
         cached = self._prefix.keys() if self._prefix is not None else frozenset()
         with self._cond:
-            return EngineCapacity(
-                self.config.max_running, len(self._running), len(self._waiting), cached_prefixes=cached
-            )
+            # A sequence that has sent its last event no longer counts, even if
+            # the worker has not swept it out of the batch yet.
+            running = sum(not r.seq.finished for r in self._running)
+            return EngineCapacity(self.config.max_running, running, len(self._waiting), cached_prefixes=cached)
 
     @property
     def prefix_cache(self) -> PrefixCache | None:

@@ -77,6 +77,8 @@ class CallNode:
     # Shared-prefix analysis (see prefix.py).
     prefix_key: str | None = None
     prefix_text: str = ""
+    # Variables this call created (constants, new outputs): removed with it.
+    owned_variables: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,11 +159,14 @@ class DataflowGraph:
         template = Template(spec.function.template)
         self._validate_call(session_id, spec, template)
         inputs = dict(spec.inputs)
+        owned: list[str] = []
         for name, value in spec.constants.items():
             const_id = f"{spec.call_id}.{name}"
             self.add_variable(const_id, name, session_id, value, constant=True)
             inputs[name] = const_id
+            owned.append(const_id)
         call = CallNode(spec.call_id, session_id, spec.function, template, inputs, dict(spec.outputs))
+        call.owned_variables = owned + [v for v in spec.outputs.values() if v not in self.variables]
         self.calls[call.id] = call
         self.graph.add_node(call.id, kind="call")
         for in_id in inputs.values():
@@ -177,6 +182,25 @@ class DataflowGraph:
         elif self._unset_inputs[call.id] == 0:
             self._mark_ready(call)
         return call
+
+    def remove_call(self, call_id: str) -> None:
+        """Undo :meth:`add_call` for a call nothing depends on yet (used to
+        roll back a batch that failed part-way)."""
+        call = self.calls.pop(call_id)
+        for out_id in call.outputs.values():
+            if out_id in call.owned_variables:
+                continue
+            var = self.variables[out_id]  # pre-declared: free again
+            var.producer, var.error = None, None
+        for var_id in call.owned_variables:
+            self.remove_variable(var_id)
+        self.graph.remove_node(call_id)
+        self._unset_inputs.pop(call_id, None)
+
+    def remove_variable(self, var_id: str) -> None:
+        """Forget a variable (only for rollbacks: nothing may refer to it)."""
+        del self.variables[var_id]
+        self.graph.remove_node(var_id)
 
     # -- running --------------------------------------------------------
     def _mark_ready(self, call: CallNode) -> None:

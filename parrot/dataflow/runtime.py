@@ -15,12 +15,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from parrot.backends.engine import Engine, GenResult, RequestFinished
+from parrot.backends.engine import Engine, Gen, GenResult, RequestFinished, TokenDelta
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
+    FunctionSpec,
     Perf,
     Portal,
     Runtime,
@@ -32,10 +33,13 @@ from parrot.semantic_vars import (
 )
 
 from .analysis import ObjectiveAnalyzer
-from .graph import FINAL_STATES, CallNode, DataflowGraph
+from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
+from .store import MemoryStore, Record, StateStore, Write
+
+Listener = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class LocalRuntime(Runtime):
         scheduler: Scheduler | None = None,
         request_level: bool = False,
         min_prefix_chars: int = 32,
+        store: StateStore | None = None,
         portal: Portal | None = None,
     ) -> None:
         super().__init__(portal)
@@ -83,6 +88,33 @@ class LocalRuntime(Runtime):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ready: dict[str, CallNode] = {}  # ready, not yet placed on an engine
         self._pass_scheduled = False
+        self.store: StateStore = store or MemoryStore()
+        self._listeners: set[Listener] = set()
+
+    # -- events ---------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event)`` for every DAG event; returns the unsubscriber.
+        Events are dicts with ``type`` in call_added, call_state, variable_set,
+        token (a streamed piece of an output) and session_closed."""
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break the runtime
+                log.exception("event listener failed")
+
+    def _call_event(self, call: CallNode) -> None:
+        self._emit({"type": "call_state", "session_id": call.session_id, "call_id": call.id,
+                    "state": call.state, "engine": call.engine, "error": call.error})
+
+    async def _persist_call(self, call: CallNode) -> None:
+        try:
+            await self.store.write([("call", call.id, call_record(call))])
+        except Exception:
+            log.exception("could not record the state of call %s", call.id)
 
     # -- sessions -------------------------------------------------------
     def _session(self, session_id: str, *, must_be_open: bool = True) -> SessionState:
@@ -93,14 +125,19 @@ class LocalRuntime(Runtime):
             raise SessionClosedError(f"session {session_id} is closed")
         return state
 
-    async def open_session(self) -> str:
+    async def open_session(self, *, namespace: str = "local") -> str:
+        """Open a session; ``namespace`` scopes prefix sharing (the tenant)."""
         session_id = new_id("session")
-        self.sessions[session_id] = SessionState(session_id)
+        state = SessionState(session_id, namespace)
+        await self.store.write([("session", session_id, session_record(state))])
+        self.sessions[session_id] = state
         return session_id
 
     async def close_session(self, session_id: str, *, cancel: bool = False) -> None:
         state = self._session(session_id, must_be_open=False)
-        state.open = False
+        if state.open:
+            state.open = False
+            await self.store.write([("session", session_id, session_record(state))])
         if not cancel:
             # Run everything that can still run; what waits on a free variable
             # nobody set can never run once the session is closed.
@@ -117,22 +154,40 @@ class LocalRuntime(Runtime):
                     await asyncio.sleep(0)  # yield to the scheduling pass already requested
         for call in self.graph.session_calls(session_id):
             if call.state not in FINAL_STATES:
-                self._cancel_call(call, "the session was closed before the call could run")
+                await self._cancel_call(call, "the session was closed before the call could run")
+        self._emit({"type": "session_closed", "session_id": session_id})
 
-    def _cancel_call(self, call: CallNode, reason: str) -> None:
+    async def _cancel_call(self, call: CallNode, reason: str) -> None:
         self._ready.pop(call.id, None)
         task = self._tasks.pop(call.id, None)
         if task is not None:
             task.cancel()
         lost = self.graph.fail_call(call.id, reason)
         call.state = "cancelled"
+        await self._failed(call, lost)
+
+    async def _failed(self, call: CallNode, lost: Sequence[VariableNode]) -> None:
+        """Tell waiters and listeners about a failed call and its lost downstream."""
         self._reject_waiters(lost)
+        failed = {call.id} | {v.producer for v in lost if v.producer} | {
+            c for v in lost for c in self.graph.graph.successors(v.id)
+        }
+        for call_id in failed:
+            node = self.graph.calls[call_id]
+            self._ready.pop(call_id, None)
+            self._call_event(node)
+            await self._persist_call(node)
 
     # -- variables ------------------------------------------------------
     async def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None) -> None:
         self.client_requests["create_variable"] += 1
         self._session(session_id)
-        self.graph.add_variable(var_id, name, session_id, value)
+        var = self.graph.add_variable(var_id, name, session_id, value)
+        try:
+            await self.store.write([("variable", var_id, variable_record(var))])
+        except BaseException:
+            self.graph.remove_variable(var_id)
+            raise
 
     async def set_variable(self, session_id: str, var_id: str, value: str) -> None:
         self.client_requests["set"] += 1
@@ -140,17 +195,26 @@ class LocalRuntime(Runtime):
         var = self.graph.variable(var_id)
         if var.producer is not None:
             raise VariableAlreadySetError(f"variable {var.name!r} is the output of call {var.producer}; it cannot be set")
-        self._set(var_id, value)
+        if var.is_set:
+            raise VariableAlreadySetError(f"variable {var.name!r} ({var_id}) already has a value")
+        await self._set(var_id, value)
 
-    def _set(self, var_id: str, value: str) -> None:
+    async def _set(self, var_id: str, value: str) -> None:
+        # The store decides who set it first, so a value is never written twice
+        # (a call re-run after a restart finds its earlier outputs there).
+        if not await self.store.set_value(var_id, value):
+            raise VariableAlreadySetError(f"variable {var_id} already has a value")
         ready = self.graph.set_value(var_id, value)
+        var = self.graph.variables[var_id]
         for future in self._waiters.pop(var_id, []):
             if not future.done():
                 future.set_result(value)
+        self._emit({"type": "variable_set", "session_id": var.session_id, "var_id": var_id, "name": var.name})
         for call in ready:
+            self._call_event(call)
             self._dispatch(call)
 
-    def _reject_waiters(self, variables: Sequence) -> None:
+    def _reject_waiters(self, variables: Sequence[VariableNode]) -> None:
         for var in variables:
             for future in self._waiters.pop(var.id, []):
                 if not future.done():
@@ -175,17 +239,34 @@ class LocalRuntime(Runtime):
 
     # -- calls ----------------------------------------------------------
     async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+        """Add a batch of calls: all of them, or (on any error) none."""
         self.client_requests["submit"] += 1
         state = self._session(session_id)
-        for spec in calls:
-            node = self.graph.add_call(session_id, spec)
+        added: list[CallNode] = []
+        try:
+            for spec in calls:
+                added.append(self.graph.add_call(session_id, spec))
+            records: list[Write] = []
+            for node in added:
+                records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.inputs.values()
+                               if self.graph.variables[v].constant)
+                records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.outputs.values())
+                records.append(("call", node.id, call_record(node)))
+            await self.store.write(records)
+        except BaseException:
+            for node in reversed(added):
+                self.graph.remove_call(node.id)
+            raise
+        for node in added:
             if not self.request_level:
                 self.prefixes.add(node, self.graph, state.namespace)
             self.analyzer.on_call_added(node)
+            self._emit({"type": "call_added", "session_id": session_id, "call_id": node.id,
+                        "function": node.function.name, "state": node.state})
             if node.state == "ready":
                 self._dispatch(node)
             elif node.state == "failed":
-                self._reject_waiters([self.graph.variables[v] for v in node.outputs.values()])
+                await self._failed(node, [self.graph.variables[v] for v in node.outputs.values()])
 
     def _dispatch(self, call: CallNode) -> None:
         """Queue a ready call; a scheduling pass places it on an engine."""
@@ -211,11 +292,13 @@ class LocalRuntime(Runtime):
             call.state = "running"
             call.engine = engine.name
             call.started_at = time.monotonic()
+            self._call_event(call)
             self._tasks[call.id] = asyncio.get_running_loop().create_task(self._run(call, engine), name=call.id)
 
     async def _run(self, call: CallNode, engine: Engine) -> None:
         stream = None
         try:
+            await self._persist_call(call)
             hint = self.prefixes.hint_for(call)
             request = build_request(
                 call.function,
@@ -226,38 +309,109 @@ class LocalRuntime(Runtime):
                 prefix=(hint.key, hint.end) if hint else None,
             )
             stream = engine.submit(request)
+            names = [step.name for step in request.program if isinstance(step, Gen)]
             async for event in stream:
-                if isinstance(event, GenResult):
+                if isinstance(event, TokenDelta) and self._listeners:
+                    self._emit({"type": "token", "session_id": call.session_id, "call_id": call.id,
+                                "var_id": call.outputs[names[event.gen_index]], "text": event.text})
+                elif isinstance(event, GenResult):
                     # Each output is released as soon as it exists, so its
                     # consumers start while this call is still generating.
-                    self._set(call.outputs[event.name], event.text)
+                    out_id = call.outputs[event.name]
+                    if not self.graph.variables[out_id].is_set:  # set before a restart
+                        await self._set(out_id, event.text)
                 elif isinstance(event, RequestFinished):
                     call.prefill_tokens = event.stats.prefill_tokens
                     call.generated_tokens = event.stats.generated_tokens
                     call.cached_tokens = event.stats.cached_tokens
             call.state = "done"
             call.finished_at = time.monotonic()
+            self._call_event(call)
+            await self._persist_call(call)
         except asyncio.CancelledError:
             if stream is not None:
                 stream.cancel()
             raise
         except Exception as exc:
             log.warning("call %s (%s) failed: %s", call.id, call.function.name, exc)
-            self._reject_waiters(self.graph.fail_call(call.id, f"{type(exc).__name__}: {exc}"))
+            await self._failed(call, self.graph.fail_call(call.id, f"{type(exc).__name__}: {exc}"))
         finally:
             self._tasks.pop(call.id, None)
             self.prefixes.forget(call)
             self._request_pass()  # its engine slot is free again
+
+    # -- restart ----------------------------------------------------------
+    async def restore(self) -> int:
+        """Rebuild sessions, variables and calls from the store (after a
+        restart) and re-queue every call that had not finished. Returns the
+        number of calls re-queued."""
+        for record in await self.store.load("session"):
+            self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"])
+        variables = await self.store.load("variable")
+        for record in variables:
+            if record["producer"] is None and not record["constant"]:
+                self.graph.add_variable(record["id"], record["name"], record["session_id"], record["value"])
+        values = {r["id"]: r["value"] for r in variables}
+        for record in await self.store.load("call"):
+            spec = call_spec_from_record(record, values)
+            node = self.graph.add_call(record["session_id"], spec)
+            self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
+            self.analyzer.on_call_added(node)
+            if record["state"] in ("failed", "cancelled"):
+                self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
+                node.state = record["state"]
+        for record in variables:
+            var = self.graph.variables.get(record["id"])
+            if var is not None and record["value"] is not None and not var.is_set and var.error is None:
+                self.graph.set_value(var.id, record["value"])
+        requeued = 0
+        for node in self.graph.calls.values():
+            if node.state in FINAL_STATES:
+                continue
+            if all(self.graph.variables[v].is_set for v in node.outputs.values()):
+                node.state = "done"
+            elif node.state == "ready":
+                self._dispatch(node)
+                requeued += 1
+        return requeued
 
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
         for engine in self.engines:
             await asyncio.to_thread(engine.close)
+        await self.store.close()
 
     def describe(self, session_id: str) -> str:
         """The session's DAG as text (calls in submission order)."""
         return self.graph.describe(session_id)
+
+
+# -- records: what the store keeps ------------------------------------------
+def session_record(state: SessionState) -> Record:
+    return {"id": state.id, "namespace": state.namespace, "open": state.open}
+
+
+def variable_record(var: VariableNode) -> Record:
+    return {"id": var.id, "name": var.name, "session_id": var.session_id, "value": var.value,
+            "producer": var.producer, "constant": var.constant}
+
+
+def call_record(call: CallNode) -> Record:
+    return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
+            "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
+            "engine": call.engine, "error": call.error}
+
+
+def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:
+    """The spec a call record was made from (constant inputs by value)."""
+    inputs, constants = {}, {}
+    for name, var_id in record["inputs"].items():
+        if var_id == f"{record['id']}.{name}":  # a constant the graph made for this call
+            constants[name] = values[var_id] or ""
+        else:
+            inputs[name] = var_id
+    return CallSpec(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
 
 
 def default_model_dir(progress=None) -> Path:

@@ -49,6 +49,11 @@ class FunctionSpec:
             "output_sampling": {k: v.to_dict() for k, v in self.output_sampling.items()},
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FunctionSpec":
+        sampling = {k: SamplingConfig.from_dict(v) for k, v in d["output_sampling"].items()}
+        return cls(name=d["name"], template=d["template"], output_sampling=sampling)
+
 
 @dataclass(frozen=True)
 class CallSpec:
