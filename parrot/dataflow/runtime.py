@@ -22,6 +22,7 @@ from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
     FunctionSpec,
+    ParrotError,
     Perf,
     Portal,
     Runtime,
@@ -244,8 +245,13 @@ class LocalRuntime(Runtime):
         state = self._session(session_id)
         added: list[CallNode] = []
         try:
-            for spec in calls:
-                added.append(self.graph.add_call(session_id, spec))
+            for i, spec in enumerate(calls):
+                try:
+                    added.append(self.graph.add_call(session_id, spec))
+                except ParrotError as exc:
+                    # Say which call of the batch was at fault.
+                    exc.field = f"calls.{i}" + (f".{exc.field}" if getattr(exc, "field", None) else "")
+                    raise
             records: list[Write] = []
             for node in added:
                 records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.inputs.values()

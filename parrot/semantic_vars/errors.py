@@ -50,7 +50,12 @@ class SessionClosedError(ParrotError, RuntimeError):
 
 
 class UnknownVariableError(ParrotError, KeyError):
-    """A call or request names a Semantic Variable the runtime does not know."""
+    """A call or request names a Semantic Variable the runtime does not know;
+    ``field`` names the request field that carried the id, when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""

@@ -1,0 +1,210 @@
+"""The FastAPI application: native API, admin, health, metrics.
+
+``create_app(build_service)`` takes a coroutine factory for the
+:class:`ParrotService`, run in the app's lifespan, so loading a model and
+restoring state happen on the server's own event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import Annotated, AsyncIterator, Awaitable, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette.sse import EventSourceResponse
+
+from . import models as m
+from .errors import install_error_handlers
+from .metrics import ServiceMetrics
+from .service import ParrotService
+from .tenancy import Quotas, Tenant
+
+ServiceFactory = Callable[[], Awaitable[ParrotService]]
+ERRORS = {status: {"model": m.ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429)}
+
+
+def _api_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return x_api_key
+
+
+def service_of(request: Request) -> ParrotService:
+    return request.app.state.service
+
+
+def tenant_of(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Tenant:
+    """The tenant whose API key came with the request (401 otherwise)."""
+    return service_of(request).authenticate(_api_key(authorization, x_api_key))
+
+
+def admin_of(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    service_of(request).check_admin(_api_key(authorization, x_api_key))
+
+
+TenantDep = Annotated[Tenant, Depends(tenant_of)]
+ServiceDep = Annotated[ParrotService, Depends(service_of)]
+
+api = APIRouter(prefix="/api/v1", responses=ERRORS)
+admin = APIRouter(prefix="/admin/v1", responses=ERRORS, dependencies=[Depends(admin_of)])
+
+
+@api.post("/sessions", status_code=201, response_model=m.SessionCreated, tags=["sessions"])
+async def open_session(tenant: TenantDep, service: ServiceDep) -> m.SessionCreated:
+    """Open a session."""
+    return m.SessionCreated(session_id=await service.open_session(tenant))
+
+
+@api.get("/sessions", response_model=m.SessionList, tags=["sessions"])
+async def list_sessions(tenant: TenantDep, service: ServiceDep) -> m.SessionList:
+    """The tenant's sessions."""
+    rows = service.list_sessions(tenant)
+    return m.SessionList(sessions=[m.SessionInfo(session_id=s, open=o, calls=n) for s, o, n in rows])
+
+
+@api.delete("/sessions/{session_id}", response_model=m.SessionClosed, tags=["sessions"])
+async def close_session(session_id: str, tenant: TenantDep, service: ServiceDep, cancel: bool = False) -> m.SessionClosed:
+    """Close a session: wait for its calls to finish, or cancel them (``cancel=true``)."""
+    await service.close_session(tenant, session_id, cancel=cancel)
+    return m.SessionClosed(session_id=session_id)
+
+
+@api.post("/functions", status_code=201, response_model=m.FunctionCreated, tags=["functions"])
+async def register_function(body: m.FunctionBody, tenant: TenantDep, service: ServiceDep) -> m.FunctionCreated:
+    """Register a semantic function from a template; calls may then name it by id."""
+    function_id, spec = await service.register_function(tenant, body)
+    from parrot.semantic_vars import Template
+
+    t = Template(spec.template)
+    return m.FunctionCreated(function_id=function_id, name=spec.name, inputs=list(t.inputs), outputs=list(t.outputs))
+
+
+@api.post("/sessions/{session_id}/variables", status_code=201, response_model=m.VariableRef, tags=["variables"])
+async def create_variable(session_id: str, body: m.VariableCreate, tenant: TenantDep, service: ServiceDep) -> m.VariableRef:
+    """Declare a free variable (optionally with its value)."""
+    var_id = await service.create_variable(tenant, session_id, body.var_id, body.name, body.value)
+    return m.VariableRef(var_id=var_id)
+
+
+@api.put("/sessions/{session_id}/variables/{var_id}", response_model=m.VariableRef, tags=["variables"])
+async def set_variable(session_id: str, var_id: str, body: m.VariableSet, tenant: TenantDep, service: ServiceDep) -> m.VariableRef:
+    """Set a free variable's value (once)."""
+    await service.set_variable(tenant, session_id, var_id, body.value)
+    return m.VariableRef(var_id=var_id)
+
+
+@api.get("/sessions/{session_id}/variables/{var_id}", response_model=m.VariableState, tags=["variables"])
+async def get_variable(
+    session_id: str,
+    var_id: str,
+    tenant: TenantDep,
+    service: ServiceDep,
+    perf: m.Perf = "latency",
+    timeout: Annotated[float, Query(ge=0, le=300, description="seconds to wait for the value (long-poll)")] = 0,
+) -> m.VariableState:
+    """Read a variable, waiting up to ``timeout`` seconds; records the ``perf`` annotation."""
+    return await service.get_variable(tenant, session_id, var_id, perf, timeout)
+
+
+@api.get("/sessions/{session_id}/variables/{var_id}/stream", tags=["variables"])
+async def stream_variable(session_id: str, var_id: str, tenant: TenantDep, service: ServiceDep) -> EventSourceResponse:
+    """Server-sent events: ``token`` pieces while the output is generated, then ``value`` (or ``error``)."""
+    events = service.stream_variable(tenant, session_id, var_id)
+    first = await anext(events)  # ownership errors surface as 404 before streaming starts
+
+    async def all_events() -> AsyncIterator[dict]:
+        yield first
+        async for e in events:
+            yield e
+
+    return EventSourceResponse(all_events())
+
+
+@api.post("/sessions/{session_id}/calls", status_code=201, response_model=m.CallsSubmitted, tags=["calls"])
+async def submit_calls(session_id: str, body: m.CallsSubmit, tenant: TenantDep, service: ServiceDep) -> m.CallsSubmitted:
+    """Submit calls (all or none); the DAG is resolved server-side."""
+    specs = await service.submit_calls(tenant, session_id, body.calls)
+    return m.CallsSubmitted(calls=[m.CallSubmitted(call_id=s.call_id, outputs=dict(s.outputs)) for s in specs])
+
+
+@api.get("/sessions/{session_id}/dag", tags=["dag"])
+async def session_dag(session_id: str, tenant: TenantDep, service: ServiceDep) -> dict:
+    """The session's DAG: calls (state, objective, group, engine, tokens), variables, task groups."""
+    return service.dag(tenant, session_id)
+
+
+@api.get("/sessions/{session_id}/events", tags=["dag"])
+async def session_events(session_id: str, tenant: TenantDep, service: ServiceDep) -> EventSourceResponse:
+    """Server-sent DAG events (call_added, call_state, variable_set, token, session_closed)."""
+    service.owned_session(tenant, session_id)
+    events = service.session_events(tenant, session_id)
+    return EventSourceResponse({"event": e["type"], "data": json.dumps(e)} async for e in events)
+
+
+@admin.post("/tenants", status_code=201, response_model=m.TenantCreated, tags=["admin"])
+async def create_tenant(body: m.TenantCreate, service: ServiceDep) -> m.TenantCreated:
+    """Create a tenant and its first API key (shown once)."""
+    quotas = Quotas(body.max_concurrent_calls, body.tokens_per_minute, body.max_prompt_tokens)
+    tenant, key = await service.create_tenant(body.name, quotas)
+    return m.TenantCreated(tenant_id=tenant.id, name=tenant.name, api_key=key)
+
+
+@admin.post("/tenants/{tenant_id}/keys", status_code=201, response_model=m.KeyCreated, tags=["admin"])
+async def add_key(tenant_id: str, service: ServiceDep) -> m.KeyCreated:
+    """Issue another API key for a tenant."""
+    return m.KeyCreated(tenant_id=tenant_id, api_key=await service.add_key(tenant_id))
+
+
+def create_app(build_service: ServiceFactory) -> FastAPI:
+    """The Parrot service; ``build_service`` runs at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await build_service()
+        await service.start()
+        app.state.service = service
+        app.state.metrics = ServiceMetrics(service.runtime)
+        yield
+        await service.stop()
+
+    app = FastAPI(title="Parrot", version="0.1.0", lifespan=lifespan,
+                  description="Application-level LLM serving with Semantic Variables.")
+    install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(admin)
+    try:
+        from .openai_routes import router as openai_router
+    except ImportError:  # pragma: no cover - present in full installs
+        openai_router = None
+    if openai_router is not None:
+        app.include_router(openai_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request, response: Response) -> dict:
+        """Engines loaded and state restored."""
+        service = getattr(request.app.state, "service", None)
+        ready = bool(service and service.ready)
+        response.status_code = 200 if ready else 503
+        return {"ready": ready}
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

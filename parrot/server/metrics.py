@@ -1,0 +1,58 @@
+"""Prometheus metrics: calls, tokens, prefix cache, queue depth, call latency."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from parrot.dataflow import LocalRuntime
+
+
+class RuntimeCollector:
+    """Reads engine counters and queue depth at scrape time."""
+
+    def __init__(self, runtime: LocalRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterable[Metric]:
+        tokens = CounterMetricFamily("parrot_engine_tokens", "Tokens processed by engines", labels=["engine", "kind"])
+        cache = CounterMetricFamily("parrot_prefix_cache", "Prefix cache lookups", labels=["engine", "result"])
+        running = GaugeMetricFamily("parrot_engine_running", "Requests running on an engine", labels=["engine"])
+        for engine in self.runtime.engines:
+            c: Any = getattr(engine, "counters", None)
+            if c is not None:
+                tokens.add_metric([engine.name, "prefill"], c.prefill_tokens)
+                tokens.add_metric([engine.name, "decode"], c.decode_tokens)
+                tokens.add_metric([engine.name, "cached"], getattr(c, "prefix_tokens_saved", 0))
+                cache.add_metric([engine.name, "hit"], getattr(c, "prefix_hits", 0))
+                cache.add_metric([engine.name, "miss"], getattr(c, "prefix_misses", 0))
+            running.add_metric([engine.name], engine.capacity().running)
+        queue = GaugeMetricFamily("parrot_queue_depth", "Ready calls waiting for an engine slot")
+        queue.add_metric([], len(self.runtime._ready))
+        yield from (tokens, cache, running, queue)
+
+
+class ServiceMetrics:
+    """The service's registry; call outcomes and latencies come from runtime events."""
+
+    def __init__(self, runtime: LocalRuntime) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter("parrot_calls", "Calls by final state", ["state"], registry=self.registry)
+        self.latency = Histogram(
+            "parrot_call_seconds", "Call time from submit to finish", ["function"], registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.registry.register(RuntimeCollector(runtime))
+        self.runtime = runtime
+        runtime.subscribe(self._on_event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] != "call_state" or event["state"] not in ("done", "failed", "cancelled"):
+            return
+        self.calls.labels(event["state"]).inc()
+        call = self.runtime.graph.calls.get(event["call_id"])
+        if call is not None and event["state"] == "done":
+            self.latency.labels(call.function.name).observe((call.finished_at or time.monotonic()) - call.submitted_at)

@@ -1,0 +1,132 @@
+"""Request and response bodies of the HTTP API (pydantic).
+
+Every request model forbids unknown fields, so a typo is a 422 naming the
+field rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Perf = Literal["latency", "throughput"]
+ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the error's class, e.g. TemplateError, QuotaExceeded")
+    message: str
+    field: str | None = Field(default=None, description="the request field at fault, dotted")
+    position: int | None = Field(default=None, description="character offset in a template")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class SamplingBody(Strict):
+    max_tokens: int | None = Field(default=None, ge=1, le=65536)
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: list[str] | None = Field(default=None, max_length=16)
+    seed: int | None = None
+
+
+class FunctionBody(Strict):
+    name: str = Field(default="function", min_length=1, max_length=128)
+    template: str = Field(min_length=1, max_length=1_000_000)
+    sampling: SamplingBody = Field(default_factory=SamplingBody, description="defaults for every output")
+    output_sampling: dict[str, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
+
+
+class FunctionCreated(BaseModel):
+    function_id: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    open: bool
+    calls: int
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class SessionClosed(BaseModel):
+    session_id: str
+    closed: bool = True
+
+
+class VariableCreate(Strict):
+    var_id: str | None = ID
+    name: str = Field(default="var", min_length=1, max_length=128)
+    value: str | None = None
+
+
+class VariableSet(Strict):
+    value: str
+
+
+class VariableRef(BaseModel):
+    var_id: str
+
+
+class VariableState(BaseModel):
+    var_id: str
+    name: str
+    ready: bool
+    value: str | None = None
+    error: str | None = None
+
+
+class CallBody(Strict):
+    call_id: str | None = ID
+    function: FunctionBody | None = None
+    function_id: str | None = None
+    inputs: dict[str, str] = Field(default_factory=dict, description="input name -> variable id")
+    constants: dict[str, str] = Field(default_factory=dict, description="input name -> text")
+    outputs: dict[str, str] | None = Field(default=None, description="output name -> variable id (new ids if omitted)")
+
+
+class CallsSubmit(Strict):
+    calls: list[CallBody] = Field(min_length=1, max_length=10_000)
+
+
+class CallSubmitted(BaseModel):
+    call_id: str
+    outputs: dict[str, str]
+
+
+class CallsSubmitted(BaseModel):
+    calls: list[CallSubmitted]
+
+
+class TenantCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    max_concurrent_calls: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class TenantCreated(BaseModel):
+    tenant_id: str
+    name: str
+    api_key: str = Field(description="shown once; only its hash is stored")
+
+
+class KeyCreated(BaseModel):
+    tenant_id: str
+    api_key: str

@@ -1,0 +1,345 @@
+"""The service core: tenancy, ownership and quotas around one LocalRuntime.
+
+Routes call this; it calls the runtime. It knows tenants and API keys but
+nothing of HTTP, so the same checks hold for the native API and the
+OpenAI-compatible endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from parrot.dataflow import LocalRuntime
+from parrot.dataflow.graph import FINAL_STATES
+from parrot.semantic_vars import (
+    CallFailedError,
+    CallSpec,
+    FunctionSpec,
+    InvalidArgumentError,
+    Perf,
+    SamplingConfig,
+    SemanticFunction,
+    TemplateError,
+    UnknownSessionError,
+    UnknownVariableError,
+    new_id,
+)
+
+from .models import CallBody, FunctionBody, SamplingBody, VariableState
+from .tenancy import (
+    AuthenticationError,
+    PromptTooLongError,
+    QuotaMeter,
+    Quotas,
+    Tenant,
+    hash_key,
+    new_api_key,
+)
+
+log = logging.getLogger(__name__)
+
+PUBLIC_NAMESPACE = "public"
+
+
+def sampling_options(body: SamplingBody) -> dict[str, Any]:
+    return body.model_dump(exclude_none=True)
+
+
+def function_spec(body: FunctionBody) -> FunctionSpec:
+    """Validate a function body (template, options) into a spec; raises typed errors."""
+    defaults = SamplingConfig().merged(**sampling_options(body.sampling))
+    unknown = set(body.output_sampling) - set(SemanticFunction(body.template).output_names)
+    if unknown:
+        raise InvalidArgumentError(f"output_sampling.{sorted(unknown)[0]}", "the template has no such output")
+    fn = SemanticFunction(
+        body.template,
+        name=body.name,
+        defaults=defaults,
+        output_options={k: sampling_options(v) for k, v in body.output_sampling.items()},
+    )
+    return fn.spec
+
+
+class ParrotService:
+    """Tenants, keys, functions and quota meters over a :class:`LocalRuntime`."""
+
+    def __init__(self, runtime: LocalRuntime, *, admin_key: str | None = None, default_quotas: Quotas | None = None) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.admin_key_hash = hash_key(admin_key) if admin_key else None
+        self.default_quotas = default_quotas or Quotas()
+        self.tenants: dict[str, Tenant] = {}
+        self.key_owner: dict[str, str] = {}  # key hash -> tenant id
+        self.functions: dict[str, tuple[str, FunctionSpec]] = {}  # id -> (owner tenant id, spec)
+        self.meters: dict[str, QuotaMeter] = {}
+        self.call_owner: dict[str, str] = {}
+        self.ready = False
+        runtime.subscribe(self._on_event)
+
+    # -- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        """Load tenants, keys and functions, and restore the runtime."""
+        for r in await self.store.load("tenant"):
+            self.tenants[r["id"]] = Tenant.from_record(r)
+        for r in await self.store.load("key"):
+            self.key_owner[r["id"]] = r["tenant_id"]
+        for r in await self.store.load("function"):
+            self.functions[r["id"]] = (r["tenant_id"], FunctionSpec.from_dict(r["spec"]))
+        requeued = await self.runtime.restore()
+        for call in self.runtime.graph.calls.values():
+            owner = self.runtime.sessions[call.session_id].namespace
+            self.call_owner[call.id] = owner
+            if call.state not in FINAL_STATES:
+                self.meter(owner).in_flight.add(call.id)
+        if requeued:
+            log.info("restored %d unfinished calls", requeued)
+        self.ready = True
+
+    async def stop(self) -> None:
+        await self.runtime.shutdown()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] != "call_state" or event["state"] not in FINAL_STATES:
+            return
+        owner = self.call_owner.get(event["call_id"])
+        if owner is None:
+            return
+        meter = self.meter(owner)
+        if event["call_id"] in meter.in_flight:
+            meter.in_flight.discard(event["call_id"])
+            call = self.runtime.graph.calls[event["call_id"]]
+            meter.record_tokens(call.prefill_tokens + call.cached_tokens + call.generated_tokens)
+
+    def meter(self, tenant_id: str) -> QuotaMeter:
+        return self.meters.setdefault(tenant_id, QuotaMeter())
+
+    # -- tenants and keys ---------------------------------------------------
+    def authenticate(self, api_key: str | None) -> Tenant:
+        if not api_key:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        tenant_id = self.key_owner.get(hash_key(api_key))
+        if tenant_id is None:
+            raise AuthenticationError("invalid API key")
+        return self.tenants[tenant_id]
+
+    def check_admin(self, api_key: str | None) -> None:
+        if self.admin_key_hash is None or not api_key or hash_key(api_key) != self.admin_key_hash:
+            raise AuthenticationError("this endpoint needs the admin key")
+
+    async def create_tenant(self, name: str, quotas: Quotas | None = None) -> tuple[Tenant, str]:
+        tenant = Tenant(new_id("tenant"), name, quotas or Quotas(**vars(self.default_quotas)))
+        api_key = new_api_key()
+        await self.store.write([
+            ("tenant", tenant.id, tenant.record()),
+            ("key", hash_key(api_key), {"id": hash_key(api_key), "tenant_id": tenant.id}),
+        ])
+        self.tenants[tenant.id] = tenant
+        self.key_owner[hash_key(api_key)] = tenant.id
+        return tenant, api_key
+
+    async def add_key(self, tenant_id: str) -> str:
+        if tenant_id not in self.tenants:
+            raise UnknownSessionError(f"unknown tenant {tenant_id!r}")
+        api_key = new_api_key()
+        await self.store.write([("key", hash_key(api_key), {"id": hash_key(api_key), "tenant_id": tenant_id})])
+        self.key_owner[hash_key(api_key)] = tenant_id
+        return api_key
+
+    # -- ownership ----------------------------------------------------------
+    def owned_session(self, tenant: Tenant, session_id: str) -> str:
+        state = self.runtime.sessions.get(session_id)
+        if state is None or state.namespace != tenant.id:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        return session_id
+
+    def owned_variable(self, tenant: Tenant, var_id: str, *, field: str = "var_id") -> None:
+        var = self.runtime.graph.variables.get(var_id)
+        state = self.runtime.sessions.get(var.session_id) if var else None
+        if state is None or state.namespace != tenant.id:
+            raise UnknownVariableError(f"{field}: unknown variable {var_id!r}", field=field)
+
+    # -- sessions -----------------------------------------------------------
+    async def open_session(self, tenant: Tenant) -> str:
+        return await self.runtime.open_session(namespace=tenant.id)
+
+    def list_sessions(self, tenant: Tenant) -> list[tuple[str, bool, int]]:
+        out = []
+        for sid, state in self.runtime.sessions.items():
+            if state.namespace == tenant.id:
+                out.append((sid, state.open, len(self.runtime.graph.session_calls(sid))))
+        return out
+
+    async def close_session(self, tenant: Tenant, session_id: str, *, cancel: bool) -> None:
+        await self.runtime.close_session(self.owned_session(tenant, session_id), cancel=cancel)
+
+    # -- functions ------------------------------------------------------------
+    async def register_function(self, tenant: Tenant, body: FunctionBody) -> tuple[str, FunctionSpec]:
+        spec = function_spec(body)
+        function_id = new_id("fn")
+        await self.store.write([("function", function_id, {"id": function_id, "tenant_id": tenant.id, "spec": spec.to_dict()})])
+        self.functions[function_id] = (tenant.id, spec)
+        return function_id, spec
+
+    def function(self, tenant: Tenant, function_id: str, *, field: str) -> FunctionSpec:
+        owner, spec = self.functions.get(function_id, (None, None))
+        if spec is None or owner not in (tenant.id, PUBLIC_NAMESPACE):
+            raise UnknownVariableError(f"{field}: unknown function {function_id!r}", field=field)
+        return spec
+
+    # -- variables ------------------------------------------------------------
+    async def create_variable(self, tenant: Tenant, session_id: str, var_id: str | None, name: str, value: str | None) -> str:
+        self.owned_session(tenant, session_id)
+        var_id = var_id or new_id("var")
+        await self.runtime.create_variable(session_id, var_id, name, value)
+        return var_id
+
+    async def set_variable(self, tenant: Tenant, session_id: str, var_id: str, value: str) -> None:
+        self.owned_session(tenant, session_id)
+        self.owned_variable(tenant, var_id)
+        await self.runtime.set_variable(session_id, var_id, value)
+
+    async def get_variable(self, tenant: Tenant, session_id: str, var_id: str, perf: Perf, timeout: float) -> VariableState:
+        """Long-poll: wait up to ``timeout`` seconds for the value."""
+        self.owned_session(tenant, session_id)
+        self.owned_variable(tenant, var_id)
+        var = self.runtime.graph.variables[var_id]
+        try:
+            if timeout > 0 or var.is_set or var.error is not None:
+                await asyncio.wait_for(self.runtime.get_variable(session_id, var_id, perf), timeout=max(timeout, 1e-3))
+            else:
+                self.runtime.graph.annotate_get(var_id, perf)
+                self.runtime.analyzer.on_get(var_id, perf)
+        except (asyncio.TimeoutError, CallFailedError):
+            pass
+        return VariableState(var_id=var_id, name=var.name, ready=var.is_set, value=var.value, error=var.error)
+
+    async def stream_variable(self, tenant: Tenant, session_id: str, var_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Token deltas of an output as they are generated, then its value."""
+        self.owned_session(tenant, session_id)
+        self.owned_variable(tenant, var_id)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def listener(event: dict[str, Any]) -> None:
+            if event.get("var_id") == var_id and event["type"] in ("token", "variable_set"):
+                queue.put_nowait(event)
+            elif event["type"] == "call_state" and event["state"] in ("failed", "cancelled"):
+                queue.put_nowait(event)
+
+        unsubscribe = self.runtime.subscribe(listener)
+        try:
+            while True:
+                var = self.runtime.graph.variables[var_id]
+                if var.is_set:
+                    yield {"event": "value", "data": var.value}
+                    return
+                if var.error is not None:
+                    yield {"event": "error", "data": var.error}
+                    return
+                event = await queue.get()
+                if event["type"] == "token":
+                    yield {"event": "token", "data": event["text"]}
+        finally:
+            unsubscribe()
+
+    async def session_events(self, tenant: Tenant, session_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The session's DAG events, live, until it is closed."""
+        self.owned_session(tenant, session_id)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        unsubscribe = self.runtime.subscribe(
+            lambda e: queue.put_nowait(e) if e.get("session_id") == session_id else None
+        )
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event["type"] == "session_closed":
+                    return
+        finally:
+            unsubscribe()
+
+    # -- calls ------------------------------------------------------------------
+    async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[CallSpec]:
+        """Validate, check ownership and quotas, then submit all or nothing."""
+        self.owned_session(tenant, session_id)
+        specs: list[CallSpec] = []
+        batch_outputs: set[str] = set()
+        for i, body in enumerate(bodies):
+            where = f"calls.{i}"
+            if (body.function is None) == (body.function_id is None):
+                raise InvalidArgumentError(f"{where}.function", "give exactly one of function and function_id")
+            if body.function is not None:
+                try:
+                    spec = function_spec(body.function)
+                except (TemplateError, InvalidArgumentError) as exc:
+                    exc.field = f"{where}.function." + (getattr(exc, "field", None) or "template")
+                    raise
+            else:
+                spec = self.function(tenant, body.function_id or "", field=f"{where}.function_id")
+            outputs = body.outputs
+            if outputs is None:
+                outputs = {name: new_id("var") for name in spec.output_sampling}
+            for name, var_id in body.inputs.items():
+                if var_id not in batch_outputs:
+                    self.owned_variable(tenant, var_id, field=f"{where}.inputs.{name}")
+            for name, var_id in outputs.items():
+                if var_id in self.runtime.graph.variables:
+                    self.owned_variable(tenant, var_id, field=f"{where}.outputs.{name}")
+            batch_outputs.update(outputs.values())
+            specs.append(CallSpec(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
+        self._check_prompt_sizes(tenant, specs)
+        meter = self.meter(tenant.id)
+        meter.check(tenant.quotas, len(specs))
+        await self.runtime.submit_calls(session_id, specs)
+        for spec in specs:
+            self.call_owner[spec.call_id] = tenant.id
+            if self.runtime.graph.calls[spec.call_id].state not in FINAL_STATES:
+                meter.in_flight.add(spec.call_id)
+        return specs
+
+    def _check_prompt_sizes(self, tenant: Tenant, specs: list[CallSpec]) -> None:
+        limit = tenant.quotas.max_prompt_tokens
+        if limit is None:
+            return
+        tokenizer = self.runtime.engines[0].tokenizer
+        for i, spec in enumerate(specs):
+            # What is known now: the template's text and the constant inputs.
+            known = spec.function.template + "".join(spec.constants.values())
+            n = len(tokenizer.encode(known))
+            if n > limit:
+                raise PromptTooLongError(
+                    f"the prompt has at least {n} tokens; this tenant's limit is {limit}", field=f"calls.{i}"
+                )
+
+    def dag(self, tenant: Tenant, session_id: str) -> dict[str, Any]:
+        """The session's DAG as JSON: calls, variables, task groups."""
+        self.owned_session(tenant, session_id)
+        graph = self.runtime.graph
+        calls = graph.session_calls(session_id)
+        var_ids = {v for c in calls for v in [*c.inputs.values(), *c.outputs.values()]}
+        var_ids |= {v.id for v in graph.variables.values() if v.session_id == session_id}
+        groups = {c.group for c in calls if c.group}
+        return {
+            "session_id": session_id,
+            "calls": [
+                {
+                    "call_id": c.id, "function": c.function.name, "state": c.state, "objective": c.objective,
+                    "group": c.group, "engine": c.engine, "inputs": c.inputs, "outputs": c.outputs,
+                    "prefix_key": c.prefix_key, "prefill_tokens": c.prefill_tokens,
+                    "cached_tokens": c.cached_tokens, "generated_tokens": c.generated_tokens, "error": c.error,
+                }
+                for c in calls
+            ],
+            "variables": [
+                {
+                    "var_id": v.id, "name": v.name, "ready": v.is_set, "constant": v.constant,
+                    "producer": v.producer, "perf": v.perf, "error": v.error,
+                }
+                for v in (graph.variables[i] for i in sorted(var_ids))
+            ],
+            "groups": [
+                {"group_id": g, "consumer": graph.groups[g].consumer, "members": graph.groups[g].members}
+                for g in sorted(groups)
+            ],
+        }

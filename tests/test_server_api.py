@@ -1,0 +1,159 @@
+"""The native HTTP API against a real uvicorn server: tenancy, quotas, the
+DAG resolved server-side, and 4xx answers to bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+SUMMARIZE = {
+    "name": "summarize",
+    "template": "Summarize: {{input:text}}\nSummary: {{output:summary}}",
+    "sampling": {"max_tokens": 5},
+}
+TITLE = {"name": "title", "template": "Title for {{input:s}}: {{output:t|max_tokens=3}}"}
+
+
+@pytest.fixture(scope="module")
+def key(live_server):
+    return live_server.new_tenant("api-tests")
+
+
+def test_health_and_openapi(live_server):
+    with live_server.client("none") as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").status_code == 200
+        spec = c.get("/openapi.json").json()
+    assert "/api/v1/sessions/{session_id}/calls" in spec["paths"]
+
+
+def test_a_chain_runs_server_side(live_server, key):
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [
+            {"call_id": "call-a1", "function": SUMMARIZE, "constants": {"text": "the quick brown fox"},
+             "outputs": {"summary": "var-a1"}},
+            {"call_id": "call-a2", "function": TITLE, "inputs": {"s": "var-a1"}, "outputs": {"t": "var-a2"}},
+        ]})
+        assert r.status_code == 201, r.text
+        state = c.get(f"/api/v1/sessions/{sid}/variables/var-a2", params={"timeout": 60}).json()
+        assert state["ready"] and isinstance(state["value"], str)
+        dag = c.get(f"/api/v1/sessions/{sid}/dag").json()
+        assert [x["state"] for x in dag["calls"]] == ["done", "done"]
+        assert dag["calls"][1]["objective"] == "latency"
+        assert c.delete(f"/api/v1/sessions/{sid}").json()["closed"]
+        metrics = c.get("/metrics").text
+    assert 'parrot_calls_total{state="done"}' in metrics
+    assert "parrot_engine_tokens_total" in metrics
+
+
+def test_other_tenants_get_404_for_everything(live_server, key):
+    other = live_server.new_tenant("intruder")
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        vid = c.post(f"/api/v1/sessions/{sid}/variables", json={"name": "x", "value": "secret"}).json()["var_id"]
+    with live_server.client(other) as c:
+        assert c.get(f"/api/v1/sessions/{sid}/variables/{vid}").status_code == 404
+        assert c.delete(f"/api/v1/sessions/{sid}").status_code == 404
+        own = c.post("/api/v1/sessions").json()["session_id"]
+        r = c.post(f"/api/v1/sessions/{own}/calls", json={"calls": [
+            {"function": TITLE, "inputs": {"s": vid}}]})
+        assert r.status_code == 404 and r.json()["error"]["field"] == "calls.0.inputs.s"
+        assert sid not in [s["session_id"] for s in c.get("/api/v1/sessions").json()["sessions"]]
+
+
+def test_authentication(live_server):
+    with live_server.client("pk-wrong") as c:
+        r = c.post("/api/v1/sessions")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    with live_server.client("pk-wrong") as c:
+        assert c.post("/admin/v1/tenants", json={"name": "x"}).status_code == 401
+
+
+def test_quotas_answer_429_with_retry_after(live_server):
+    key = live_server.new_tenant("small", max_concurrent_calls=2, max_prompt_tokens=50)
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        late = c.post(f"/api/v1/sessions/{sid}/variables", json={"name": "late"}).json()["var_id"]
+        three = [{"function": TITLE, "inputs": {"s": late}} for _ in range(3)]
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": three})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["field"] == "max_concurrent_calls"
+        assert c.get(f"/api/v1/sessions/{sid}/dag").json()["calls"] == []  # nothing was stored
+        long = {"function": SUMMARIZE, "constants": {"text": "word " * 200}}
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [long]})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "PromptTooLongError"
+
+
+@pytest.mark.parametrize(
+    "body, status, field",
+    [
+        ({"calls": [{"function": {"template": "no outputs {{input:x}}"}, "constants": {"x": "1"}}]}, 422, None),
+        ({"calls": [{"function": {"template": "{{oops:x}} {{output:y}}"}}]}, 422, None),
+        ({"calls": [{"function": SUMMARIZE, "constants": {"text": "x"}, "colour": "red"}]}, 422, "calls.1.colour"),
+        ({"calls": [{"function": SUMMARIZE, "constants": {"text": 5}}]}, 422, "calls.1.constants.text"),
+        ({"calls": [{"function": SUMMARIZE, "inputs": {"text": "var-missing"}}]}, 404, "calls.1.inputs.text"),
+        ({"calls": [{"function": {**SUMMARIZE, "sampling": {"max_tokens": 0}}, "constants": {"text": "x"}}]}, 422,
+         "calls.1.function.sampling.max_tokens"),
+        ({"calls": [{"function": {**SUMMARIZE, "sampling": {"top_p": 2}}, "constants": {"text": "x"}}]}, 422,
+         "calls.1.function.sampling.top_p"),
+        ({"calls": [{"function": SUMMARIZE}]}, 422, "calls.1.inputs.text"),
+        ({"calls": []}, 422, "calls"),
+    ],
+)
+def test_bad_calls_are_4xx_with_a_field_and_store_nothing(live_server, key, body, status, field):
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        ok = {"call_id": "call-ok-" + sid[-8:], "function": SUMMARIZE, "constants": {"text": "fine"}}
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [ok, *body["calls"]]} if body["calls"] else body)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["message"]
+        if field is not None:
+            assert error["field"] == field
+        assert c.get(f"/api/v1/sessions/{sid}/dag").json()["calls"] == []  # the good call was rolled back too
+
+
+def test_malformed_json_and_cycles(live_server, key):
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        r = c.post(f"/api/v1/sessions/{sid}/calls", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "MalformedJSON"
+        for name in ("x", "y"):
+            c.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": f"{name}-{sid[-8:]}", "name": name})
+        x, y = f"x-{sid[-8:]}", f"y-{sid[-8:]}"
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [
+            {"function": TITLE, "inputs": {"s": x}, "outputs": {"t": y}},
+            {"function": TITLE, "inputs": {"s": y}, "outputs": {"t": x}},
+        ]})
+        assert r.status_code == 422 and r.json()["error"]["type"] == "DataflowCycleError"
+        assert c.put(f"/api/v1/sessions/{sid}/variables/{x}", json={"value": "v"}).status_code == 200
+        r = c.put(f"/api/v1/sessions/{sid}/variables/{x}", json={"value": "again"})
+        assert r.status_code == 409
+        assert c.get(f"/api/v1/sessions/{sid}/variables/{x}").json()["value"] == "v"
+
+
+def test_streaming_a_variable(live_server, key):
+    import httpx
+
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [
+            {"function": {**SUMMARIZE, "sampling": {"max_tokens": 12}}, "constants": {"text": "stream me"},
+             "outputs": {"summary": "var-s-" + sid[-8:]}}]})
+        pieces, final = [], None
+        with c.stream("GET", f"/api/v1/sessions/{sid}/variables/var-s-{sid[-8:]}/stream") as r:
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data = line[5:].removeprefix(" ")
+                    if event == "token":
+                        pieces.append(data)
+                    elif event == "value":
+                        final = data
+                        break
+    assert final is not None
+    value = httpx.get(f"{live_server.url}/api/v1/sessions/{sid}/variables/var-s-{sid[-8:]}",
+                      headers={"Authorization": f"Bearer {key}"}).json()["value"]
+    assert final == value.split("\n")[0] or final == value
