@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # first (pyproject only asks for torch>=2.4).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-gpu venv clean
+.PHONY: demo test test-gpu venv system-deps serve clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Parrot needs Python >= 3.11, this is " + sys.version' 
@@ -17,15 +17,23 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[server,client,test]'
 	touch $@
+
+# Servers the tests start for real (Debian/Ubuntu packages).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
 
 venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/parrot demo
 
-test: venv
+serve: venv
+	$(BIN)/parrot serve
+
+test: venv system-deps
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: the GPU-marked tests only.

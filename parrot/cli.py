@@ -1,4 +1,4 @@
-"""The ``parrot`` command line: ``parrot demo`` and ``parrot model``."""
+"""The ``parrot`` command line: ``demo``, ``serve``, ``tenant create``, ``model``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,37 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from parrot.server.serve import ServerSettings, run
+    except ImportError as exc:
+        raise SystemExit(f"parrot serve needs the service's libraries ({exc.name}): pip install 'parrot-serve[server]'")
+    settings = ServerSettings.from_env(
+        host=args.host, port=args.port, model=args.model, device=args.device, engines=args.engines,
+        redis_url=args.redis_url,
+    )
+    run(settings)
+    return 0
+
+
+def _run_tenant_create(args: argparse.Namespace) -> int:
+    import httpx
+
+    if not args.admin_key:
+        raise SystemExit("parrot tenant create: give --admin-key or set PARROT_ADMIN_KEY")
+    body = {"name": args.name}
+    for quota in ("max_concurrent_calls", "tokens_per_minute", "max_prompt_tokens"):
+        if getattr(args, quota) is not None:
+            body[quota] = getattr(args, quota)
+    r = httpx.post(f"{args.url.rstrip('/')}/admin/v1/tenants", json=body,
+                   headers={"Authorization": f"Bearer {args.admin_key}"}, timeout=30)
+    if r.status_code != 201:
+        raise SystemExit(f"parrot tenant create: HTTP {r.status_code}: {r.text}")
+    data = r.json()
+    print(f"tenant {data['name']} ({data['tenant_id']})\nAPI key (shown once): {data['api_key']}")
+    return 0
+
+
 def _run_model(args: argparse.Namespace) -> int:
     print(_resolve_model(args.model))
     return 0
@@ -107,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="run as a request-level service would (the baseline Parrot is measured against)",
     )
     demo.set_defaults(func=_run_demo)
+
+    serve = sub.add_parser("serve", help="run the multi-tenant HTTP service")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=os.environ.get("PARROT_DEVICE"))
+    serve.add_argument("--engines", type=int, default=None, help="engines in this process (default: $PARROT_ENGINES or 1)")
+    serve.add_argument("--redis-url", default=None, help="keep state in Redis (default: $PARROT_REDIS_URL, else memory)")
+    serve.set_defaults(func=_run_serve)
+
+    tenant = sub.add_parser("tenant", help="manage tenants of a running service")
+    tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_sub.add_parser("create", help="create a tenant and print its first API key")
+    create.add_argument("name")
+    create.add_argument("--url", default=os.environ.get("PARROT_URL", "http://127.0.0.1:8000"))
+    create.add_argument("--admin-key", default=os.environ.get("PARROT_ADMIN_KEY"))
+    create.add_argument("--max-concurrent-calls", type=int, default=None)
+    create.add_argument("--tokens-per-minute", type=int, default=None)
+    create.add_argument("--max-prompt-tokens", type=int, default=None)
+    create.set_defaults(func=_run_tenant_create)
 
     model = sub.add_parser("model", help="print the model folder that would be used (building the default one)")
     add_model_args(model)
