@@ -13,8 +13,11 @@ The public SDK surface::
         print(summarize("...").get(perf="latency"))
 
 ``Session()`` without a runtime uses the in-process runtime on the model in
-``$PARROT_MODEL`` or the embedded test model. Importing ``parrot`` loads no
-model and imports no service library.
+``$PARROT_MODEL`` or the embedded test model; when ``$PARROT_URL`` is set it
+uses a Parrot server there instead (with ``$PARROT_API_KEY``). The same
+program runs against a server after ``P.connect(url, api_key=...)``, which
+makes that server the default runtime. Importing ``parrot`` loads no model
+and imports no service or HTTP library.
 """
 
 from parrot.semantic_vars import (
@@ -43,7 +46,34 @@ from parrot.semantic_vars import (
 __version__ = "0.1.0"
 
 
+def connect(url: str | None = None, *, api_key: str | None = None) -> Runtime:
+    """Connect to a Parrot server and make it the default runtime of ``Session()``.
+
+    ``url`` defaults to ``$PARROT_URL`` and ``api_key`` to ``$PARROT_API_KEY``.
+    Returns the :class:`~parrot.semantic_vars.http_runtime.HttpRuntime`; pass it
+    to ``Session(runtime)`` explicitly, or just use ``Session()``.
+    """
+    import os
+
+    from parrot.semantic_vars.http_runtime import HttpRuntime
+
+    url = url or os.environ.get("PARROT_URL")
+    if not url:
+        raise InvalidArgumentError("url", "no server URL given: pass P.connect(url) or set $PARROT_URL")
+    if api_key is None:
+        api_key = os.environ.get("PARROT_API_KEY") or None
+    runtime = HttpRuntime(url, api_key=api_key)
+    set_default_runtime_factory(lambda: runtime)
+    return runtime
+
+
 def _default_runtime() -> Runtime:
+    import os
+
+    if os.environ.get("PARROT_URL"):
+        from parrot.semantic_vars.http_runtime import HttpRuntime
+
+        return HttpRuntime(os.environ["PARROT_URL"], api_key=os.environ.get("PARROT_API_KEY") or None)
     from parrot.dataflow import default_local_runtime
 
     return default_local_runtime()
@@ -52,7 +82,7 @@ def _default_runtime() -> Runtime:
 set_default_runtime_factory(_default_runtime)
 
 __all__ = [
-    "CallFailedError", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
+    "CallFailedError", "connect", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
     "NoActiveSessionError", "Output", "ParrotError", "Runtime", "SamplingConfig", "SamplingConfigError",
     "SemanticFunction", "SemanticVariable", "Session", "SessionClosedError", "TemplateError",
     "UnknownVariableError", "VariableAlreadySetError", "semantic_function", "set_default_runtime_factory",

@@ -112,46 +112,18 @@ def runtime(default_engine):
 
 
 class LiveServer:
-    """A real ``parrot serve`` (uvicorn) on a loopback port, in a thread."""
+    """A real ``parrot serve`` (uvicorn) on a loopback port, in a thread,
+    with helpers to make tenants and clients."""
 
     ADMIN_KEY = "pa-test-admin-key"
 
     def __init__(self, settings) -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        from parrot.server.serve import make_app
+        from parrot.server.serve import ThreadedServer
 
         settings.admin_key = self.ADMIN_KEY
         self.settings = settings
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(make_app(settings), log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        self._wait_ready()
-
-    def _wait_ready(self, deadline_s: float = 120.0) -> None:
-        """Readiness probe: /readyz answers 200 once the engine is loaded."""
-        import time
-
-        import httpx
-
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server thread died during start-up")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            self.thread.join(timeout=0.1)  # wait on the thread itself between probes
-        raise TimeoutError(f"server at {self.url} not ready after {deadline_s} s")
+        self.server = ThreadedServer(settings)
+        self.url = self.server.url
 
     def admin(self):
         import httpx
@@ -171,8 +143,7 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,7 @@ class Sequence:
         self.gen_ids: list[int] = []
         self.streamed = 0  # characters of the current Gen already sent as deltas
         self.finished = False
+        self.before_finish: Callable[[], None] | None = None
         self._advance()
 
     # -- what the engine asks ---------------------------------------------
@@ -191,4 +192,8 @@ class Sequence:
     def _finish(self) -> None:
         self.finished = True
         self.stats.finished_at = time.monotonic()
+        if self.before_finish is not None:
+            # The engine releases what the request held first, so whoever sees
+            # RequestFinished sees an engine that no longer counts it.
+            self.before_finish()
         self.emit(RequestFinished(self.stats))

@@ -197,7 +197,9 @@ class TorchEngine(Engine):
         with self._cond:
             if self._closed:
                 raise EngineError(f"engine {self.name} is closed")
-            self._waiting.append(_Running(seq, stream, self.device, prefix))
+            running = _Running(seq, stream, self.device, prefix)
+            seq.before_finish = lambda: self._release(running)
+            self._waiting.append(running)
             self._cond.notify()
         return stream
 
@@ -327,6 +329,12 @@ class TorchEngine(Engine):
             r.computes = False
             del self._computing[key]
             self._wake_parked(key)
+
+    def _release(self, r: _Running) -> None:
+        """A request just finished (worker thread, inside a step): drop its
+        prefix references now, before its last event is sent."""
+        r.gone = True
+        self._forget(r)
 
     def _forget(self, r: _Running) -> None:
         """Drop every prefix reference of a request leaving the engine (finished,

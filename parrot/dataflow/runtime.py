@@ -236,7 +236,13 @@ class LocalRuntime(Runtime):
             raise CallFailedError(f"variable {var.name!r} will never be set: {var.error}")
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(var_id, []).append(future)
-        return await future
+        try:
+            return await future
+        finally:
+            if future.cancelled():  # a long-poll that timed out: forget its waiter
+                waiting = self._waiters.get(var_id, [])
+                if future in waiting:
+                    waiting.remove(future)
 
     # -- calls ----------------------------------------------------------
     async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
@@ -361,7 +367,13 @@ class LocalRuntime(Runtime):
         for record in await self.store.load("call"):
             spec = call_spec_from_record(record, values)
             node = self.graph.add_call(record["session_id"], spec)
-            self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
+            # Outputs released before the restart stay released, even if the
+            # call later failed: calls that read them may have finished.
+            for out_id in node.outputs.values():
+                if values.get(out_id) is not None:
+                    self.graph.set_value(out_id, values[out_id])
+            if record["state"] not in FINAL_STATES:
+                self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
             self.analyzer.on_call_added(node)
             if record["state"] in ("failed", "cancelled"):
                 self.graph.fail_call(node.id, record.get("error") or "failed before the restart")

@@ -11,49 +11,19 @@ import json
 from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Awaitable, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
 from . import models as m
+from .deps import ERRORS, ServiceDep, TenantDep, admin_of
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
+from .openai_routes import router as openai_router
 from .service import ParrotService
-from .tenancy import Quotas, Tenant
+from .tenancy import Quotas
 
 ServiceFactory = Callable[[], Awaitable[ParrotService]]
-ERRORS = {status: {"model": m.ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429)}
-
-
-def _api_key(authorization: str | None, x_api_key: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return x_api_key
-
-
-def service_of(request: Request) -> ParrotService:
-    return request.app.state.service
-
-
-def tenant_of(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> Tenant:
-    """The tenant whose API key came with the request (401 otherwise)."""
-    return service_of(request).authenticate(_api_key(authorization, x_api_key))
-
-
-def admin_of(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    service_of(request).check_admin(_api_key(authorization, x_api_key))
-
-
-TenantDep = Annotated[Tenant, Depends(tenant_of)]
-ServiceDep = Annotated[ParrotService, Depends(service_of)]
 
 api = APIRouter(prefix="/api/v1", responses=ERRORS)
 admin = APIRouter(prefix="/admin/v1", responses=ERRORS, dependencies=[Depends(admin_of)])
@@ -182,12 +152,7 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(admin)
-    try:
-        from .openai_routes import router as openai_router
-    except ImportError:  # pragma: no cover - present in full installs
-        openai_router = None
-    if openai_router is not None:
-        app.include_router(openai_router)
+    app.include_router(openai_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:

@@ -209,6 +209,7 @@ class RedisStore(StateStore):
             return
         async with self._reachable("write"):
             async with self.client.pipeline(transaction=True) as pipe:
+                lost_connections = 0
                 for _ in range(MAX_WRITE_ATTEMPTS):
                     try:
                         await pipe.watch(self.seq_key)
@@ -228,8 +229,17 @@ class RedisStore(StateStore):
                             pipe.set(self.seq_key, seq + len(new))
                         await pipe.execute()
                         return
-                    except WatchError:
-                        continue  # someone inserted meanwhile: read again
+                    except WatchError as exc:
+                        # redis-py reports a connection lost while watching as a
+                        # WatchError too; retry that (a stale pooled connection)
+                        # only a few times, and a real race with other writers
+                        # (someone inserted meanwhile) until it goes through.
+                        cause = exc.__context__
+                        if isinstance(cause, (RedisConnectionError, RedisTimeoutError, OSError)):
+                            lost_connections += 1
+                            if lost_connections > 2:
+                                raise cause from None
+                        continue
                     finally:
                         await pipe.reset()
         raise StoreUnavailableError(

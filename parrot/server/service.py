@@ -291,11 +291,19 @@ class ParrotService:
         self._check_prompt_sizes(tenant, specs)
         meter = self.meter(tenant.id)
         meter.check(tenant.quotas, len(specs))
-        await self.runtime.submit_calls(session_id, specs)
+        # Reserve the slots before awaiting the store, so concurrent submits
+        # of one tenant cannot both pass the check.
+        ids = {spec.call_id for spec in specs}
+        meter.in_flight.update(ids)
+        try:
+            await self.runtime.submit_calls(session_id, specs)
+        except BaseException:
+            meter.in_flight.difference_update(ids)
+            raise
         for spec in specs:
             self.call_owner[spec.call_id] = tenant.id
-            if self.runtime.graph.calls[spec.call_id].state not in FINAL_STATES:
-                meter.in_flight.add(spec.call_id)
+            if self.runtime.graph.calls[spec.call_id].state in FINAL_STATES:
+                meter.in_flight.discard(spec.call_id)
         return specs
 
     def _check_prompt_sizes(self, tenant: Tenant, specs: list[CallSpec]) -> None:

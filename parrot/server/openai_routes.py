@@ -1,0 +1,480 @@
+"""OpenAI-compatible endpoints: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions`` (streaming or not).
+
+Every request is one Parrot call in a session of its own, submitted through
+:meth:`ParrotService.submit_calls`, so API keys, quotas, prompt-size limits,
+the scheduler and prefix sharing are the same as on the native API. The call's
+function is the fixed template ``{{input:prompt}}{{output:completion}}`` and
+the prompt travels as a constant input: user text never becomes template text
+(it may contain ``{{``). For chat, the prompt is the served model's own chat
+template applied to the messages.
+
+Errors keep Parrot's body, ``{"error": {"type", "message", "field",
+"position"}}``, which OpenAI's clients read (``error.message``) unchanged.
+Options that Parrot cannot honour (``n > 1``, logprobs, penalties, tools, ...)
+are answered 422 naming the field; harmless bookkeeping fields (``user``,
+``metadata``, ``store``, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from parrot.dataflow.graph import FINAL_STATES
+from parrot.semantic_vars import (
+    CallFailedError,
+    InvalidArgumentError,
+    ParrotError,
+    SamplingConfig,
+    UnknownVariableError,
+    new_id,
+)
+from parrot.semantic_vars.sampling import MAX_TOKENS_LIMIT
+
+from .deps import ERRORS, service_of, tenant_of
+from .errors import error_body
+from .models import CallBody, FunctionBody, SamplingBody
+from .service import ParrotService
+from .tenancy import Tenant
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "{{input:prompt}}{{output:completion}}"
+MAX_STOP_STRINGS = 16
+#: When the models were "created", as OpenAI's model objects say: this process's start.
+STARTED = int(time.time())
+
+TenantDep = Annotated[Tenant, Depends(tenant_of)]
+ServiceDep = Annotated[ParrotService, Depends(service_of)]
+
+router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
+
+
+class ModelNotFoundError(UnknownVariableError):
+    """The request names a model this server does not serve (404)."""
+
+
+# -- request bodies -------------------------------------------------------------
+class _Body(BaseModel):
+    # Unknown fields are a 422 naming them: an option we do not know is an
+    # option we cannot honour. Known ones we cannot honour are checked below.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, description="default 1 (OpenAI's default); 0 is greedy")
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, description="only 1")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(default=None, description="only 0")
+    presence_penalty: float | None = Field(default=None, description="only 0")
+    logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
+    user: str | None = Field(default=None, description="accepted, ignored")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
+    echo: bool | None = False
+    suffix: str | None = Field(default=None, description="not supported")
+    best_of: int | None = Field(default=None, description="only 1")
+    logprobs: int | None = Field(default=None, description="not supported")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, description="accepted, ignored")
+    # What a client echoes back when it appends a response message to its history.
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, description="wins over max_tokens")
+    logprobs: bool | None = Field(default=None, description="not supported")
+    top_logprobs: int | None = Field(default=None, description="not supported")
+    response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"}')
+    tools: list[Any] | None = Field(default=None, description="not supported")
+    tool_choice: Any = Field(default=None, description='only "none" (or "auto" without tools)')
+    functions: list[Any] | None = Field(default=None, description="not supported")
+    function_call: Any = Field(default=None, description='only "none"')
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = Field(default=None, description='only ["text"]')
+    audio: Any = Field(default=None, description="not supported")
+    prediction: Any = Field(default=None, description="not supported")
+    web_search_options: Any = Field(default=None, description="not supported")
+    # Bookkeeping and hints with no effect on the text: accepted, ignored.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+
+
+def _unsupported(name: str, value: Any, ok: Callable[[Any], bool], why: str) -> None:
+    if value is not None and not ok(value):
+        raise InvalidArgumentError(name, f"{why} (got {value!r})")
+
+
+def _check_common(body: _Sampling) -> None:
+    _unsupported("n", body.n, lambda v: v == 1, "only n=1 is supported")
+    _unsupported("frequency_penalty", body.frequency_penalty, lambda v: v == 0, "penalties are not supported")
+    _unsupported("presence_penalty", body.presence_penalty, lambda v: v == 0, "penalties are not supported")
+    _unsupported("logit_bias", body.logit_bias, lambda v: not v, "logit_bias is not supported")
+
+
+# -- the served model ---------------------------------------------------------
+def served_models(service: ParrotService) -> list[str]:
+    """Ids of the models the engines serve: each model folder's name."""
+    ids: list[str] = []
+    for engine in service.runtime.engines:
+        path = getattr(engine.tokenizer, "path", None)
+        name = path.name if path is not None else engine.name
+        if name not in ids:
+            ids.append(name)
+    return ids
+
+
+def _check_model(service: ParrotService, model: str) -> None:
+    served = served_models(service)
+    if model not in served:
+        raise ModelNotFoundError(f"model {model!r} is not served here; available: {', '.join(served)}", field="model")
+
+
+def _context_limit(service: ParrotService) -> int | None:
+    limits = [
+        getattr(getattr(getattr(e, "model", None), "config", None), "max_position_embeddings", None)
+        for e in service.runtime.engines
+    ]
+    known = [x for x in limits if isinstance(x, int)]
+    return min(known) if known else None
+
+
+def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
+    """The model's chat template applied to ``messages``, ready to prompt with."""
+    plain: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        where = f"messages.{i}"
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(msg, name):
+                raise InvalidArgumentError(f"{where}.{name}", "tool calls and audio are not supported")
+        if msg.tool_call_id is not None or msg.role in ("tool", "function"):
+            raise InvalidArgumentError(f"{where}.role", f"role {msg.role!r} is not supported (no tool calls)")
+        if isinstance(msg.content, list):
+            texts = []
+            for j, part in enumerate(msg.content):
+                if part.type != "text" or part.text is None:
+                    raise InvalidArgumentError(f"{where}.content.{j}.type", f"only text parts are supported, got {part.type!r}")
+                texts.append(part.text)
+            content = "".join(texts)
+        elif msg.content is None:
+            raise InvalidArgumentError(f"{where}.content", "a message needs text content")
+        else:
+            content = msg.content
+        role = "system" if msg.role == "developer" else msg.role  # OpenAI's newer name for system
+        plain.append({"role": role, "content": content})
+    tokenizer = service.runtime.engines[0].tokenizer
+    apply = getattr(tokenizer, "apply_chat_template", None)
+    if apply is None:
+        raise InvalidArgumentError("messages", "the served model's tokenizer has no chat template")
+    try:
+        text = apply(plain)
+    except Exception as exc:  # jinja's raise_exception, a model without a template, ...
+        raise InvalidArgumentError("messages", f"the model's chat template rejected the messages: {exc}") from exc
+    # The engine puts BOS before every prompt; a template that writes it too
+    # would make two.
+    bos = getattr(getattr(tokenizer, "hf", None), "bos_token", None)
+    if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
+              default_max_tokens: int | None) -> SamplingBody:
+    """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    n_prompt = len(service.runtime.engines[0].tokenizer.encode(prompt, add_bos=True))
+    limit = _context_limit(service)
+    if limit is not None:
+        if n_prompt >= limit:
+            raise InvalidArgumentError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
+        if max_tokens is None and default_max_tokens is None:
+            default_max_tokens = min(limit - n_prompt, MAX_TOKENS_LIMIT)
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise InvalidArgumentError(
+                "max_tokens",
+                f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}; the model has {limit} positions",
+            )
+    options = {
+        "max_tokens": max_tokens if max_tokens is not None else default_max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "stop": stop,
+        "seed": body.seed,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    config = SamplingConfig().merged(**options)  # SamplingConfigError names the field
+    try:
+        return SamplingBody(**{k: v for k, v in config.to_dict().items() if k in SamplingBody.model_fields})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidArgumentError(".".join(str(p) for p in first["loc"]) or "sampling", first["msg"]) from exc
+
+
+# -- one call -------------------------------------------------------------------
+@dataclass
+class CallRun:
+    """One OpenAI request running as one Parrot call in its own session."""
+
+    service: ParrotService
+    tenant: Tenant
+    session_id: str
+    call_id: str
+    var_id: str
+    max_tokens: int
+    queue: asyncio.Queue[dict[str, Any]]
+    unsubscribe: Callable[[], None]
+    finished: bool = False
+    value: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    streamed: list[str] = field(default_factory=list)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text pieces of the output as they are generated; at the end the
+        whole output has been yielded and the usage figures are set. Raises
+        :class:`CallFailedError` if the call failed."""
+        sent = 0
+        while True:
+            event = await self.queue.get()
+            if event["type"] == "token":
+                sent += len(event["text"])
+                yield event["text"]
+                continue
+            call = self.service.runtime.graph.calls[self.call_id]
+            if call.state != "done":
+                raise CallFailedError(f"the call {call.state}: {call.error}")
+            self.value = self.service.runtime.graph.variables[self.var_id].value or ""
+            if len(self.value) > sent:  # whatever the token events did not carry
+                yield self.value[sent:]
+            self.prompt_tokens = call.prefill_tokens + call.cached_tokens
+            self.completion_tokens = call.generated_tokens
+            # The engine stops at max_tokens, an end-of-sequence token or a stop
+            # string; only the first uses up the budget.
+            self.finish_reason = "length" if call.generated_tokens >= self.max_tokens else "stop"
+            self.finished = True
+            return
+
+    async def close(self) -> None:
+        """Close the session; cancels the call if it did not finish."""
+        self.unsubscribe()
+        try:
+            await self.service.close_session(self.tenant, self.session_id, cancel=not self.finished)
+        except ParrotError:
+            log.exception("could not close session %s", self.session_id)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str) -> CallRun:
+    """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
+    call_id, var_id = new_id("call"), new_id("var")
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def listener(event: dict[str, Any]) -> None:
+        if event["type"] == "token" and event.get("var_id") == var_id:
+            queue.put_nowait(event)
+        elif event["type"] == "call_state" and event.get("call_id") == call_id and event["state"] in FINAL_STATES:
+            queue.put_nowait(event)
+
+    session_id = await service.open_session(tenant)
+    run = CallRun(service, tenant, session_id, call_id, var_id, sampling.max_tokens or SamplingConfig().max_tokens,
+                  queue, service.runtime.subscribe(listener))
+    try:
+        body = CallBody(
+            call_id=call_id,
+            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling),
+            constants={"prompt": prompt},
+            outputs={"completion": var_id},
+        )
+        await service.submit_calls(tenant, session_id, [body])
+        # Someone waits for this value now: the scheduler's latency objective.
+        await service.get_variable(tenant, session_id, var_id, "latency", 0)
+    except BaseException:
+        await run.close()
+        raise
+    return run
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _stream(run: CallRun, chunk: Callable[..., dict[str, Any]], include_usage: bool, head: str | None) -> StreamingResponse:
+    """SSE of OpenAI chunks: ``chunk(text=..., finish_reason=...)`` builds each."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if head is not None:
+                yield _sse(chunk(head, None))
+            try:
+                async for text in run.deltas():
+                    yield _sse(chunk(text, None))
+            except ParrotError as exc:
+                yield _sse(error_body(type(exc).__name__, str(exc)))
+                return
+            final = chunk(None, run.finish_reason)
+            if include_usage:
+                final["usage"] = None
+            yield _sse(final)
+            if include_usage:
+                tail = chunk(None, None)
+                tail["choices"] = []
+                tail["usage"] = run.usage()
+                yield _sse(tail)
+            yield "data: [DONE]\n\n"
+        finally:
+            await run.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _wait(run: CallRun) -> str:
+    try:
+        async for _ in run.deltas():
+            pass
+    finally:
+        await run.close()
+    return run.value
+
+
+# -- routes -------------------------------------------------------------------
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": STARTED, "owned_by": "parrot"}
+
+
+@router.get("/models")
+async def list_models(tenant: TenantDep, service: ServiceDep) -> dict:
+    """The served models (OpenAI format)."""
+    return {"object": "list", "data": [_model_object(m) for m in served_models(service)]}
+
+
+@router.get("/models/{model_id}")
+async def get_model(model_id: str, tenant: TenantDep, service: ServiceDep) -> dict:
+    """One served model (OpenAI format); 404 for others."""
+    _check_model(service, model_id)
+    return _model_object(model_id)
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+    """OpenAI text completion: one prompt, one choice, streamed (SSE) or not."""
+    _check_model(service, body.model)
+    _check_common(body)
+    _unsupported("suffix", body.suffix, lambda v: not v, "suffix is not supported")
+    _unsupported("best_of", body.best_of, lambda v: v == 1, "only best_of=1 is supported")
+    _unsupported("logprobs", body.logprobs, lambda v: False, "logprobs are not supported")
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise InvalidArgumentError("prompt", "give one prompt string (batches and token ids are not supported)")
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidArgumentError("prompt", "the prompt is empty")
+    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16)  # 16: OpenAI's default
+    run = await start_call(service, tenant, prompt, sampling, "openai.completion")
+    rid, created = f"cmpl-{run.call_id}", int(time.time())
+    echo = prompt if body.echo else ""
+
+    def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(run, chunk, include_usage, echo or None)
+    text = await _wait(run)
+    out = chunk(echo + text, run.finish_reason)
+    out["usage"] = run.usage()
+    return out
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+    """OpenAI chat completion over the model's chat template, streamed (SSE) or not."""
+    _check_model(service, body.model)
+    _check_common(body)
+    _unsupported("logprobs", body.logprobs, lambda v: not v, "logprobs are not supported")
+    _unsupported("top_logprobs", body.top_logprobs, lambda v: v == 0, "logprobs are not supported")
+    _unsupported("response_format", body.response_format, lambda v: v.get("type") == "text",
+                 'only {"type": "text"} is supported')
+    _unsupported("tools", body.tools, lambda v: not v, "tools are not supported")
+    _unsupported("functions", body.functions, lambda v: not v, "functions are not supported")
+    _unsupported("tool_choice", body.tool_choice, lambda v: v in ("none", "auto"), 'only "none" is supported')
+    _unsupported("function_call", body.function_call, lambda v: v in ("none", "auto"), 'only "none" is supported')
+    _unsupported("modalities", body.modalities, lambda v: list(v) == ["text"], "only text is supported")
+    for name in ("audio", "prediction", "web_search_options"):
+        _unsupported(name, getattr(body, name), lambda v: False, f"{name} is not supported")
+    prompt = chat_prompt(service, body.messages)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
+    run = await start_call(service, tenant, prompt, sampling, "openai.chat")
+    rid, created = f"chatcmpl-{run.call_id}", int(time.time())
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+            delta: dict[str, Any] = {}
+            if text is not None:
+                delta = {"role": "assistant", "content": text} if text == "" else {"content": text}
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+        return _stream(run, chunk, include_usage, "")  # the first chunk carries the role
+    text = await _wait(run)
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": run.finish_reason}],
+        "usage": run.usage(),
+    }
