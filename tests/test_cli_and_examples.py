@@ -48,3 +48,13 @@ def test_examples_run_on_a_chosen_model(script, calls, tiny_llama_dir):
     assert result.returncode == 0, result.stderr
     assert calls in result.stderr
     assert result.stdout.strip()
+
+
+def test_an_example_runs_unchanged_against_the_service(live_server):
+    key = live_server.new_tenant("examples")
+    result = run("examples/map_reduce.py", env_extra={"PARROT_URL": live_server.url, "PARROT_API_KEY": key})
+    assert result.returncode == 0, result.stderr
+    assert "merged:" in result.stdout and "5 calls" in result.stderr
+    with live_server.client(key) as c:
+        [session] = c.get("/api/v1/sessions").json()["sessions"]
+    assert session["calls"] == 5 and not session["open"]
