@@ -207,6 +207,11 @@ class Engine(ABC):
     def cancel(self, request_id: str) -> None:
         """Stop a request if it is queued or running."""
 
+    def healthy(self) -> bool:
+        """False while the engine cannot take requests (a dead actor, an
+        unreachable server); the scheduler then places calls elsewhere."""
+        return True
+
     def close(self) -> None:
         """Release threads and memory. The default does nothing."""
 

@@ -77,6 +77,7 @@ class CallNode:
     # Shared-prefix analysis (see prefix.py).
     prefix_key: str | None = None
     prefix_text: str = ""
+    requeues: int = 0  # times an engine died under it and it was placed again
     # Variables this call created (constants, new outputs): removed with it.
     owned_variables: list[str] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ from parrot.backends.engine import Engine, Gen, GenResult, RequestFinished, Toke
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
+    EngineUnavailableError,
     FunctionSpec,
     ParrotError,
     Perf,
@@ -299,7 +300,10 @@ class LocalRuntime(Runtime):
             # Now, not at readiness: the calls submitted with it count too.
             hint = self.prefixes.hint_for(call)
             call.prefix_key = hint.key if hint else None
-        for call, engine in self.scheduler.schedule(list(self._ready.values()), self.graph, self.engines):
+        engines = [e for e in self.engines if e.healthy()]
+        if not engines:
+            return  # calls wait; a restarted engine reports healthy again and a pass follows
+        for call, engine in self.scheduler.schedule(list(self._ready.values()), self.graph, engines):
             del self._ready[call.id]
             call.state = "running"
             call.engine = engine.name
@@ -344,6 +348,14 @@ class LocalRuntime(Runtime):
             if stream is not None:
                 stream.cancel()
             raise
+        except EngineUnavailableError as exc:
+            # The engine died under the call: run it again elsewhere. Outputs
+            # it already released stay set and are not set twice.
+            log.warning("engine %s lost call %s (%s); re-queued", engine.name, call.id, exc)
+            call.state, call.engine, call.requeues = "ready", None, call.requeues + 1
+            self._call_event(call)
+            await self._persist_call(call)
+            self._dispatch(call)
         except Exception as exc:
             log.warning("call %s (%s) failed: %s", call.id, call.function.name, exc)
             await self._failed(call, self.graph.fail_call(call.id, f"{type(exc).__name__}: {exc}"))

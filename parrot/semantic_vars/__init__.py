@@ -7,6 +7,7 @@ from .errors import (
     CallFailedError,
     DataflowCycleError,
     EngineError,
+    EngineUnavailableError,
     InvalidArgumentError,
     NoActiveSessionError,
     ParrotError,
@@ -26,7 +27,7 @@ from .template import Placeholder, Template, Text
 from .variable import SemanticVariable
 
 __all__ = [
-    "CallFailedError", "CallSpec", "DataflowCycleError", "EngineError", "FunctionSpec", "Input",
+    "CallFailedError", "CallSpec", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
     "InvalidArgumentError", "NoActiveSessionError", "Output", "PERF_VALUES", "ParrotError", "Perf",
     "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",
     "SemanticVariable", "Session", "SessionClosedError", "Template", "TemplateError", "Text",

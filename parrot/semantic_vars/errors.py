@@ -79,3 +79,7 @@ class CallFailedError(ParrotError, RuntimeError):
 
 class EngineError(ParrotError, RuntimeError):
     """An engine could not run a request (bad prompt, out of memory, crash)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine died or cannot be reached; the call may run on another one."""

@@ -1,0 +1,137 @@
+"""Added latency of the HTTP service over the same calls in-process.
+
+    python -m benchmarks.http_service [--clients 1 50 200] [--calls-per-client 4] [--json PATH]
+
+C concurrent clients each run R one-call programs (open a session, submit
+one short call, read its output with a long-poll, close). The contender is
+the HTTP path: a real uvicorn server on loopback with tenancy, quotas and
+the store in the way. The baseline is the same calls on an in-process
+LocalRuntime over an engine of the same model, in the same process,
+alternating with the HTTP runs. Figures: p50/p99 per-call latency of each
+path and the added latency (HTTP minus in-process) at each concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+from benchmarks.harness import describe_context, progress, resolve_model, write_json
+
+CALL = {"name": "echo", "template": "Q: {{input:q}}\nA: {{output:a}}", "sampling": {"max_tokens": 2}}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def in_process_call(runtime: Any, i: int) -> None:
+    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+
+    spec = FunctionSpec("echo", CALL["template"], {"a": SamplingConfig(max_tokens=2)})
+    sid = await runtime.open_session()
+    await runtime.submit_calls(sid, [CallSpec(f"call-b{i}-{time.monotonic_ns()}", spec, {}, {"q": f"question {i}"},
+                                              {"a": f"var-b{i}-{time.monotonic_ns()}"})])
+    out = runtime.graph.session_calls(sid)[0].outputs["a"]
+    await runtime.get_variable(sid, out)
+    await runtime.close_session(sid)
+
+
+def http_call_factory(client: Any) -> Callable[[int], Awaitable[None]]:
+    async def call(i: int) -> None:
+        sid = (await client.post("/api/v1/sessions")).json()["session_id"]
+        r = await client.post(f"/api/v1/sessions/{sid}/calls",
+                              json={"calls": [{"function": CALL, "constants": {"q": f"question {i}"}}]})
+        r.raise_for_status()
+        var = r.json()["calls"][0]["outputs"]["a"]
+        state = (await client.get(f"/api/v1/sessions/{sid}/variables/{var}", params={"timeout": 120})).json()
+        assert state["ready"], state
+        await client.delete(f"/api/v1/sessions/{sid}")
+
+    return call
+
+
+async def run_clients(call: Callable[[int], Awaitable[None]], clients: int, per_client: int) -> list[float]:
+    latencies: list[float] = []
+
+    async def client(c: int) -> None:
+        for r in range(per_client):
+            t0 = time.perf_counter()
+            await call(c * per_client + r)
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return latencies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_service", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 50, 200], help="concurrency levels")
+    parser.add_argument("--calls-per-client", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of each path")
+    parser.add_argument("--model", help="local HF folder (default: the embedded tiny test model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    args.random_model = None
+    args.random_model_dir = None
+
+    import httpx
+
+    from parrot.backends.torch_engine import TorchEngine
+    from parrot.dataflow import LocalRuntime
+    from parrot.server.serve import ServerSettings, ThreadedServer
+
+    model_path, weights = resolve_model(args)
+    engine = TorchEngine.from_pretrained(model_path, device=args.device, name="inproc-0")
+    admin_key = "pa-bench"
+    server = ThreadedServer(ServerSettings(model=str(model_path), device=args.device, admin_key=admin_key))
+    key = httpx.post(server.url + "/admin/v1/tenants", json={"name": "bench"},
+                     headers={"Authorization": f"Bearer {admin_key}"}).json()["api_key"]
+    rows: list[dict[str, Any]] = []
+
+    async def measure() -> None:
+        runtime = LocalRuntime([engine])
+        limits = httpx.Limits(max_connections=max(args.clients) + 10)
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
+                                     timeout=300, limits=limits) as client:
+            http_call = http_call_factory(client)
+            await run_clients(http_call, 2, 2)  # warm-up of both paths
+            await run_clients(lambda i: in_process_call(runtime, i), 2, 2)
+            for clients in args.clients:
+                lat: dict[str, list[float]] = {"http": [], "in_process": []}
+                for rep in range(args.repeats):
+                    for path in ("http", "in_process"):
+                        call = http_call if path == "http" else (lambda i: in_process_call(runtime, i))
+                        progress(f"{clients} clients, {path}, round {rep + 1}/{args.repeats}")
+                        lat[path] += await run_clients(call, clients, args.calls_per_client)
+                row = {"clients": clients, "calls": len(lat["http"])}
+                for path, values in lat.items():
+                    row[f"{path}_p50_ms"] = 1000 * statistics.median(values)
+                    row[f"{path}_p99_ms"] = 1000 * percentile(values, 0.99)
+                row["added_p50_ms"] = row["http_p50_ms"] - row["in_process_p50_ms"]
+                row["added_p99_ms"] = row["http_p99_ms"] - row["in_process_p99_ms"]
+                rows.append(row)
+
+    try:
+        asyncio.run(measure())
+    finally:
+        server.stop()
+        engine.close()
+    header = f"{'clients':>7} {'calls':>6} {'in-proc p50':>12} {'http p50':>10} {'added p50':>10} {'in-proc p99':>12} {'http p99':>10} {'added p99':>10}"
+    print(header)
+    for r in rows:
+        print(f"{r['clients']:>7} {r['calls']:>6} {r['in_process_p50_ms']:>10.1f}ms {r['http_p50_ms']:>8.1f}ms "
+              f"{r['added_p50_ms']:>8.1f}ms {r['in_process_p99_ms']:>10.1f}ms {r['http_p99_ms']:>8.1f}ms {r['added_p99_ms']:>8.1f}ms")
+    if args.json:
+        write_json(args.json, {"benchmark": "http_service", "rows": rows,
+                               "context": describe_context([engine], model_path=model_path, weights=weights)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
