@@ -36,7 +36,11 @@ class ObjectiveAnalyzer:
         producers: dict[str, CallNode] = {}
         for upstream in self.graph.upstream_calls(call):
             producers.setdefault(upstream.id, upstream)
-        members = [p for p in producers.values() if p.group is None and self._feeds_only(p, call)]
+        members = (
+            [p for p in producers.values() if p.group is None and self._feeds_only(p, call)]
+            if len(producers) >= 2
+            else []
+        )
         if len(members) >= 2:
             group = TaskGroup(f"group-{call.id}", call.id, [m.id for m in members])
             self.graph.groups[group.id] = group

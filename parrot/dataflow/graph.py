@@ -15,6 +15,7 @@ from typing import Iterable, Literal
 
 import networkx as nx
 
+from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
     CallSpec,
     DataflowCycleError,
@@ -64,8 +65,12 @@ class CallNode:
     error: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
-    started_at: float | None = None
+    started_at: float | None = None  # placed on an engine
     finished_at: float | None = None
+    # From the engine's RequestStats (same monotonic clock): admitted to a
+    # batch, first generated token. Prefill is first_token_at - engine_started_at.
+    engine_started_at: float | None = None
+    first_token_at: float | None = None
     prefill_tokens: int = 0
     generated_tokens: int = 0
     cached_tokens: int = 0
@@ -157,7 +162,7 @@ class DataflowGraph:
     def add_call(self, session_id: str, spec: CallSpec) -> CallNode:
         """Add a call, its constant inputs and its outputs. Raises before
         changing anything if the call is invalid or would close a cycle."""
-        template = Template(spec.function.template)
+        template = parse_template(spec.function.template)
         self._validate_call(session_id, spec, template)
         inputs = dict(spec.inputs)
         owned: list[str] = []

@@ -340,6 +340,8 @@ class LocalRuntime(Runtime):
                     call.prefill_tokens = event.stats.prefill_tokens
                     call.generated_tokens = event.stats.generated_tokens
                     call.cached_tokens = event.stats.cached_tokens
+                    call.engine_started_at = event.stats.started_at
+                    call.first_token_at = event.stats.first_token_at
             call.state = "done"
             call.finished_at = time.monotonic()
             self._call_event(call)

@@ -11,6 +11,7 @@ character position, so a user sees where their prompt is wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -190,3 +191,10 @@ class Template:
 
     def __hash__(self) -> int:
         return hash(self.source)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_template(source: str) -> Template:
+    """A parsed :class:`Template`, shared between calls of the same function
+    (parsing is the largest part of adding a call to the graph)."""
+    return Template(source)
