@@ -109,6 +109,27 @@ def test_shared_system_prompt_is_found_per_tenant_before_running():
     assert other.hint_for(c).key != hint_a.key
 
 
+def test_a_public_function_shares_only_its_constant_head_across_tenants():
+    public = FunctionSpec("app", SYSTEM + "{{input:doc}}\nQ: {{input:q}}\nA: {{output:y}}",
+                          {"y": SamplingConfig()}, public_prefix=True)
+    private = FunctionSpec("app", public.template, {"y": SamplingConfig()})
+    graph = DataflowGraph()
+    index = PrefixIndex(min_chars=32)
+
+    def boundaries(call_id, fn, tenant, doc="a shared document " * 3):
+        node = graph.add_call(S, CallSpec(call_id, fn, {}, {"doc": doc, "q": call_id}, {"y": f"{call_id}.y"}))
+        index.add(node, graph, tenant)
+        return [b.key for b in index.boundaries[call_id]]
+
+    a, b = boundaries("a", public, "tenant-a"), boundaries("b", public, "tenant-b")
+    assert a[0] == b[0]  # the system prompt: one key for everyone
+    assert not set(a[1:]) & set(b[1:])  # the same document stays per tenant
+    assert index.hint_for(graph.calls["b"]).end == len(SYSTEM)
+    # The same template, not published, shares nothing across tenants.
+    c, d = boundaries("c", private, "tenant-a"), boundaries("d", private, "tenant-b")
+    assert not set(c) & set(d) and not set(c) & set(a)
+
+
 def test_prefix_stops_at_the_first_unset_input():
     p = Program()
     p.graph.add_variable("late", "late", S)

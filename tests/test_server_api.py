@@ -46,6 +46,37 @@ def test_a_chain_runs_server_side(live_server, key):
     assert "parrot_engine_tokens_total" in metrics
 
 
+def test_admin_publishes_a_function_whose_system_prompt_is_cached_for_all_tenants(live_server):
+    system = "You are the help desk of a public app; answer briefly and politely. "
+    with live_server.admin() as admin:
+        r = admin.post("/admin/v1/functions", json={
+            "name": "helpdesk", "template": system + "Q: {{input:q}}\nA: {{output:a}}", "sampling": {"max_tokens": 2}})
+        assert r.status_code == 201, r.text
+        fn = r.json()["function_id"]
+        assert admin.post("/admin/v1/functions", json={"template": "{{output:a"}).status_code == 422
+    keys = [live_server.new_tenant(f"public-user-{i}") for i in range(3)]
+    calls = []
+    for i, key in enumerate(keys):  # one after another: each later call finds the head cached
+        with live_server.client(key) as c:
+            sid = c.post("/api/v1/sessions").json()["session_id"]
+            r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [{"function_id": fn, "constants": {"q": f"question {i}"}}]})
+            assert r.status_code == 201, r.text
+            var = r.json()["calls"][0]["outputs"]["a"]
+            assert c.get(f"/api/v1/sessions/{sid}/variables/{var}", params={"timeout": 60}).json()["ready"]
+            calls.append(c.get(f"/api/v1/sessions/{sid}/dag").json()["calls"][0])
+    # The second tenant's call is the first to share the head, so it carries the
+    # hint and the engine keeps the prefix; the third reuses it.
+    assert calls[1]["prefix_key"] is not None and calls[1]["prefix_key"] == calls[2]["prefix_key"]
+    assert calls[2]["cached_tokens"] > 0
+    # A tenant's own function is invisible to the others.
+    with live_server.client(keys[0]) as c:
+        own = c.post("/api/v1/functions", json={"template": system + "{{output:a}}"}).json()["function_id"]
+    with live_server.client(keys[1]) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [{"function_id": own}]})
+        assert r.status_code == 404 and r.json()["error"]["field"] == "calls.0.function_id"
+
+
 def test_other_tenants_get_404_for_everything(live_server, key):
     other = live_server.new_tenant("intruder")
     with live_server.client(key) as c:

@@ -9,6 +9,12 @@ over the text. Two calls share a prefix exactly when they share a boundary
 key: a common system prompt shared by many users, the constant head of a
 template, or a long document fed to several questions.
 
+The namespace is the tenant, so tenants never share a key, with one
+exception the admin opts into: a function published with ``public_prefix``
+keys the constant head of its template under the ``public`` namespace (one
+system prompt of a public app, cached once for everyone) and mixes the
+tenant in right after it.
+
 When a call is dispatched, its hint is its longest boundary that some other
 call has too; the engine prefills that text once and reuses its KV cache.
 Token-level reuse that templates cannot declare is the engine's business.
@@ -31,6 +37,9 @@ class PrefixBoundary:
 
     key: str
     end: int
+
+
+PUBLIC_NAMESPACE = "public"
 
 
 def known_prefix(call: CallNode, graph: DataflowGraph) -> tuple[str, list[int]]:
@@ -66,10 +75,18 @@ class PrefixIndex:
     def add(self, call: CallNode, graph: DataflowGraph, namespace: str) -> None:
         """Register ``call``'s boundaries (at submit time)."""
         text, ends = known_prefix(call, graph)
-        digest = hashlib.sha256(namespace.encode() + b"\0")
+        segments = call.template.segments
+        # Length of the template's constant head, shareable across tenants
+        # only when the function is public.
+        public_head = 0
+        if call.function.public_prefix and segments and not isinstance(segments[0], Placeholder):
+            public_head = len(segments[0].text)
+        digest = hashlib.sha256((PUBLIC_NAMESPACE if public_head else namespace).encode() + b"\0")
         start = 0
         found: list[PrefixBoundary] = []
         for end in ends:
+            if public_head and start == public_head:
+                digest.update(b"\0" + namespace.encode() + b"\0")
             digest.update(text[start:end].encode())
             start = end
             if end >= self.min_chars:

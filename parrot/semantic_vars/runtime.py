@@ -36,23 +36,32 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """A semantic function as the runtime sees it: a template and per-output sampling."""
+    """A semantic function as the runtime sees it: a template and per-output sampling.
+
+    ``public_prefix`` marks a function the service's admin published for every
+    tenant: the constant text its template starts with (a public app's system
+    prompt) may then share its KV cache across tenants. Everything after that
+    head stays scoped to the calling tenant.
+    """
 
     name: str
     template: str
     output_sampling: Mapping[str, SamplingConfig]
+    public_prefix: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "template": self.template,
             "output_sampling": {k: v.to_dict() for k, v in self.output_sampling.items()},
+            "public_prefix": self.public_prefix,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FunctionSpec":
         sampling = {k: SamplingConfig.from_dict(v) for k, v in d["output_sampling"].items()}
-        return cls(name=d["name"], template=d["template"], output_sampling=sampling)
+        return cls(name=d["name"], template=d["template"], output_sampling=sampling,
+                   public_prefix=bool(d.get("public_prefix", False)))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from parrot.semantic_vars import FunctionSpec
+from parrot.semantic_vars.template import parse_template
+
 from . import models as m
 from .deps import ERRORS, ServiceDep, TenantDep, admin_of
 from .errors import install_error_handlers
@@ -53,9 +56,11 @@ async def close_session(session_id: str, tenant: TenantDep, service: ServiceDep,
 async def register_function(body: m.FunctionBody, tenant: TenantDep, service: ServiceDep) -> m.FunctionCreated:
     """Register a semantic function from a template; calls may then name it by id."""
     function_id, spec = await service.register_function(tenant, body)
-    from parrot.semantic_vars import Template
+    return _function_created(function_id, spec)
 
-    t = Template(spec.template)
+
+def _function_created(function_id: str, spec: FunctionSpec) -> m.FunctionCreated:
+    t = parse_template(spec.template)
     return m.FunctionCreated(function_id=function_id, name=spec.name, inputs=list(t.inputs), outputs=list(t.outputs))
 
 
@@ -127,6 +132,16 @@ async def create_tenant(body: m.TenantCreate, service: ServiceDep) -> m.TenantCr
     quotas = Quotas(body.max_concurrent_calls, body.tokens_per_minute, body.max_prompt_tokens)
     tenant, key = await service.create_tenant(body.name, quotas)
     return m.TenantCreated(tenant_id=tenant.id, name=tenant.name, api_key=key)
+
+
+@admin.post("/functions", status_code=201, response_model=m.FunctionCreated, tags=["admin"])
+async def register_public_function(body: m.FunctionBody, service: ServiceDep) -> m.FunctionCreated:
+    """Publish a semantic function to every tenant (a public app). The constant
+    text its template starts with, such as a system prompt, is prefilled once
+    and its KV cache shared by all tenants' calls; the rest of each prompt
+    stays private to the calling tenant."""
+    function_id, spec = await service.register_function(None, body)
+    return _function_created(function_id, spec)
 
 
 @admin.post("/tenants/{tenant_id}/keys", status_code=201, response_model=m.KeyCreated, tags=["admin"])

@@ -8,11 +8,13 @@ OpenAI-compatible endpoints.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
 from parrot.dataflow import LocalRuntime
 from parrot.dataflow.graph import FINAL_STATES
+from parrot.dataflow.prefix import PUBLIC_NAMESPACE
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
@@ -40,7 +42,6 @@ from .tenancy import (
 
 log = logging.getLogger(__name__)
 
-PUBLIC_NAMESPACE = "public"
 
 
 def sampling_options(body: SamplingBody) -> dict[str, Any]:
@@ -175,11 +176,19 @@ class ParrotService:
         await self.runtime.close_session(self.owned_session(tenant, session_id), cancel=cancel)
 
     # -- functions ------------------------------------------------------------
-    async def register_function(self, tenant: Tenant, body: FunctionBody) -> tuple[str, FunctionSpec]:
+    async def register_function(self, tenant: Tenant | None, body: FunctionBody) -> tuple[str, FunctionSpec]:
+        """Register a function for ``tenant``; with ``tenant=None`` (the admin)
+        it is public: every tenant may call it and its template's constant
+        head shares one prefix cache entry across tenants."""
         spec = function_spec(body)
+        owner = PUBLIC_NAMESPACE
+        if tenant is None:
+            spec = dataclasses.replace(spec, public_prefix=True)
+        else:
+            owner = tenant.id
         function_id = new_id("fn")
-        await self.store.write([("function", function_id, {"id": function_id, "tenant_id": tenant.id, "spec": spec.to_dict()})])
-        self.functions[function_id] = (tenant.id, spec)
+        await self.store.write([("function", function_id, {"id": function_id, "tenant_id": owner, "spec": spec.to_dict()})])
+        self.functions[function_id] = (owner, spec)
         return function_id, spec
 
     def function(self, tenant: Tenant, function_id: str, *, field: str) -> FunctionSpec:
