@@ -153,3 +153,17 @@ def test_dag_export_errors(live_server, key, finished, tmp_path, monkeypatch):
     monkeypatch.delenv("PARROT_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="--api-key"):
         cli.main(["dag", "export", sid, "--url", live_server.url])
+
+
+def test_dot_marks_compression_when_a_call_carries_it(live_server, key, finished):
+    from parrot.dag_export import compression_ratio, to_dot
+
+    sid, _ = finished
+    with live_server.client(key) as c:
+        dag = c.get(f"/api/v1/sessions/{sid}/dag").json()
+    assert all(compression_ratio(call) is None for call in dag["calls"])  # none ran here
+    assert "compressed" not in to_dot(dag)
+    dag["calls"][0]["compression_ratio"] = 3.0
+    dag["calls"][1]["compression"] = {"original_tokens": 90, "ratio": 2.25}
+    dot = to_dot(dag)
+    assert dot.count("compressed 3.0x") == 1 and dot.count("compressed 2.2x") == 1
