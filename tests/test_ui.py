@@ -164,3 +164,45 @@ def test_map_reduce_in_the_browser(live_server, browser):
         if not session.closed:
             session.close(cancel=True)
         runtime.close()
+
+
+def test_failed_calls_are_shown_with_their_error(live_server, browser):
+    from playwright.sync_api import expect
+
+    key = live_server.new_tenant("ui-failures")
+    runtime = HttpRuntime(live_server.url, api_key=key)
+    try:
+        with P.Session(runtime) as session:
+            too_long = workflows.summarize_chunk("word " * 4200)  # past the model's 4096 positions
+            ok = workflows.summarize_chunk(CHUNKS[0])
+            merged = workflows.reducer(2)(too_long, ok)
+            with pytest.raises(P.CallFailedError):
+                merged.get()
+            ok.get()
+    finally:
+        runtime.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    try:
+        page.goto(live_server.url + "/ui/")
+        page.fill("#api-key", key)
+        page.click("#login-submit")
+        page.click(f'#session-list button[data-session-id="{session.id}"]')
+        page.wait_for_function("window.parrotCy && window.parrotCy.nodes('.call').length === 3")
+        states = cy(page, "Object.fromEntries(cy.nodes('.call').map((x) => [x.id(), x.data('state')]))")
+        assert sorted(states.values()) == ["done", "failed", "failed"]
+        expect(page.locator('#summary [data-state="failed"]')).to_have_attribute("data-count", "2")
+        assert cy(page, "cy.nodes('.var.failed').length") == 2  # the outputs that will never come
+        failed_id = next(i for i, s in states.items()
+                         if s == "failed" and cy(page, f"cy.getElementById('{i}').data('function')") == "summarize_chunk")
+        box = page.locator("#graph").bounding_box()
+        pos = cy(page, f"cy.getElementById('{failed_id}').renderedPosition()")
+        page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+        details = page.locator(f'#details .detail[data-call-id="{failed_id}"]')
+        expect(details.locator('[data-field="error"]')).to_contain_text("exceeds the model's 4096 positions")
+        expect(details.locator('[data-field="state"]')).to_have_text("failed")
+        # The 21,000-character input is folded in the prompt.
+        expect(details.locator('[data-field="prompt"] details.fold summary')).to_have_text(
+            re.compile(r"^word word .*… \(21000 chars\)$"))
+    finally:
+        page.close()

@@ -48,18 +48,36 @@ async function login(key) {
     window.parrotView = view;
   }
   await loadSessions();
+  startSessionPolling();
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("session");
   if (fromHash) openSession(fromHash);
 }
 
-function logout() {
+const SESSIONS_EVERY_MS = 5000;
+let sessionPoll = null;
+
+/** Keep the session list current while the tab is visible (new sessions, closed ones). */
+function startSessionPolling() {
+  clearInterval(sessionPoll);
+  sessionPoll = setInterval(() => {
+    if (state.api && document.visibilityState === "visible") loadSessions().catch(onApiError);
+  }, SESSIONS_EVERY_MS);
+}
+
+/** A revoked key sends the user back to the key prompt. */
+function onApiError(e) {
+  if (e instanceof ApiError && e.status === 401) logout("The key is no longer accepted.");
+}
+
+function logout(message = "") {
+  clearInterval(sessionPoll);
   stopStream();
   sessionStorage.removeItem(KEY);
   state.api = null;
   state.sid = null;
   view?.clear();
   $("api-key").value = "";
-  showLogin();
+  showLogin(typeof message === "string" ? message : "");
 }
 
 async function loadSessions() {
@@ -103,6 +121,7 @@ async function openSession(sid) {
     await refresh();
   } catch (e) {
     $("session-title").textContent = `Session ${sid}: ${e.message}`;
+    onApiError(e);
     return;
   }
   if (state.dag?.open) follow(sid);
@@ -125,7 +144,7 @@ async function follow(sid) {
   if (state.sid === sid && !ctl.signal.aborted) {
     setLive(false, "closed");
     await refresh();
-    loadSessions();
+    loadSessions().catch(onApiError);
   }
 }
 
@@ -135,7 +154,9 @@ function scheduleRefresh(delayMs) {
     state.refreshTimer = null;
     try {
       await refresh();
-    } catch (_) { /* the next event tries again */ }
+    } catch (e) {
+      onApiError(e); // otherwise the next event tries again
+    }
   }, delayMs);
 }
 
@@ -211,8 +232,8 @@ function main() {
     e.preventDefault();
     login($("api-key").value.trim());
   });
-  $("logout").addEventListener("click", logout);
-  $("refresh").addEventListener("click", () => loadSessions());
+  $("logout").addEventListener("click", () => logout());
+  $("refresh").addEventListener("click", () => loadSessions().catch(onApiError));
   window.addEventListener("resize", () => state.dag && renderTimeline($("timeline"), state.dag, select, state.selected?.id));
   const key = sessionStorage.getItem(KEY);
   if (key) login(key);
