@@ -20,10 +20,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[server,client,test]'
 	touch $@
 
-# Servers the tests start for real (Debian/Ubuntu packages).
+# Programs the tests run for real (Debian/Ubuntu packages): Redis, Chromium
+# for the visualizer's browser test, Graphviz for `parrot dag export --format svg`.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_DEPS := redis-server:redis-server chromium:chromium dot:graphviz
 system-deps:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
+	@missing=""; for pair in $(SYSTEM_DEPS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 
 venv: $(VENV)/.installed
 

@@ -1,4 +1,4 @@
-"""The ``parrot`` command line: ``demo``, ``serve``, ``tenant create``, ``model``."""
+"""The ``parrot`` command line: ``demo``, ``serve``, ``tenant create``, ``dag export``, ``model``."""
 
 from __future__ import annotations
 
@@ -112,6 +112,23 @@ def _run_tenant_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dag_export(args: argparse.Namespace) -> int:
+    from parrot.dag_export import ExportError, fetch_dag, render
+
+    if not args.api_key:
+        raise SystemExit("parrot dag export: give --api-key or set PARROT_API_KEY")
+    try:
+        text = render(fetch_dag(args.url, args.api_key, args.session), args.format)
+    except ExportError as exc:
+        raise SystemExit(f"parrot dag export: {exc}")
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        _say(f"wrote {args.output} ({args.format})")
+    return 0
+
+
 def _run_model(args: argparse.Namespace) -> int:
     print(_resolve_model(args.model))
     return 0
@@ -158,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tokens-per-minute", type=int, default=None)
     create.add_argument("--max-prompt-tokens", type=int, default=None)
     create.set_defaults(func=_run_tenant_create)
+
+    dag = sub.add_parser("dag", help="a session's DAG from a running service")
+    dag_sub = dag.add_subparsers(dest="dag_command", required=True)
+    export = dag_sub.add_parser("export", help="write a session's DAG as JSON, Graphviz DOT or SVG")
+    export.add_argument("session", help="the session id (see the visualizer at /ui or GET /api/v1/sessions)")
+    export.add_argument("--format", choices=("json", "dot", "svg"), default="dot",
+                        help="json: the service's DAG JSON; dot: Graphviz source; svg: laid out by Graphviz `dot`")
+    export.add_argument("--url", default=os.environ.get("PARROT_URL", "http://127.0.0.1:8000"),
+                        help="the service (default: $PARROT_URL, else http://127.0.0.1:8000)")
+    export.add_argument("--api-key", default=os.environ.get("PARROT_API_KEY"),
+                        help="the tenant's API key (default: $PARROT_API_KEY)")
+    export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    export.set_defaults(func=_run_dag_export)
 
     model = sub.add_parser("model", help="print the model folder that would be used (building the default one)")
     add_model_args(model)

@@ -24,6 +24,7 @@ from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .openai_routes import router as openai_router
 from .service import ParrotService
+from .ui import mount_ui
 from .tenancy import Quotas
 
 ServiceFactory = Callable[[], Awaitable[ParrotService]]
@@ -118,6 +119,12 @@ async def session_dag(session_id: str, tenant: TenantDep, service: ServiceDep) -
     return service.dag(tenant, session_id)
 
 
+@api.get("/sessions/{session_id}/calls/{call_id}", tags=["dag"])
+async def call_detail(session_id: str, call_id: str, tenant: TenantDep, service: ServiceDep) -> dict:
+    """One call in full: its prompt with the variables filled in, input and output values, timings, tokens."""
+    return service.call_detail(tenant, session_id, call_id)
+
+
 @api.get("/sessions/{session_id}/events", tags=["dag"])
 async def session_events(session_id: str, tenant: TenantDep, service: ServiceDep) -> EventSourceResponse:
     """Server-sent DAG events (call_added, call_state, variable_set, token, session_closed)."""
@@ -187,4 +194,5 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
         """Prometheus metrics."""
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    mount_ui(app)
     return app

@@ -81,6 +81,7 @@ def run(settings: ServerSettings) -> None:
         print(f"admin key (set PARROT_ADMIN_KEY to choose one): {settings.admin_key}", flush=True)
     store = f"Redis at {settings.redis_url}" if settings.redis_url else "memory (set PARROT_REDIS_URL to keep it)"
     print(f"parrot serve: http://{settings.host}:{settings.port}  state: {store}", flush=True)
+    print(f"DAG visualizer: http://{settings.host}:{settings.port}/ui (sign in with a tenant's API key)", flush=True)
     uvicorn.run(make_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

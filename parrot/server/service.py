@@ -29,6 +29,7 @@ from parrot.semantic_vars import (
     new_id,
 )
 
+from .dag_view import call_detail, session_dag
 from .models import CallBody, FunctionBody, SamplingBody, VariableState
 from .tenancy import (
     AuthenticationError,
@@ -330,33 +331,14 @@ class ParrotService:
                 )
 
     def dag(self, tenant: Tenant, session_id: str) -> dict[str, Any]:
-        """The session's DAG as JSON: calls, variables, task groups."""
+        """The session's DAG as JSON (see :func:`parrot.server.dag_view.session_dag`)."""
         self.owned_session(tenant, session_id)
-        graph = self.runtime.graph
-        calls = graph.session_calls(session_id)
-        var_ids = {v for c in calls for v in [*c.inputs.values(), *c.outputs.values()]}
-        var_ids |= {v.id for v in graph.variables.values() if v.session_id == session_id}
-        groups = {c.group for c in calls if c.group}
-        return {
-            "session_id": session_id,
-            "calls": [
-                {
-                    "call_id": c.id, "function": c.function.name, "state": c.state, "objective": c.objective,
-                    "group": c.group, "engine": c.engine, "inputs": c.inputs, "outputs": c.outputs,
-                    "prefix_key": c.prefix_key, "prefill_tokens": c.prefill_tokens,
-                    "cached_tokens": c.cached_tokens, "generated_tokens": c.generated_tokens, "error": c.error,
-                }
-                for c in calls
-            ],
-            "variables": [
-                {
-                    "var_id": v.id, "name": v.name, "ready": v.is_set, "constant": v.constant,
-                    "producer": v.producer, "perf": v.perf, "error": v.error,
-                }
-                for v in (graph.variables[i] for i in sorted(var_ids))
-            ],
-            "groups": [
-                {"group_id": g, "consumer": graph.groups[g].consumer, "members": graph.groups[g].members}
-                for g in sorted(groups)
-            ],
-        }
+        return session_dag(self.runtime.graph, session_id, open=self.runtime.sessions[session_id].open)
+
+    def call_detail(self, tenant: Tenant, session_id: str, call_id: str) -> dict[str, Any]:
+        """One call of the tenant's session in full: prompt, values, timings."""
+        self.owned_session(tenant, session_id)
+        call = self.runtime.graph.calls.get(call_id)
+        if call is None or call.session_id != session_id:
+            raise UnknownVariableError(f"call_id: unknown call {call_id!r} in session {session_id!r}", field="call_id")
+        return call_detail(self.runtime.graph, call)
