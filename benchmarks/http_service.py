@@ -4,10 +4,10 @@
 
 C concurrent clients each run R one-call programs (open a session, submit
 one short call, read its output with a long-poll, close). The contender is
-the HTTP path: a real uvicorn server on loopback with tenancy, quotas and
-the store in the way. The baseline is the same calls on an in-process
-LocalRuntime over an engine of the same model, in the same process,
-alternating with the HTTP runs. Figures: p50/p99 per-call latency of each
+the HTTP path: `parrot serve` in its own process on loopback, with tenancy,
+quotas and the store in the way. The baseline is the same calls on an
+in-process LocalRuntime over an engine of the same model, in the benchmark's
+process, alternating with the HTTP runs (so both share the machine alike). Figures: p50/p99 per-call latency of each
 path and the added latency (HTTP minus in-process) at each concurrency.
 """
 
@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import statistics
 import time
 from typing import Any, Awaitable, Callable, Sequence
@@ -68,6 +73,42 @@ async def run_clients(call: Callable[[int], Awaitable[None]], clients: int, per_
     return latencies
 
 
+class ServerProcess:
+    """`parrot serve` in a child process on a free loopback port."""
+
+    def __init__(self, model_path: Any, device: str, admin_key: str, ready_timeout_s: float = 300) -> None:
+        import httpx
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PARROT_ADMIN_KEY": admin_key}
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="parrot-serve-", suffix=".log", delete=False)
+        progress(f"parrot serve on {self.url}, its log: {self.log.name}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "parrot.cli", "serve", "--model", str(model_path), "--device", device,
+             "--host", "127.0.0.1", "--port", str(port)], env=env,
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:  # startup only: poll readiness until the model is loaded
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"parrot serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("parrot serve did not become ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http_service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 50, 200], help="concurrency levels")
@@ -84,38 +125,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from parrot.backends.torch_engine import TorchEngine
     from parrot.dataflow import LocalRuntime
-    from parrot.server.serve import ServerSettings, ThreadedServer
 
     model_path, weights = resolve_model(args)
     engine = TorchEngine.from_pretrained(model_path, device=args.device, name="inproc-0")
     admin_key = "pa-bench"
-    server = ThreadedServer(ServerSettings(model=str(model_path), device=args.device, admin_key=admin_key))
+    server = ServerProcess(model_path, args.device, admin_key)
     key = httpx.post(server.url + "/admin/v1/tenants", json={"name": "bench"},
                      headers={"Authorization": f"Bearer {admin_key}"}).json()["api_key"]
     rows: list[dict[str, Any]] = []
 
     async def measure() -> None:
         runtime = LocalRuntime([engine])
-        limits = httpx.Limits(max_connections=max(args.clients) + 10)
-        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
-                                     timeout=300, limits=limits) as client:
-            http_call = http_call_factory(client)
-            await run_clients(http_call, 2, 2)  # warm-up of both paths
-            await run_clients(lambda i: in_process_call(runtime, i), 2, 2)
-            for clients in args.clients:
-                lat: dict[str, list[float]] = {"http": [], "in_process": []}
-                for rep in range(args.repeats):
-                    for path in ("http", "in_process"):
-                        call = http_call if path == "http" else (lambda i: in_process_call(runtime, i))
-                        progress(f"{clients} clients, {path}, round {rep + 1}/{args.repeats}")
-                        lat[path] += await run_clients(call, clients, args.calls_per_client)
-                row = {"clients": clients, "calls": len(lat["http"])}
-                for path, values in lat.items():
-                    row[f"{path}_p50_ms"] = 1000 * statistics.median(values)
-                    row[f"{path}_p99_ms"] = 1000 * percentile(values, 0.99)
-                row["added_p50_ms"] = row["http_p50_ms"] - row["in_process_p50_ms"]
-                row["added_p99_ms"] = row["http_p99_ms"] - row["in_process_p99_ms"]
-                rows.append(row)
+        # No connection reuse: uvicorn closes connections idle for 5 s, and on
+        # a loaded machine a client reusing one races that close. A fresh
+        # loopback connection per request costs well under a millisecond.
+        limits = httpx.Limits(max_connections=max(args.clients) + 10, max_keepalive_connections=0)
+
+        def http_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
+                                     timeout=300, limits=limits)
+
+        async def run_http(clients: int, per_client: int) -> list[float]:
+            async with http_client() as client:
+                return await run_clients(http_call_factory(client), clients, per_client)
+
+        async def run_in_process(clients: int, per_client: int) -> list[float]:
+            return await run_clients(lambda i: in_process_call(runtime, i), clients, per_client)
+
+        await run_http(2, 2)  # warm-up of both paths
+        await run_in_process(2, 2)
+        for clients in args.clients:
+            lat: dict[str, list[float]] = {"http": [], "in_process": []}
+            for rep in range(args.repeats):
+                for path, run in (("http", run_http), ("in_process", run_in_process)):
+                    progress(f"{clients} clients, {path}, round {rep + 1}/{args.repeats}")
+                    lat[path] += await run(clients, args.calls_per_client)
+            row = {"clients": clients, "calls": len(lat["http"])}
+            for path, values in lat.items():
+                row[f"{path}_p50_ms"] = 1000 * statistics.median(values)
+                row[f"{path}_p99_ms"] = 1000 * percentile(values, 0.99)
+            row["added_p50_ms"] = row["http_p50_ms"] - row["in_process_p50_ms"]
+            row["added_p99_ms"] = row["http_p99_ms"] - row["in_process_p99_ms"]
+            rows.append(row)
 
     try:
         asyncio.run(measure())
