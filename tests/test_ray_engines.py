@@ -193,3 +193,37 @@ def test_rerun_keeps_a_released_output_as_fill_text(default_engine):
 
     results, _ = asyncio.run(rerun())
     assert [(r.gen_index, r.name) for r in results] == [(0, "b")]  # only the missing output is generated
+
+
+def test_parrot_serve_with_ray_address_runs_engines_as_actors(cluster, default_model_dir):
+    """``parrot serve --ray-address local --engines 1``: the service's engine is
+    an actor on the (already connected) cluster, and the OpenAI endpoint works."""
+    import openai
+    from conftest import LiveServer
+
+    from parrot.server.serve import ServerSettings
+
+    server = LiveServer(ServerSettings(ray_address="local", engines=1, model=str(default_model_dir), device="cpu",
+                                       engine_restarts=0))
+    try:
+        service = server.server.server.config.app.state.service
+        [engine] = service.runtime.engines
+        assert isinstance(engine, RayEngine) and engine.name == "engine-0"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.new_tenant("ray"), max_retries=0, timeout=60)
+        assert client.models.list().data[0].id == default_model_dir.name  # the tokenizer came from the actor
+        r = client.completions.create(model=default_model_dir.name, prompt="Once upon a time", max_tokens=6,
+                                      temperature=0)
+        assert 1 <= r.usage.completion_tokens <= 6
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=default_model_dir.name, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
+        assert streamed == r.choices[0].text
+        with server.admin() as admin:
+            assert admin.get("/readyz").json() == {"ready": True, "engines": {"engine-0": True}}
+            ray.kill(engine.actor, no_restart=True)
+            # A health check on the server's loop finds the actor gone; readiness follows.
+            alive = asyncio.run_coroutine_threadsafe(engine.check_health(), engine._loop).result(timeout=60)
+            assert alive is False and not engine.healthy()
+            r = admin.get("/readyz")
+            assert r.status_code == 503 and r.json() == {"ready": False, "engines": {"engine-0": False}}
+    finally:
+        server.stop()

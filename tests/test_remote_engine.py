@@ -158,3 +158,53 @@ def test_approx_tokenizer_round_trips_any_text(text):
     # Segments tokenized apart decode to their concatenation, as programs need.
     half = len(text) // 2
     assert tok.decode(tok.encode(text[:half]) + tok.encode(text[half:])) == text
+
+
+def test_parrot_serves_on_top_of_a_remote_engine(live_server, key, client, default_model_dir):
+    """``parrot serve --remote-engine URL``: a second Parrot whose only engine
+    is the first one's OpenAI endpoint answers like the first one."""
+    from conftest import LiveServer
+
+    from parrot.server.serve import ServerSettings
+
+    outer = LiveServer(ServerSettings(remote_engines=[live_server.url], remote_api_key=key,
+                                      remote_tokenizer=str(default_model_dir)))
+    try:
+        service = outer.server.server.config.app.state.service
+        assert [type(e).__name__ for e in service.runtime.engines] == ["RemoteEngine"]
+        with outer.admin() as admin:
+            ready = admin.get("/readyz").json()
+        assert ready == {"ready": True, "engines": {"remote-0": True}}
+        front = openai.OpenAI(base_url=outer.url + "/v1", api_key=outer.new_tenant("front"), max_retries=0, timeout=60)
+        model = model_name(front)
+        assert model == default_model_dir.name  # named after the remote engine's tokenizer folder
+        prompt = "Parrots can"
+        got = front.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        want = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=8, temperature=0)
+        assert got.choices[0].text == want.choices[0].text
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens  # exact counts via the local tokenizer
+    finally:
+        outer.stop()
+
+
+def test_settings_read_the_environment(monkeypatch):
+    from parrot.server.serve import ServerSettings
+
+    monkeypatch.setenv("PARROT_RAY_ADDRESS", "auto")
+    monkeypatch.setenv("PARROT_ENGINES", "4")
+    monkeypatch.setenv("PARROT_ENGINE_GPUS", "1")
+    monkeypatch.setenv("PARROT_REMOTE_ENGINES", "http://a:8000, http://b:8000/v1")
+    monkeypatch.setenv("PARROT_REMOTE_CONCURRENCY", "3")
+    s = ServerSettings.from_env()
+    assert (s.ray_address, s.torch_engines, s.engine_gpus, s.remote_concurrency) == ("auto", 4, 1.0, 3)
+    assert s.remote_engines == ["http://a:8000", "http://b:8000/v1"]
+    specs = s.engine_specs()
+    assert [sp.name for sp in specs] == ["engine-0", "engine-1", "engine-2", "engine-3", "remote-0", "remote-1"]
+    assert specs[-1].kind == "remote" and specs[-1].max_running == 3
+    # A flag wins over the environment; remote engines alone mean no torch engine.
+    monkeypatch.delenv("PARROT_ENGINES")
+    assert ServerSettings.from_env(remote_engines=["http://c:1"]).torch_engines == 0
+    with pytest.raises(ValueError, match="no engines"):
+        ServerSettings(engines=0).validate()
+    with pytest.raises(ValueError, match="http"):
+        ServerSettings.from_env(remote_engines=["c:1"])

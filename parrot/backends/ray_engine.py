@@ -266,6 +266,19 @@ class RayEngine(Engine):
         return ok
 
 
+def connect(address: str) -> None:
+    """Join a Ray cluster once per process: ``"local"`` starts one on this
+    machine, ``"auto"`` joins the cluster this node belongs to, anything else
+    is a head's address (``ray://head:10001``, ``head:6379``)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(address="local", include_dashboard=False)
+    else:
+        ray.init(address=address)
+
+
 def start_engines(
     specs: list[EngineSpec],
     *,
@@ -291,4 +304,4 @@ def start_engines(
             for a, s, i in zip(actors, specs, infos)]
 
 
-__all__ = ["EngineActor", "RayEngine", "start_engines"]
+__all__ = ["EngineActor", "RayEngine", "connect", "start_engines"]
