@@ -227,3 +227,38 @@ def test_parrot_serve_with_ray_address_runs_engines_as_actors(cluster, default_m
             assert r.status_code == 503 and r.json() == {"ready": False, "engines": {"engine-0": False}}
     finally:
         server.stop()
+
+
+def test_an_engine_error_in_the_actor_fails_the_call_not_the_actor(engines, default_model_dir):
+    """A request the engine refuses (longer than the model's context) fails
+    its call with the engine's message; the actor stays in the pool."""
+    alive = [e for e in engines if not e.dead]
+    runtime = LocalRuntime(alive)
+    with P.Session(runtime) as s:
+        too_long = P.SemanticFunction("{{input:text}} Summary: {{output:s|max_tokens=2}}")("word " * 5000)
+        with pytest.raises(P.CallFailedError, match="exceeds the model's"):
+            too_long.get()
+    [call] = runtime.graph.session_calls(s.id)
+    assert call.state == "failed" and call.requeues == 0
+    assert all(e.healthy() for e in alive)
+
+
+def test_a_remote_engine_runs_as_an_actor_too(cluster, live_server, default_model_dir):
+    """An actor can hold a remote engine (an HTTP client of an OpenAI-compatible
+    server): same results as the server answers directly."""
+    import openai
+
+    key = live_server.new_tenant("ray-remote")
+    spec = EngineSpec(name="remote-actor", kind="remote", url=live_server.url, api_key=key,
+                      tokenizer=str(default_model_dir), max_running=4)
+    [engine] = start_engines([spec], num_cpus=0)  # IO only: it needs no CPU slot of its own
+    try:
+        assert engine.capacity().max_running == 4
+        runtime = LocalRuntime([engine])
+        with P.Session(runtime):
+            value = P.SemanticFunction("Q: {{input:q}}\nA: {{output:a|max_tokens=5}}")("what is a parrot?").get()
+        direct = openai.OpenAI(base_url=live_server.url + "/v1", api_key=key, max_retries=0).completions.create(
+            model=default_model_dir.name, prompt="Q: what is a parrot?\nA: ", max_tokens=5, temperature=0)
+        assert value == direct.choices[0].text
+    finally:
+        engine.close()

@@ -221,8 +221,11 @@ class RemoteEngine(Engine):
         return EngineUnavailableError(f"remote engine {self.name} ({self.base_url}) is unavailable: {why}")
 
     async def _probe_until_healthy(self) -> None:
+        # Back off before each probe: a server that answered 429 lists its
+        # models at once, and calls must not bounce straight back to it.
+        await asyncio.sleep(self.probe_interval_s)
         while not await self.check_health():
-            await asyncio.sleep(self.probe_interval_s)  # a back-off between probes, not synchronisation
+            await asyncio.sleep(self.probe_interval_s)
         log.info("remote engine %s (%s) is reachable again", self.name, self.base_url)
 
     # -- running a program ----------------------------------------------------
