@@ -86,10 +86,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         from parrot.server.serve import ServerSettings, run
     except ImportError as exc:
         raise SystemExit(f"parrot serve needs the service's libraries ({exc.name}): pip install 'parrot-serve[server]'")
-    settings = ServerSettings.from_env(
-        host=args.host, port=args.port, model=args.model, device=args.device, engines=args.engines,
-        redis_url=args.redis_url,
-    )
+    try:
+        settings = ServerSettings.from_env(
+            host=args.host, port=args.port, model=args.model, device=args.device, engines=args.engines,
+            redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
+            remote_engines=args.remote_engine, remote_model=args.remote_model,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"parrot serve: {exc}")
+    if settings.ray_address and settings.torch_engines:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SystemExit("parrot serve --ray-address needs Ray: pip install 'parrot-serve[ray]'")
     run(settings)
     return 0
 
@@ -158,11 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the multi-tenant HTTP service")
     add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=os.environ.get("PARROT_HOST", "127.0.0.1"),
+                       help="address to bind (default: $PARROT_HOST or 127.0.0.1; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PARROT_PORT", "8000")),
+                       help="default: $PARROT_PORT or 8000")
     serve.add_argument("--device", default=os.environ.get("PARROT_DEVICE"))
-    serve.add_argument("--engines", type=int, default=None, help="engines in this process (default: $PARROT_ENGINES or 1)")
+    serve.add_argument("--engines", type=int, default=None,
+                       help="torch engines (default: $PARROT_ENGINES, else 1, or 0 when --remote-engine is given)")
     serve.add_argument("--redis-url", default=None, help="keep state in Redis (default: $PARROT_REDIS_URL, else memory)")
+    serve.add_argument("--ray-address", default=None,
+                       help="run the torch engines as Ray actors: 'auto' (this node's cluster), 'local' (start one), "
+                            "or a head address (default: $PARROT_RAY_ADDRESS, else in this process)")
+    serve.add_argument("--engine-gpus", type=float, default=None,
+                       help="GPUs per engine actor, 1 for one engine per GPU (default: $PARROT_ENGINE_GPUS or 0: "
+                            "one CPU slot each, $PARROT_ENGINE_CPUS)")
+    serve.add_argument("--remote-engine", action="append", default=[], metavar="URL",
+                       help="an OpenAI-compatible server to use as an engine (repeatable; default: "
+                            "$PARROT_REMOTE_ENGINES, comma-separated; key in $PARROT_REMOTE_API_KEY)")
+    serve.add_argument("--remote-model", default=None,
+                       help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
     serve.set_defaults(func=_run_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants of a running service")

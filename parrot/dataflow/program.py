@@ -16,6 +16,7 @@ def build_request(
     *,
     request_id: str,
     prefix: tuple[str, int] | None = None,
+    fixed_outputs: Mapping[str, str] | None = None,
 ) -> GenerationRequest:
     """Text and inputs up to each output become a Fill, each output a Gen.
 
@@ -26,21 +27,30 @@ def build_request(
     boundary (see :mod:`parrot.dataflow.prefix`); it becomes the request's
     :class:`PrefixHint`. The first token is the model's BOS; the text after
     the last output is not sent (nothing is generated after it).
+
+    ``fixed_outputs`` are outputs that already have a value (released by an
+    engine that died before the call finished): they become Fill text, so a
+    re-run conditions the later outputs on the value its readers saw and
+    never generates that output again.
     """
+    fixed = fixed_outputs or {}
     program: list[Fill | Gen] = []
     pending: list[int] = []
     chars = tokens = 0
     tokens_at: dict[int, int] = {}  # char offset of a boundary before the first Gen -> tokens
     first_gen_seen = False
     for seg in template.segments:
-        if isinstance(seg, Placeholder) and seg.kind == "output":
+        if isinstance(seg, Placeholder) and seg.kind == "output" and seg.name not in fixed:
             if pending:
                 program.append(Fill(tuple(pending)))
                 pending = []
             program.append(Gen(function.output_sampling[seg.name], name=seg.name))
             first_gen_seen = True
             continue
-        text = values[seg.name] if isinstance(seg, Placeholder) else seg.text
+        if isinstance(seg, Placeholder):
+            text = fixed[seg.name] if seg.kind == "output" else values[seg.name]
+        else:
+            text = seg.text
         if not text:
             continue
         ids = tokenizer.encode(text, add_bos=not program and not pending)

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from parrot.backends.engine import Engine, Gen, GenResult, RequestFinished, TokenDelta
+from parrot.backends.engine import (
+    Engine,
+    Gen,
+    GenerationRequest,
+    GenResult,
+    RequestFinished,
+    RequestStream,
+    TokenDelta,
+)
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
@@ -44,6 +52,9 @@ from .store import MemoryStore, Record, StateStore, Write
 Listener = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger(__name__)
+
+#: How often a pass is retried while every engine reports unhealthy.
+HEALTH_RETRY_S = 0.25
 
 
 @dataclass
@@ -90,6 +101,7 @@ class LocalRuntime(Runtime):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ready: dict[str, CallNode] = {}  # ready, not yet placed on an engine
         self._pass_scheduled = False
+        self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
 
@@ -171,6 +183,8 @@ class LocalRuntime(Runtime):
     async def _failed(self, call: CallNode, lost: Sequence[VariableNode]) -> None:
         """Tell waiters and listeners about a failed call and its lost downstream."""
         self._reject_waiters(lost)
+        for var_id in [*call.outputs.values(), *(v.id for v in lost)]:
+            self._streamed.pop(var_id, None)
         failed = {call.id} | {v.producer for v in lost if v.producer} | {
             c for v in lost for c in self.graph.graph.successors(v.id)
         }
@@ -207,6 +221,7 @@ class LocalRuntime(Runtime):
         if not await self.store.set_value(var_id, value):
             raise VariableAlreadySetError(f"variable {var_id} already has a value")
         ready = self.graph.set_value(var_id, value)
+        self._streamed.pop(var_id, None)
         var = self.graph.variables[var_id]
         for future in self._waiters.pop(var_id, []):
             if not future.done():
@@ -302,7 +317,10 @@ class LocalRuntime(Runtime):
             call.prefix_key = hint.key if hint else None
         engines = [e for e in self.engines if e.healthy()]
         if not engines:
-            return  # calls wait; a restarted engine reports healthy again and a pass follows
+            # Calls wait for an engine to come back (a restarted actor, a
+            # reachable server again); nothing else would wake them.
+            asyncio.get_running_loop().call_later(HEALTH_RETRY_S, self._request_pass)
+            return
         for call, engine in self.scheduler.schedule(list(self._ready.values()), self.graph, engines):
             del self._ready[call.id]
             call.state = "running"
@@ -315,33 +333,23 @@ class LocalRuntime(Runtime):
         stream = None
         try:
             await self._persist_call(call)
-            hint = self.prefixes.hint_for(call)
-            request = build_request(
-                call.function,
-                call.template,
-                self.graph.input_values(call),
-                engine.tokenizer,
-                request_id=call.id,
-                prefix=(hint.key, hint.end) if hint else None,
-            )
-            stream = engine.submit(request)
-            names = [step.name for step in request.program if isinstance(step, Gen)]
-            async for event in stream:
-                if isinstance(event, TokenDelta) and self._listeners:
-                    self._emit({"type": "token", "session_id": call.session_id, "call_id": call.id,
-                                "var_id": call.outputs[names[event.gen_index]], "text": event.text})
-                elif isinstance(event, GenResult):
-                    # Each output is released as soon as it exists, so its
-                    # consumers start while this call is still generating.
-                    out_id = call.outputs[event.name]
-                    if not self.graph.variables[out_id].is_set:  # set before a restart
-                        await self._set(out_id, event.text)
-                elif isinstance(event, RequestFinished):
-                    call.prefill_tokens = event.stats.prefill_tokens
-                    call.generated_tokens = event.stats.generated_tokens
-                    call.cached_tokens = event.stats.cached_tokens
-                    call.engine_started_at = event.stats.started_at
-                    call.first_token_at = event.stats.first_token_at
+            # Outputs an earlier run released (before its engine died, or
+            # before a restart) are kept and fed as text, never generated again.
+            released = {name: self.graph.variables[v].value for name, v in call.outputs.items()
+                        if self.graph.variables[v].is_set}
+            if len(released) < len(call.outputs):
+                hint = self.prefixes.hint_for(call)
+                request = build_request(
+                    call.function,
+                    call.template,
+                    self.graph.input_values(call),
+                    engine.tokenizer,
+                    request_id=f"{call.id}.{call.requeues}" if call.requeues else call.id,
+                    prefix=(hint.key, hint.end) if hint else None,
+                    fixed_outputs=released,
+                )
+                stream = engine.submit(request)
+                await self._consume(call, request, stream)
             call.state = "done"
             call.finished_at = time.monotonic()
             self._call_event(call)
@@ -365,6 +373,35 @@ class LocalRuntime(Runtime):
             self._tasks.pop(call.id, None)
             self.prefixes.forget(call)
             self._request_pass()  # its engine slot is free again
+
+    async def _consume(self, call: CallNode, request: GenerationRequest, stream: RequestStream) -> None:
+        """Release each output of ``call`` as ``stream`` yields it."""
+        names = [step.name for step in request.program if isinstance(step, Gen)]
+        streamed: dict[str, int] = {}  # characters of each output this run produced so far
+        async for event in stream:
+            if isinstance(event, TokenDelta) and self._listeners:
+                out_id = call.outputs[names[event.gen_index]]
+                # A re-run after its engine died repeats what the dead engine
+                # already streamed: listeners get only the text past that point.
+                before = streamed.get(out_id, 0)
+                streamed[out_id] = before + len(event.text)
+                already = self._streamed.get(out_id, 0)
+                if streamed[out_id] > already:
+                    self._streamed[out_id] = streamed[out_id]
+                    self._emit({"type": "token", "session_id": call.session_id, "call_id": call.id,
+                                "var_id": out_id, "text": event.text[max(0, already - before):]})
+            elif isinstance(event, GenResult):
+                # Each output is released as soon as it exists, so its
+                # consumers start while this call is still generating.
+                out_id = call.outputs[event.name]
+                if not self.graph.variables[out_id].is_set:  # set before a restart
+                    await self._set(out_id, event.text)
+            elif isinstance(event, RequestFinished):
+                call.prefill_tokens = event.stats.prefill_tokens
+                call.generated_tokens = event.stats.generated_tokens
+                call.cached_tokens = event.stats.cached_tokens
+                call.engine_started_at = event.stats.started_at
+                call.first_token_at = event.stats.first_token_at
 
     # -- restart ----------------------------------------------------------
     async def restore(self) -> int:

@@ -183,11 +183,13 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request, response: Response) -> dict:
-        """Engines loaded and state restored."""
+        """Engines loaded, state restored, and at least one engine healthy
+        (a dead engine actor or an unreachable remote server is not)."""
         service = getattr(request.app.state, "service", None)
-        ready = bool(service and service.ready)
+        engines = {e.name: e.healthy() for e in service.runtime.engines} if service else {}
+        ready = bool(service and service.ready and any(engines.values()))
         response.status_code = 200 if ready else 503
-        return {"ready": ready}
+        return {"ready": ready, "engines": engines}
 
     @app.get("/metrics", tags=["health"])
     async def metrics(request: Request) -> Response:

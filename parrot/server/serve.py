@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+
+from parrot.backends.engine import Engine
+from parrot.backends.spec import EngineSpec
 
 from .service import ParrotService
 from .tenancy import Quotas
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "") not in ("", "0", "false")
+
+
+def _urls(value: str | None) -> list[str]:
+    return [u.strip() for u in (value or "").split(",") if u.strip()]
 
 
 @dataclass
@@ -19,11 +29,29 @@ class ServerSettings:
     port: int = 8000
     model: str | None = None  # PARROT_MODEL; default: the embedded test model
     device: str | None = None  # PARROT_DEVICE
-    engines: int = 1  # PARROT_ENGINES: engines in this process
+    # PARROT_ENGINES: torch engines (in this process, or Ray actors with
+    # ray_address); default 1, or 0 when remote engines are given.
+    engines: int | None = None
     redis_url: str | None = None  # PARROT_REDIS_URL; default: state in memory
     admin_key: str | None = None  # PARROT_ADMIN_KEY; default: a fresh one, printed
     request_level: bool = False  # PARROT_REQUEST_LEVEL
     default_quotas: Quotas = field(default_factory=Quotas)
+    # PARROT_RAY_ADDRESS: run the torch engines as Ray actors on this cluster
+    # ("auto": the cluster this node belongs to; "local": start one here;
+    # else a head's address, e.g. ray://head:10001).
+    ray_address: str | None = None
+    engine_gpus: float = 0.0  # PARROT_ENGINE_GPUS: GPUs per engine actor (1: one engine per GPU)
+    engine_cpus: float = 1.0  # PARROT_ENGINE_CPUS: CPUs per engine actor
+    engine_restarts: int = 3  # PARROT_ENGINE_RESTARTS: times Ray restarts a dead engine actor
+    # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
+    # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
+    # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
+    # PARROT_REMOTE_CONCURRENCY (requests in flight per server) apply to all.
+    remote_engines: list[str] = field(default_factory=list)
+    remote_model: str | None = None
+    remote_api_key: str | None = None
+    remote_tokenizer: str | None = None
+    remote_concurrency: int = 16
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerSettings":
@@ -31,31 +59,96 @@ class ServerSettings:
         settings = cls(
             model=env.get("PARROT_MODEL"),
             device=env.get("PARROT_DEVICE"),
-            engines=int(env.get("PARROT_ENGINES", "1")),
+            engines=int(env["PARROT_ENGINES"]) if env.get("PARROT_ENGINES") else None,
             redis_url=env.get("PARROT_REDIS_URL"),
             admin_key=env.get("PARROT_ADMIN_KEY"),
-            request_level=env.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false"),
+            request_level=_flag(env.get("PARROT_REQUEST_LEVEL")),
+            ray_address=env.get("PARROT_RAY_ADDRESS") or None,
+            engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
+            engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
+            engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
+            remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
+            remote_model=env.get("PARROT_REMOTE_MODEL") or None,
+            remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
+            remote_tokenizer=env.get("PARROT_REMOTE_TOKENIZER") or None,
+            remote_concurrency=int(env.get("PARROT_REMOTE_CONCURRENCY", "16")),
         )
         for key, value in overrides.items():
-            if value is not None:
+            if value is not None and value != []:
                 setattr(settings, key, value)
-        if settings.engines < 1:
-            raise ValueError(f"engines must be >= 1, got {settings.engines}")
+        settings.validate()
         return settings
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        if self.engines is not None and self.engines < 0:
+            raise ValueError(f"engines must be >= 0, got {self.engines}")
+        if self.torch_engines + len(self.remote_engines) < 1:
+            raise ValueError("no engines: give engines >= 1 or at least one remote engine")
+        if self.engine_gpus < 0 or self.engine_cpus < 0:
+            raise ValueError("engine_gpus and engine_cpus must be >= 0")
+        if self.engine_restarts < -1:
+            raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
+        if self.remote_concurrency < 1:
+            raise ValueError(f"remote_concurrency must be >= 1, got {self.remote_concurrency}")
+        for url in self.remote_engines:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"remote engine URL must start with http:// or https://, got {url!r}")
+
+    @property
+    def torch_engines(self) -> int:
+        """Torch engines to run: ``engines``, else 1 unless remote engines serve."""
+        if self.engines is not None:
+            return self.engines
+        return 0 if self.remote_engines else 1
+
+    def engine_specs(self) -> list[EngineSpec]:
+        """One picklable recipe per engine these settings ask for."""
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device)
+                 for i in range(self.torch_engines)]
+        specs += [
+            EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
+                       api_key=self.remote_api_key, tokenizer=self.remote_tokenizer,
+                       max_running=self.remote_concurrency)
+            for i, url in enumerate(self.remote_engines)
+        ]
+        return specs
+
+
+async def build_engines(settings: ServerSettings) -> list[Engine]:
+    """The engines the settings ask for: torch engines in-process or as Ray
+    actors, and remote engines in-process (they only hold HTTP connections)."""
+    import asyncio
+
+    specs = settings.engine_specs()
+    torch_specs = [s for s in specs if s.kind == "torch"]
+    if torch_specs and not settings.model:
+        # Build (or find) the default model once here, not in every engine.
+        from parrot.dataflow import default_model_dir
+
+        model = str(default_model_dir(progress=print))
+        torch_specs = [replace(s, model=model) for s in torch_specs]
+    engines: list[Engine] = []
+    if torch_specs and settings.ray_address:
+        from parrot.backends.ray_engine import connect, start_engines
+
+        await asyncio.to_thread(connect, settings.ray_address)
+        engines += await asyncio.to_thread(
+            start_engines, torch_specs, num_gpus=settings.engine_gpus, num_cpus=settings.engine_cpus,
+            max_restarts=settings.engine_restarts,
+        )
+    else:
+        for spec in torch_specs:
+            engines.append(await asyncio.to_thread(spec.build))
+    engines += [s.build() for s in specs if s.kind == "remote"]
+    return engines
 
 
 async def build_service(settings: ServerSettings) -> ParrotService:
     """Engines, store and runtime as the settings say (run inside the server's loop)."""
-    import asyncio
+    from parrot.dataflow import LocalRuntime
 
-    from parrot.backends.torch_engine import TorchEngine
-    from parrot.dataflow import LocalRuntime, default_model_dir
-
-    model_dir = Path(settings.model).expanduser() if settings.model else default_model_dir(progress=print)
-    engines = [
-        await asyncio.to_thread(TorchEngine.from_pretrained, model_dir, device=settings.device, name=f"engine-{i}")
-        for i in range(settings.engines)
-    ]
+    engines = await build_engines(settings)
     store = None
     if settings.redis_url:
         from .redis_store import RedisStore
