@@ -58,6 +58,7 @@ def function_spec(body: FunctionBody) -> FunctionSpec:
         name=body.name,
         defaults=defaults,
         output_options={k: sampling_options(v) for k, v in body.output_sampling.items()},
+        compress=body.compress,
     )
     return fn.spec
 
@@ -336,6 +337,9 @@ class ParrotService:
                     "group": c.group, "engine": c.engine, "inputs": c.inputs, "outputs": c.outputs,
                     "prefix_key": c.prefix_key, "prefill_tokens": c.prefill_tokens,
                     "cached_tokens": c.cached_tokens, "generated_tokens": c.generated_tokens, "error": c.error,
+                    # Inputs marked for compression (name -> rate) and, once
+                    # done, its statistics (tokens before/after, ratio).
+                    "compress": c.compress, "compression": c.compression,
                 }
                 for c in calls
             ],
