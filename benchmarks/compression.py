@@ -5,8 +5,12 @@
 Two parts, on one scoring model and device:
 
 * **throughput**: compress a long generated text at 3x; compression tokens/s
-  (input tokens per second), beside one plain scoring pass over the same
-  tokens (the cost floor: every token scored once, nothing iterated).
+  (input tokens per second) for the full method (coarse segment dropping,
+  then iterative token-level) and for the token-level pass alone, beside one
+  plain scoring pass over the same tokens (every token scored once, nothing
+  iterated: the cost floor of token-level compression; the full method can
+  beat it because the coarse pass drops segments before they are scored
+  token by token).
 * **needle**: facts such as "The access code for vault 17 is 4821." or "The
   night courier for route 9 is Lindqvist this season." are planted in long
   filler text generated here (seeded). Each text is compressed 2x, 3x, 5x
@@ -26,6 +30,7 @@ JSON say which weights were used.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -135,31 +140,42 @@ def run_throughput(compressor: Any, args: argparse.Namespace) -> dict[str, Any]:
     rate = 1.0 / 3.0
     progress(f"throughput: {len(ids)} tokens, warm-up")
     compressor.compress(text, rate=rate)
+    compressor.compress(text, rate=rate, coarse=False)
     compressor.scorer.surprisal(ids)
-    comp_s, pass_s, result = [], [], None
+    comp_s, fine_s, pass_s, result, fine = [], [], [], None, None
     for r in range(args.repeats):
-        # Alternate the contender and its floor so drift hits both alike.
+        # Alternate the contenders and their floor so drift hits all alike.
+        _sync(compressor)
         start = time.perf_counter()
         result = compressor.compress(text, rate=rate)
-        comp_s.append(time.perf_counter() - start)
         _sync(compressor)
+        comp_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fine = compressor.compress(text, rate=rate, coarse=False)
+        _sync(compressor)
+        fine_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         compressor.scorer.surprisal(ids)
         _sync(compressor)
         pass_s.append(time.perf_counter() - start)
         progress(f"throughput: round {r + 1}/{args.repeats}")
-    assert result is not None
-    c, p = statistics.median(comp_s), statistics.median(pass_s)
+    assert result is not None and fine is not None
+    c, f, p = statistics.median(comp_s), statistics.median(fine_s), statistics.median(pass_s)
     return {
         "input_tokens": len(ids),
         "output_tokens": result.compressed_tokens,
         "ratio": result.ratio,
         "compress_s": c,
         "compress_tokens_per_s": len(ids) / c,
+        "token_level_output_tokens": fine.compressed_tokens,
+        "token_level_s": f,
+        "token_level_tokens_per_s": len(ids) / f,
         "one_pass_s": p,
         "one_pass_tokens_per_s": len(ids) / p,
         "compress_over_one_pass": c / p,
+        "token_level_over_one_pass": f / p,
         "runs_compress_s": comp_s,
+        "runs_token_level_s": fine_s,
         "runs_one_pass_s": pass_s,
     }
 
@@ -183,7 +199,9 @@ def format_report(payload: dict[str, Any]) -> str:
     out = [
         f"model: {ctx['model_path']}",
         f"weights: {ctx['weights']}",
-        f"device: {ctx['device']} ({ctx['device_name']}), dtype {ctx['dtype']}, torch {ctx['torch']}",
+        f"device: {ctx['device']} ({ctx['device_name']}), dtype {ctx['dtype']}, torch {ctx['torch']}, "
+        f"{ctx['cpu_threads']} CPU threads, load average {ctx.get('load_average_at_start')} -> "
+        f"{ctx.get('load_average_at_end')}",
     ]
     if ctx["weights_kind"] == "random":
         out.append("NOTE: weights are random -- these figures show the mechanism (budgets, forced tokens, "
@@ -194,10 +212,13 @@ def format_report(payload: dict[str, Any]) -> str:
                 _table(["what", "tokens in", "tokens out", "seconds", "tokens/s"], [
                     ["compress (coarse + iterative)", str(tp["input_tokens"]), str(tp["output_tokens"]),
                      f"{tp['compress_s']:.3f}", f"{tp['compress_tokens_per_s']:,.0f}"],
-                    ["one scoring pass (floor)", str(tp["input_tokens"]), "-", f"{tp['one_pass_s']:.3f}",
+                    ["compress (token-level only)", str(tp["input_tokens"]), str(tp["token_level_output_tokens"]),
+                     f"{tp['token_level_s']:.3f}", f"{tp['token_level_tokens_per_s']:,.0f}"],
+                    ["one scoring pass (baseline)", str(tp["input_tokens"]), "-", f"{tp['one_pass_s']:.3f}",
                      f"{tp['one_pass_tokens_per_s']:,.0f}"],
                 ]),
-                f"compress time / one scoring pass: {tp['compress_over_one_pass']:.2f}x"]
+                f"time / one scoring pass: full {tp['compress_over_one_pass']:.2f}x, "
+                f"token-level only {tp['token_level_over_one_pass']:.2f}x"]
     nd = payload.get("needle")
     if nd:
         labels = [f"{f:g}x" for f in payload["options"]["rates"]]
@@ -211,6 +232,13 @@ def format_report(payload: dict[str, Any]) -> str:
         out += ["", "needle: planted facts whose key survives (achieved compression ratio)",
                 _table(["method", *labels], rows)]
     return "\n".join(out)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _device_name(device: Any) -> str:
@@ -236,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-model-dir", metavar="DIR", help="cache folder for --random-model checkpoints")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--window", type=int, default=256, metavar="N", help="iterative window in tokens (default 256)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     t = p.add_argument_group("task")
     t.add_argument("--rates", default="2,3,5", help="compression factors, comma-separated (default 2,3,5)")
     t.add_argument("--trials", type=int, default=4, metavar="N", help="needle texts (default 4)")
@@ -265,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from parrot.compression import Compressor
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads: must be at least 1")
+        torch.set_num_threads(args.threads)
+
     path, weights = resolve_model(args)
     weights_kind = "checkpoint" if args.model else "random"
     progress(f"loading {path}")
@@ -280,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": _device_name(compressor.device),
         "dtype": str(compressor.scorer.dtype).replace("torch.", ""),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # Other work on the machine changes absolute tokens/s; the ratios
+        # against the one-pass baseline, run alternately, are what compare.
+        "load_average_at_start": _load_average(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda if compressor.device.type == "cuda" else None,
@@ -296,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["throughput"] = run_throughput(compressor, args)
     if "needle" not in args.skip:
         payload["needle"] = run_needle(compressor, args)
+    context["load_average_at_end"] = _load_average()
     print(format_report(payload))
     if args.json:
         write_json(args.json, payload)

@@ -341,3 +341,33 @@ def test_module_compress_and_cli(default_model_dir, long_text, tmp_path, capsys)
         assert label in err
     assert cli_main([str(path), "--rate", "3", "--model", str(default_model_dir), "--device", "cpu"]) == 2
     assert "rate" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the benchmark entry
+def test_benchmark_runs_at_its_smallest_and_says_which_weights(default_model_dir, tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:  # `benchmarks` is a folder of the repo, not an installed package
+        sys.path.insert(0, str(root))
+    from benchmarks import compression as bench
+
+    out = tmp_path / "compression.json"
+    bench.main(["--device", "cpu", "--trials", "1", "--paragraphs", "4", "--sentences", "3", "--facts", "2",
+                "--questions", "1", "--rates", "2,5", "--throughput-tokens", "300", "--repeats", "1",
+                "--json", str(out)])
+    report = capsys.readouterr().out
+    assert "weights are random" in report and "mechanism" in report
+    data = json.loads(out.read_text())
+    assert data["context"]["weights_kind"] == "random" and data["context"]["device"] == "cpu"
+    tp = data["throughput"]
+    assert tp["input_tokens"] >= 300 and tp["compress_tokens_per_s"] > 0 and tp["token_level_tokens_per_s"] > 0
+    results = data["needle"]["results"]
+    assert set(results) == {"llmlingua", "longllmlingua", "token-level only", "token-level, no forcing", "random drop"}
+    for method in results.values():
+        for label in ("2x", "5x"):
+            assert 0.0 <= method[label]["retention"] <= 1.0 and method[label]["facts"] >= 1
+    # Random dropping is matched to LLMLingua's achieved token count.
+    assert results["random drop"]["2x"]["ratio"] == pytest.approx(results["llmlingua"]["2x"]["ratio"], rel=1e-6)

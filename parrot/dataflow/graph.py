@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import networkx as nx
 
@@ -83,6 +83,13 @@ class CallNode:
     prefix_key: str | None = None
     prefix_text: str = ""
     requeues: int = 0  # times an engine died under it and it was placed again
+    # Inputs to compress before the prompt is built (name -> fraction of
+    # tokens to keep), their compressed text once done, and what it gave:
+    # {"original_tokens", "compressed_tokens", "ratio", "seconds", "model",
+    # "inputs": {name: {...same, "rate"}}} (see parrot.dataflow.compress).
+    compress: dict[str, float] = field(default_factory=dict)
+    compressed_inputs: dict[str, str] = field(default_factory=dict)
+    compression: dict[str, Any] | None = None
     # Variables this call created (constants, new outputs): removed with it.
     owned_variables: list[str] = field(default_factory=list)
 
@@ -172,6 +179,8 @@ class DataflowGraph:
             inputs[name] = const_id
             owned.append(const_id)
         call = CallNode(spec.call_id, session_id, spec.function, template, inputs, dict(spec.outputs))
+        # The template's own options win over the function's (most specific).
+        call.compress = {**spec.function.input_compression, **template.input_compression}
         call.owned_variables = owned + [v for v in spec.outputs.values() if v not in self.variables]
         self.calls[call.id] = call
         self.graph.add_node(call.id, kind="call")
@@ -263,8 +272,14 @@ class DataflowGraph:
             raise UnknownVariableError(f"unknown variable {var_id!r}") from None
 
     def input_values(self, call: CallNode) -> dict[str, str]:
+        """The values of ``call``'s inputs, as the variables hold them."""
         values = {name: self.variables[v].value for name, v in call.inputs.items()}
         return values  # type: ignore[return-value]
+
+    def prompt_values(self, call: CallNode) -> dict[str, str]:
+        """What the prompt splices in: the input values, compressed ones
+        replaced by their compressed text (the variables keep the original)."""
+        return {**self.input_values(call), **call.compressed_inputs}
 
     def session_calls(self, session_id: str) -> list[CallNode]:
         return [c for c in self.calls.values() if c.session_id == session_id]
@@ -292,6 +307,9 @@ class DataflowGraph:
             tags = [t for t in (call.objective, call.group and f"group {call.group[-6:]}") if t]
             if call.cached_tokens:
                 tags.append(f"{call.cached_tokens} prefix tokens cached")
+            if call.compression:
+                c = call.compression
+                tags.append(f"compressed {c['original_tokens']}->{c['compressed_tokens']} tokens ({c['ratio']:.1f}x)")
             extra = f" ({', '.join(tags)})" if tags else ""
             lines.append(
                 f"{call.function.name}({', '.join(ins)}) -> {', '.join(outs)}  [{call.state}{engine}{took}]{extra}"

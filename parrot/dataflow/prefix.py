@@ -1,13 +1,15 @@
 """Shared-prefix analysis before calls run.
 
-At submit time a call's prompt is known up to its first output or first
-input whose value is not set yet. Its *prefix boundaries* are the points in
-that known text where a template segment ends (after literal text, after an
-input's value); each boundary gets a key that hashes the tenant's namespace
-and the text before it, chained so that computing all of them costs one pass
-over the text. Two calls share a prefix exactly when they share a boundary
-key: a common system prompt shared by many users, the constant head of a
-template, or a long document fed to several questions.
+At submit time a call's prompt is known up to its first output, its first
+input whose value is not set yet, or its first input marked for compression
+(its compressed text exists only when the call runs). Its *prefix
+boundaries* are the points in that known text where a template segment ends
+(after literal text, after an input's value); each boundary gets a key that
+hashes the tenant's namespace and the text before it, chained so that
+computing all of them costs one pass over the text. Two calls share a prefix
+exactly when they share a boundary key: a common system prompt shared by
+many users, the constant head of a template, or a long document fed to
+several questions.
 
 The namespace is the tenant, so tenants never share a key, with one
 exception the admin opts into: a function published with ``public_prefix``
@@ -49,8 +51,8 @@ def known_prefix(call: CallNode, graph: DataflowGraph) -> tuple[str, list[int]]:
     length = 0
     for seg in call.template.segments:
         if isinstance(seg, Placeholder):
-            if seg.kind == "output":
-                break
+            if seg.kind == "output" or seg.name in call.compress:
+                break  # a compressed input's text is not known before it runs
             value = graph.variables[call.inputs[seg.name]].value
             if value is None:
                 break

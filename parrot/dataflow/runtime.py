@@ -43,6 +43,7 @@ from parrot.semantic_vars import (
 )
 
 from .analysis import ObjectiveAnalyzer
+from .compress import InputCompression
 from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request
@@ -73,6 +74,11 @@ class LocalRuntime(Runtime):
     trip per dependency), calls are placed first come first served, and no
     prefix hints reach the engines. It exists for the benchmarks and so a
     user can see the difference on their own program.
+
+    Inputs marked for compression are compressed when their call becomes
+    ready, in a worker thread, before the call is queued for an engine; by
+    ``compressor`` when given, else by the first torch engine's model (see
+    :mod:`parrot.dataflow.compress`).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class LocalRuntime(Runtime):
         min_prefix_chars: int = 32,
         store: StateStore | None = None,
         portal: Portal | None = None,
+        compressor: Any = None,
     ) -> None:
         super().__init__(portal)
         if not engines:
@@ -104,6 +111,7 @@ class LocalRuntime(Runtime):
         self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
+        self.compression = InputCompression(self.engines, compressor)
 
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -122,7 +130,8 @@ class LocalRuntime(Runtime):
 
     def _call_event(self, call: CallNode) -> None:
         self._emit({"type": "call_state", "session_id": call.session_id, "call_id": call.id,
-                    "state": call.state, "engine": call.engine, "error": call.error})
+                    "state": call.state, "engine": call.engine, "error": call.error,
+                    "compression": call.compression})
 
     async def _persist_call(self, call: CallNode) -> None:
         try:
@@ -297,9 +306,38 @@ class LocalRuntime(Runtime):
                 await self._failed(node, [self.graph.variables[v] for v in node.outputs.values()])
 
     def _dispatch(self, call: CallNode) -> None:
-        """Queue a ready call; a scheduling pass places it on an engine."""
+        """Queue a ready call; a scheduling pass places it on an engine.
+        A call with inputs to compress is compressed first."""
+        if call.compress and call.compression is None:
+            # Tracked with the running calls, so closing the session waits
+            # for it and cancelling the call cancels it.
+            self._tasks[call.id] = asyncio.get_running_loop().create_task(
+                self._compress(call), name=f"{call.id}.compress"
+            )
+            return
         self._ready[call.id] = call
         self._request_pass()
+
+    async def _compress(self, call: CallNode) -> None:
+        """Compress the call's marked inputs off the event loop, then queue it."""
+        try:
+            rates = dict(call.compress)
+            values = self.graph.input_values(call)
+            texts, stats = await asyncio.to_thread(self.compression.apply, rates, values)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._tasks.pop(call.id, None)
+            log.warning("compressing the inputs of call %s (%s) failed: %s", call.id, call.function.name, exc)
+            await self._failed(call, self.graph.fail_call(call.id, f"compression failed: {type(exc).__name__}: {exc}"))
+            return
+        self._tasks.pop(call.id, None)
+        if call.state != "ready":  # failed or cancelled meanwhile
+            return
+        call.compressed_inputs, call.compression = texts, stats
+        self._call_event(call)
+        self._dispatch(call)
+        await self._persist_call(call)
 
     def _request_pass(self) -> None:
         # One pass after the current burst of events, not one per event.
@@ -342,7 +380,7 @@ class LocalRuntime(Runtime):
                 request = build_request(
                     call.function,
                     call.template,
-                    self.graph.input_values(call),
+                    self.graph.prompt_values(call),
                     engine.tokenizer,
                     request_id=f"{call.id}.{call.requeues}" if call.requeues else call.id,
                     prefix=(hint.key, hint.end) if hint else None,
@@ -469,7 +507,7 @@ def variable_record(var: VariableNode) -> Record:
 def call_record(call: CallNode) -> Record:
     return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
             "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
-            "engine": call.engine, "error": call.error}
+            "engine": call.engine, "error": call.error, "compression": call.compression}
 
 
 def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:

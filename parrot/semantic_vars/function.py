@@ -11,10 +11,10 @@ import inspect
 from dataclasses import fields
 from typing import Any, Callable, Mapping, Sequence, overload
 
-from .errors import TemplateError
+from .errors import InvalidArgumentError, TemplateError
 from .runtime import CallSpec, FunctionSpec, new_id
 from .sampling import SamplingConfig
-from .template import Placeholder, Template
+from .template import Placeholder, Template, compress_rate
 from .variable import SemanticVariable
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
@@ -65,11 +65,33 @@ def _placeholder_sampling(p: Placeholder, source: str) -> dict[str, Any]:
     return out
 
 
+def _function_compression(template: Template, compress: Mapping[str, Any] | None) -> dict[str, float]:
+    """The ``compress=`` option of a function, checked against its inputs,
+    merged under the template's own options (the template is more specific)."""
+    if compress is None:
+        compress = {}
+    if not isinstance(compress, Mapping):
+        raise InvalidArgumentError("compress", f"must map input names to rates, got {type(compress).__name__}")
+    rates: dict[str, float] = {}
+    for name, value in compress.items():
+        if name not in template.inputs:
+            known = ", ".join(template.inputs) or "none"
+            raise InvalidArgumentError(f"compress.{name}", f"the template has no input {name!r} (inputs: {known})")
+        try:
+            rates[name] = compress_rate(value)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"compress.{name}", str(exc)) from None
+    return {**rates, **template.input_compression}
+
+
 class SemanticFunction:
     """A prompt template with typed inputs and outputs.
 
     Construct it with :func:`semantic_function` on a Python stub whose
     docstring is the template, or directly from a template string.
+    ``compress`` maps input names to the fraction of their tokens to keep
+    (see :func:`~parrot.semantic_vars.template.compress_rate`), like a
+    ``{{input:x|compress=0.3}}`` option in the template, which wins.
     """
 
     def __init__(
@@ -80,13 +102,11 @@ class SemanticFunction:
         input_order: Sequence[str] | None = None,
         defaults: SamplingConfig | None = None,
         output_options: Mapping[str, Mapping[str, Any]] | None = None,
+        compress: Mapping[str, float | str] | None = None,
     ) -> None:
         self.name = name
-        self.template = Template(template)
-        for p in self.template.placeholders:
-            if p.kind == "input" and p.options:
-                key = next(iter(p.options))
-                raise TemplateError(f"unknown option {key!r} for input {p.name!r}", position=p.position, template=template)
+        self.template = Template(template)  # input options are checked by the parser
+        self.input_compression: Mapping[str, float] = _function_compression(self.template, compress)
         self.input_names: tuple[str, ...] = tuple(input_order) if input_order is not None else self.template.inputs
         defaults = defaults or SamplingConfig()
         output_options = output_options or {}
@@ -97,7 +117,9 @@ class SemanticFunction:
             options = {**dict(output_options.get(out_name, {})), **_placeholder_sampling(placeholder, template)}
             sampling[out_name] = defaults.merged(**options)
         self.output_sampling: Mapping[str, SamplingConfig] = sampling
-        self.spec = FunctionSpec(name=name, template=template, output_sampling=sampling)
+        self.spec = FunctionSpec(
+            name=name, template=template, output_sampling=sampling, input_compression=self.input_compression
+        )
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -155,7 +177,9 @@ class SemanticFunction:
         return f"SemanticFunction({self.name!r}, inputs={self.input_names}, outputs={self.output_names})"
 
 
-def _from_stub(fn: Callable[..., Any], defaults: SamplingConfig) -> SemanticFunction:
+def _from_stub(
+    fn: Callable[..., Any], defaults: SamplingConfig, compress: Mapping[str, float | str] | None = None
+) -> SemanticFunction:
     doc = inspect.getdoc(fn)
     if not doc:
         raise TemplateError(f"semantic function {fn.__name__!r} has no docstring: the docstring is its prompt template")
@@ -187,7 +211,9 @@ def _from_stub(fn: Callable[..., Any], defaults: SamplingConfig) -> SemanticFunc
                     position=p.position,
                     template=doc,
                 )
-    return SemanticFunction(doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options)
+    return SemanticFunction(
+        doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options, compress=compress
+    )
 
 
 @overload
@@ -200,6 +226,7 @@ def semantic_function(
     top_p: float | None = None,
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
+    compress: Mapping[str, float | str] | None = None,
 ) -> Callable[[Callable[..., Any]], SemanticFunction]: ...
 
 
@@ -212,13 +239,16 @@ def semantic_function(
     top_p: float | None = None,
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
+    compress: Mapping[str, float | str] | None = None,
 ) -> Any:
     """Declare a semantic function from a stub whose docstring is its template.
 
-    The keyword options are the defaults for every output; an
+    The sampling keywords are the defaults for every output; an
     ``P.Output(...)`` annotation or options in the placeholder override them.
+    ``compress={"notes": 0.3}`` compresses input ``notes`` to about 30% of
+    its tokens before it reaches the prompt (as ``{{input:notes|compress=0.3}}``).
     """
     defaults = SamplingConfig().merged(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
     if fn is not None:
-        return _from_stub(fn, defaults)
-    return lambda f: _from_stub(f, defaults)
+        return _from_stub(fn, defaults, compress)
+    return lambda f: _from_stub(f, defaults, compress)

@@ -158,7 +158,7 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
 
 def function_body(spec: FunctionSpec) -> dict[str, Any]:
     """A :class:`FunctionSpec` as the server's inline ``function`` body."""
-    return {
+    body: dict[str, Any] = {
         "name": spec.name,
         "template": spec.template,
         "output_sampling": {
@@ -166,6 +166,9 @@ def function_body(spec: FunctionSpec) -> dict[str, Any]:
             for name, config in spec.output_sampling.items()
         },
     }
+    if spec.input_compression:
+        body["compress"] = dict(spec.input_compression)
+    return body
 
 
 def call_body(call: CallSpec) -> dict[str, Any]:

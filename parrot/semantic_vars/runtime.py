@@ -36,7 +36,9 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """A semantic function as the runtime sees it: a template and per-output sampling.
+    """A semantic function as the runtime sees it: a template, per-output
+    sampling and the inputs to compress (input name -> fraction of tokens to
+    keep; the template's own ``compress=`` options are included).
 
     ``public_prefix`` marks a function the service's admin published for every
     tenant: the constant text its template starts with (a public app's system
@@ -47,6 +49,7 @@ class FunctionSpec:
     name: str
     template: str
     output_sampling: Mapping[str, SamplingConfig]
+    input_compression: Mapping[str, float] = field(default_factory=dict)
     public_prefix: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,13 +57,16 @@ class FunctionSpec:
             "name": self.name,
             "template": self.template,
             "output_sampling": {k: v.to_dict() for k, v in self.output_sampling.items()},
+            "input_compression": dict(self.input_compression),
             "public_prefix": self.public_prefix,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FunctionSpec":
         sampling = {k: SamplingConfig.from_dict(v) for k, v in d["output_sampling"].items()}
-        return cls(name=d["name"], template=d["template"], output_sampling=sampling,
+        # Records written before compression existed have no such key.
+        compression = {k: float(v) for k, v in (d.get("input_compression") or {}).items()}
+        return cls(name=d["name"], template=d["template"], output_sampling=sampling, input_compression=compression,
                    public_prefix=bool(d.get("public_prefix", False)))
 
 

@@ -2,8 +2,16 @@
 
 A template is plain text with placeholders ``{{input:NAME}}`` (filled by the
 caller) and ``{{output:NAME}}`` (filled by the model). A placeholder may carry
-options after bars, ``{{output:answer|max_tokens=32|stop=\\n}}``; which
-options a kind accepts is decided by :mod:`parrot.semantic_vars.function`.
+options after bars, ``{{output:answer|max_tokens=32|stop=\\n}}``. Output
+options (sampling) are typed by :mod:`parrot.semantic_vars.function`; input
+options are checked here, because the runtime reads them from the template:
+
+``{{input:notes|compress=0.3}}``
+    compress the input's value before it is spliced into the prompt, keeping
+    about 30% of its tokens (``compress=3x`` says the same as a ratio). The
+    dataflow applies it when the call becomes ready; the variable's own value
+    is left unchanged. The option belongs to the input, so every placeholder
+    of that input is compressed alike.
 
 Parsing is strict: every problem raises :class:`TemplateError` with the
 character position, so a user sees where their prompt is wrong.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
@@ -21,6 +30,9 @@ from .errors import TemplateError
 
 PlaceholderKind = Literal["input", "output"]
 KINDS: tuple[PlaceholderKind, ...] = ("input", "output")
+
+#: Options an ``{{input:...}}`` placeholder accepts.
+INPUT_OPTIONS: tuple[str, ...] = ("compress",)
 
 _OPEN, _CLOSE = "{{", "}}"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -49,6 +61,55 @@ Segment = Text | Placeholder
 def _unescape(value: str) -> str:
     # Option values may spell newlines and tabs the way users type them.
     return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def compress_rate(value: object) -> float:
+    """A compression option as the fraction of tokens to keep, in (0, 1].
+
+    Accepts a number (``0.3``) or a string: ``"0.3"``, ``"30%"`` or a ratio
+    ``"3x"`` (keep a third). Raises ``ValueError`` saying what is expected.
+    """
+    expected = "expected the fraction of tokens to keep in (0, 1] (e.g. 0.3), a percentage (30%) or a ratio (3x)"
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a compression rate: {expected}")
+    if isinstance(value, (int, float)):
+        rate = float(value)
+    elif isinstance(value, str):
+        raw = value.strip().lower()
+        unit = raw[-1:] if raw[-1:] in ("x", "%") else ""
+        try:
+            number = float(raw[: len(raw) - len(unit)])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number: {expected}") from None
+        if unit == "x":
+            if not (math.isfinite(number) and number >= 1.0):
+                raise ValueError(f"the ratio {value!r} must be at least 1x: {expected}")
+            rate = 1.0 / number
+        else:
+            rate = number / 100.0 if unit == "%" else number
+    else:
+        raise ValueError(f"{value!r} is not a compression rate: {expected}")
+    if not (math.isfinite(rate) and 0.0 < rate <= 1.0):
+        raise ValueError(f"{value!r} is out of range: {expected}")
+    return rate
+
+
+def _input_compression(p: Placeholder, source: str) -> float | None:
+    """The ``compress`` option of an input placeholder, checked; ``None`` when absent."""
+    for key in p.options:
+        if key not in INPUT_OPTIONS:
+            raise TemplateError(
+                f"unknown option {key!r} for input {p.name!r}: inputs accept {', '.join(INPUT_OPTIONS)}",
+                position=p.position,
+                template=source,
+            )
+    raw = p.options.get("compress")
+    if raw is None:
+        return None
+    try:
+        return compress_rate(raw)
+    except ValueError as exc:
+        raise TemplateError(f"option compress of input {p.name!r}: {exc}", position=p.position, template=source) from None
 
 
 def _parse_placeholder(body: str, position: int, source: str) -> Placeholder:
@@ -125,6 +186,7 @@ class Template:
         self.segments: tuple[Segment, ...] = tuple(parse_segments(source))
         inputs: list[str] = []
         outputs: list[str] = []
+        compression: dict[str, float] = {}
         for seg in self.segments:
             if not isinstance(seg, Placeholder):
                 continue
@@ -143,10 +205,19 @@ class Template:
                     )
                 if seg.name not in inputs:  # an input may be quoted twice
                     inputs.append(seg.name)
+                rate = _input_compression(seg, source)
+                if rate is not None:
+                    if compression.get(seg.name, rate) != rate:
+                        raise TemplateError(
+                            f"input {seg.name!r} is given two different compress rates", position=seg.position, template=source
+                        )
+                    compression[seg.name] = rate
         if not outputs:
             raise TemplateError("the template has no {{output:NAME}} placeholder, so a call would produce nothing")
         self.inputs: tuple[str, ...] = tuple(inputs)
         self.outputs: tuple[str, ...] = tuple(outputs)
+        #: Input name -> fraction of its tokens to keep (``compress=`` options).
+        self.input_compression: Mapping[str, float] = compression
 
     @property
     def placeholders(self) -> list[Placeholder]:

@@ -42,6 +42,11 @@ class FunctionBody(Strict):
     template: str = Field(min_length=1, max_length=1_000_000)
     sampling: SamplingBody = Field(default_factory=SamplingBody, description="defaults for every output")
     output_sampling: dict[str, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
+    compress: dict[str, float | str] = Field(
+        default_factory=dict,
+        description="input name -> fraction of its tokens to keep, in (0, 1] (or '30%', '3x'); "
+        "like {{input:NAME|compress=0.3}} in the template, which wins",
+    )
 
 
 class FunctionCreated(BaseModel):

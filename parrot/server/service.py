@@ -60,6 +60,7 @@ def function_spec(body: FunctionBody) -> FunctionSpec:
         name=body.name,
         defaults=defaults,
         output_options={k: sampling_options(v) for k, v in body.output_sampling.items()},
+        compress=body.compress,
     )
     return fn.spec
 
