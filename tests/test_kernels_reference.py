@@ -329,3 +329,16 @@ def test_import_does_not_need_triton():
     code = "import sys, parrot.kernels; assert 'triton' not in sys.modules; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_computed_fraction_counts_exactly_what_the_mask_visits():
+    t = 203
+    q, k, _ = _qkv(t, 3, 1, 8, 14)
+    vert, slash = S.estimate_vertical_slash(q, k, 30, 10, last_q=16)
+    for idx in (S.vertical_slash_index(vert, slash, t, block_m=32, block_n=16),
+                S.estimate_block_sparse(q, k, 3, block_m=16, block_n=32),
+                S.a_shape_index(3, t, 20, 50, block_m=16, block_n=16)):
+        mask = idx.dense_mask(t)
+        want = (mask.sum((1, 2)).double() / (t * (t + 1) / 2)).tolist()
+        assert idx.computed_fraction(t, per_head=True) == pytest.approx(want)
+        assert torch.equal(idx.dense_mask(t, first_row=150), mask[:, 150:])

@@ -32,24 +32,25 @@ from .prefill import build_layer_index
 
 
 def attention_mass_recall(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None, rows: int | None = None
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """Per query head, the mean over query rows of the dense causal softmax mass inside ``mask``.
 
-    ``q [T, Hq, D]``, ``k [T, Hkv, D]``, ``mask [Hq, T, T]`` (True = visited).
-    ``rows`` limits the average to the last ``rows`` queries (cheaper).
-    Heads are processed one at a time to bound memory.
+    ``q [T, Hq, D]``, ``k [T, Hkv, D]``; ``mask [Hq, R, T]`` (True = visited)
+    covers the last ``R`` queries (``R = T`` for all of them; see
+    :meth:`SparseIndex.dense_mask`). Heads are processed one at a time to
+    bound memory.
     """
     t, hq, d = q.shape
     group = hq // k.shape[1]
     sc = 1.0 / math.sqrt(d) if scale is None else scale
-    first = 0 if rows is None else max(0, t - rows)
+    first = t - mask.shape[1]
     causal = torch.ones(t - first, t, dtype=torch.bool, device=q.device).tril(first)
     out = torch.empty(hq, dtype=torch.float64)
     for h in range(hq):
         s = (q[first:, h].float() @ k[:, h // group].float().T) * sc
         p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-        out[h] = (p * mask[h, first:]).sum(-1).mean().double()
+        out[h] = (p * mask[h]).sum(-1).mean().double()
     return out
 
 
@@ -81,12 +82,12 @@ def search_layer(
     fraction = torch.zeros(len(candidates), hq, dtype=torch.float64)
     for q, k in samples:
         t = q.shape[0]
-        causal_entries = t * (t + 1) / 2
         for c, cand in enumerate(candidates):
             layer = LayerPatterns.uniform(cand, hq, block_m=block_m, block_n=block_n, last_q=last_q, min_length=1)
-            mask = build_layer_index(q, k, layer, scale).dense_mask(t)
-            recall[c] += attention_mass_recall(q, k, mask, scale, rows)
-            fraction[c] += mask.sum((1, 2)).double().cpu() / causal_entries
+            index = build_layer_index(q, k, layer, scale)
+            mask = index.dense_mask(t, first_row=0 if rows is None else max(0, t - rows))
+            recall[c] += attention_mass_recall(q, k, mask, scale)
+            fraction[c] += torch.tensor(index.computed_fraction(t, per_head=True), dtype=torch.float64)
     recall /= len(samples)
     fraction /= len(samples)
     chosen, stats = [], []

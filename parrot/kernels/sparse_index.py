@@ -54,18 +54,21 @@ class SparseIndex:
     def num_query_blocks(self) -> int:
         return self.block_count.shape[1]
 
-    def dense_mask(self, length: int) -> torch.Tensor:
-        """The boolean ``[H, length, length]`` mask of keys each query visits (causal applied)."""
-        h, nqb = self.block_count.shape
+    def dense_mask(self, length: int, first_row: int = 0) -> torch.Tensor:
+        """The boolean ``[H, length - first_row, length]`` mask of keys each query visits (causal applied).
+
+        ``first_row`` limits it to the last queries (cheaper for long prompts).
+        """
         device = self.block_count.device
+        qb0 = first_row // self.block_m
         nkb = -(-length // self.block_n)
-        blocks = _scatter_flags(self.block_idx, self.block_count, nkb)  # [H, nQB, nKB]
-        cols = _scatter_flags(self.column_idx, self.column_count, length)  # [H, nQB, T]
+        blocks = _scatter_flags(self.block_idx[:, qb0:], self.block_count[:, qb0:], nkb)  # [H, nQB', nKB]
+        cols = _scatter_flags(self.column_idx[:, qb0:], self.column_count[:, qb0:], length)  # [H, nQB', T]
         mask = blocks.repeat_interleave(self.block_n, dim=2)[:, :, :length]
         mask = mask | cols
-        mask = mask.repeat_interleave(self.block_m, dim=1)[:, :length]
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        return mask & causal
+        mask = mask.repeat_interleave(self.block_m, dim=1)[:, first_row - qb0 * self.block_m : length - qb0 * self.block_m]
+        rows = torch.arange(first_row, length, device=device).unsqueeze(1)
+        return mask & (torch.arange(length, device=device).unsqueeze(0) <= rows)
 
     def validate(self, length: int) -> None:
         """Raise ``ValueError`` if an entry is out of range or a key would be visited twice."""
@@ -87,10 +90,28 @@ class SparseIndex:
         if bool(inside.any()):
             raise ValueError("a column lies inside a listed key block")
 
-    def computed_fraction(self, length: int) -> float:
-        """Fraction of the causal score matrix this index computes (1.0 = dense)."""
-        visited = self.dense_mask(length).sum(dtype=torch.float64)
-        return float(visited) / (self.num_heads * length * (length + 1) / 2)
+    def computed_fraction(self, length: int, per_head: bool = False) -> float | list[float]:
+        """Fraction of the causal score matrix this index computes (1.0 = dense), counted exactly
+        in closed form (no mask is built, so it is cheap at any length)."""
+        device = self.block_count.device
+        nqb = self.num_query_blocks
+        r0 = (torch.arange(nqb, device=device) * self.block_m).view(1, nqb, 1)
+        r1 = torch.clamp(r0 + self.block_m, max=length)
+
+        def below(n: torch.Tensor, c0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            # Pairs (i, j) with i < n, c0 <= j < c0 + w, j <= i.
+            p = torch.clamp(n - c0, min=0)
+            tri = torch.minimum(p, w)
+            return tri * (tri + 1) // 2 + w * torch.clamp(p - w, min=0)
+
+        used = torch.arange(self.block_idx.shape[-1], device=device) < self.block_count.unsqueeze(-1)
+        c0 = self.block_idx.long() * self.block_n
+        w = torch.clamp(length - c0, min=0, max=self.block_n)
+        tiles = ((below(r1, c0, w) - below(r0, c0, w)) * used).sum((1, 2))
+        used = torch.arange(self.column_idx.shape[-1], device=device) < self.column_count.unsqueeze(-1)
+        cols = (torch.clamp(r1 - torch.maximum(r0, self.column_idx.long()), min=0) * used).sum((1, 2))
+        frac = ((tiles + cols).double() / (length * (length + 1) / 2)).cpu()
+        return frac.tolist() if per_head else float(frac.mean())
 
     @staticmethod
     def merge_heads(parts: list[tuple[list[int], "SparseIndex"]], num_heads: int) -> "SparseIndex":
