@@ -109,7 +109,7 @@ def search_config(
     block_m: int = 64,
     block_n: int = 64,
     last_q: int = 64,
-    min_length: int = 8192,
+    min_length: int = 16384,
     rows: int | None = 1024,
 ) -> SparseAttentionConfig:
     """Search every layer. ``samples[s][layer]`` is the ``(q, k)`` of layer ``layer`` on sample ``s``."""

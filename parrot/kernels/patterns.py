@@ -6,7 +6,7 @@ The offline search (:mod:`parrot.kernels.pattern_search`) writes a
 
 JSON layout (version 1)::
 
-    {"version": 1, "block_m": 64, "block_n": 64, "last_q": 64, "min_length": 8192,
+    {"version": 1, "block_m": 64, "block_n": 64, "last_q": 64, "min_length": 16384,
      "layers": [[{"kind": "vertical_slash", "vertical": 1000, "slash": 1024},
                  {"kind": "a_shape", "sink": 64, "window": 2048},
                  {"kind": "block_sparse", "top_k": 64}, ...],   # one entry per query head
@@ -81,7 +81,7 @@ class LayerPatterns:
     block_m: int = 64
     block_n: int = 64
     last_q: int = 64
-    min_length: int = 8192
+    min_length: int = 16384
 
     @classmethod
     def uniform(cls, pattern: HeadPattern, num_heads: int, **kwargs: int) -> "LayerPatterns":
@@ -97,7 +97,7 @@ class SparseAttentionConfig:
     block_m: int = 64
     block_n: int = 64
     last_q: int = 64
-    min_length: int = 8192
+    min_length: int = 16384
     meta: dict[str, Any] = field(default_factory=dict)  # how it was searched (free-form)
 
     def layer(self, i: int) -> LayerPatterns:
@@ -125,7 +125,7 @@ class SparseAttentionConfig:
         if not isinstance(layers, list) or not all(isinstance(layer, list) and layer for layer in layers):
             raise PatternConfigError("layers: expected a list of non-empty lists of head patterns")
         ints = {}
-        for name, default in (("block_m", 64), ("block_n", 64), ("last_q", 64), ("min_length", 8192)):
+        for name, default in (("block_m", 64), ("block_n", 64), ("last_q", 64), ("min_length", 16384)):
             value = data.get(name, default)
             if not isinstance(value, int) or value < 1:
                 raise PatternConfigError(f"{name}: must be a positive integer, got {value!r}")

@@ -34,7 +34,8 @@ def _sparse_prefill_kernel(
     qb = num_qb - 1 - tl.program_id(0)  # heavy (late) query blocks first
     h = tl.program_id(1)
     kvh = h // GROUP
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 positions: at 1M tokens, position * token stride overflows int32.
+    offs_m = (qb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
@@ -49,7 +50,7 @@ def _sparse_prefill_kernel(
     n_blocks = tl.load(BLOCK_COUNT + h * stride_bch + qb)
     blocks = BLOCK_IDX + h * stride_bih + qb * stride_bim
     for i in range(n_blocks):
-        start = tl.load(blocks + i) * BLOCK_N
+        start = tl.load(blocks + i).to(tl.int64) * BLOCK_N
         cols = start + offs_n
         col_ok = cols < seq_len
         k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
@@ -68,7 +69,7 @@ def _sparse_prefill_kernel(
     col_list = COL_IDX + h * stride_cih + qb * stride_cim
     for c0 in range(0, n_cols, BLOCK_N):
         listed = (c0 + offs_n) < n_cols
-        cols = tl.load(col_list + c0 + offs_n, mask=listed, other=0)
+        cols = tl.load(col_list + c0 + offs_n, mask=listed, other=0).to(tl.int64)
         k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=listed[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale
         s = tl.where(listed[None, :] & (cols[None, :] <= offs_m[:, None]), s, float("-inf"))
