@@ -28,7 +28,9 @@ import triton.language as tl
 from .decode_plan import SharedPrefixPlan, plan_shared_prefix
 
 _LOG2E = 1.4426950408889634
-_BLOCK_N = 64
+_BLOCK_N = 64  # keys per loop iteration
+_NUM_WARPS = 4
+_NUM_STAGES = 2
 
 
 @triton.jit
@@ -160,7 +162,7 @@ def _launch_partial(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         bt.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, PAGE=key_cache.shape[1], BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
-        num_warps=4, num_stages=2,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
 
 
