@@ -315,13 +315,18 @@ def vertical_slash_index(
 
 # -- block-sparse ---------------------------------------------------------------
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over each run of ``block`` positions of ``x [T, H, D]``: ``[H, nB, D]`` float32."""
+    """Mean over each run of ``block`` positions of ``x [T, H, D]``: ``[H, nB, D]`` float32.
+
+    Sums in float32 without a float32 copy of ``x`` (8.6 GB per tensor at 1M tokens).
+    """
     t, h, d = x.shape
-    nb = -(-t // block)
-    padded = torch.zeros(nb * block, h, d, dtype=torch.float32, device=x.device)
-    padded[:t] = x.float()
-    counts = torch.clamp(t - torch.arange(nb, device=x.device) * block, max=block).float()
-    return (padded.view(nb, block, h, d).sum(1) / counts.view(nb, 1, 1)).transpose(0, 1)
+    full = t // block
+    parts = []
+    if full:
+        parts.append(x[: full * block].view(full, block, h, d).sum(1, dtype=torch.float32) / block)
+    if t % block:
+        parts.append(x[full * block :].sum(0, keepdim=True, dtype=torch.float32) / (t % block))
+    return torch.cat(parts).transpose(0, 1)
 
 
 def estimate_block_sparse(
