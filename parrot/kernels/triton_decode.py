@@ -31,11 +31,6 @@ _LOG2E = 1.4426950408889634
 _BLOCK_N = 64  # keys per loop iteration
 _NUM_WARPS = 4
 _NUM_STAGES = 2
-# Partial outputs are normalised (bounded by |v|), so storing them in the
-# query's dtype loses no more than the final output's own rounding and halves
-# their traffic, which with GQA rivals the KV bytes themselves.
-_PARTIALS_IN_QUERY_DTYPE = True
-_PROGRAMS_PER_SM = 1  # split long contexts until about this many programs per multiprocessor
 
 
 @triton.jit
@@ -96,7 +91,7 @@ def _paged_partial_kernel(
     slot = slot_base + split
     tl.store(
         PART_O + seq[:, None] * stride_pb + head[:, None] * stride_ph + slot * stride_ps + offs_d[None, :],
-        out.to(PART_O.dtype.element_ty), mask=row_ok[:, None],
+        out, mask=row_ok[:, None],
     )
     tl.store(PART_LSE + seq * stride_lb + head * stride_lh + slot, lse, mask=row_ok)
 
@@ -116,7 +111,6 @@ def _merge_kernel(
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     o = tl.load(PART_O + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    o = o.to(tl.float32)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
@@ -173,10 +167,10 @@ def _launch_partial(
 
 
 def _splits(items: int, m_tiles: int, hkv: int, max_len: int, sms: int) -> tuple[int, int]:
-    """Split long contexts so that about ``_PROGRAMS_PER_SM`` programs run per multiprocessor."""
+    """Split long contexts so that about two programs run per multiprocessor."""
     programs = max(1, items * m_tiles * hkv)
     chunks = max(1, -(-max_len // _BLOCK_N))
-    splits = max(1, min(-(-_PROGRAMS_PER_SM * sms // programs), chunks))
+    splits = max(1, min(-(-2 * sms // programs), chunks))
     per_split = -(-chunks // splits) * _BLOCK_N
     return -(-max(max_len, 1) // per_split), per_split
 
@@ -199,8 +193,7 @@ def _run(query, key_cache, value_cache, parts: list[_Items], scale: float | None
         m_tiles = max(1, -(-items.max_rows * group // block_m))
         plans.append(_splits(items.lens.shape[0], m_tiles, hkv, items.block_tables.shape[1] * page, sms))
     slots = sum(s for s, _ in plans)
-    part_dtype = query.dtype if _PARTIALS_IN_QUERY_DTYPE else torch.float32
-    part_o = torch.empty(b, hq, slots, d, dtype=part_dtype, device=query.device)
+    part_o = torch.empty(b, hq, slots, d, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(b, hq, slots, dtype=torch.float32, device=query.device)
     base = 0
     for items, (splits, per_split) in zip(parts, plans):
