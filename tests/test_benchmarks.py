@@ -100,7 +100,9 @@ def test_orchestration_reports_per_call_cost_by_size(tmp_path):
     assert rows[0]["growth_vs_previous"] is None and rows[1]["growth_vs_previous"] is not None
 
 
-@pytest.mark.parametrize("module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model"])
+@pytest.mark.parametrize(
+    "module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model", "benchmarks.kernels"]
+)
 def test_help(module, capsys):
     import importlib
 

@@ -1,0 +1,132 @@
+"""Offline search of sparse prefill patterns: per layer and head, the pattern and budget
+that keep the most attention mass on sample prompts.
+
+For every head of a layer and every candidate :class:`HeadPattern`, the
+index the pattern would build online is built from the sample's ``q``/``k``
+and scored by *attention-mass recall*: the share of the dense causal softmax
+mass (averaged over query rows) that falls on keys the index visits. Among
+the candidates whose computed fraction of the causal score matrix stays
+within ``max_fraction`` the best recall wins (ties: the cheaper). Recall is
+averaged over the samples given. The result is a
+:class:`SparseAttentionConfig`, saved as JSON with ``config.save(path)``.
+
+Budgets are absolute (tokens, columns, diagonals, blocks), so search on
+samples about as long as the prompts the config will serve.
+
+Use it from Python, with each layer's post-RoPE ``q``/``k`` recorded from real
+forward passes of the model on sample prompts::
+
+    config = search_config(samples, max_fraction=0.1)   # samples[s][layer] = (q, k)
+    config.save("sparse.json")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .patterns import HeadPattern, LayerPatterns, SparseAttentionConfig
+from .prefill import build_layer_index
+
+
+def attention_mass_recall(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Per query head, the mean over query rows of the dense causal softmax mass inside ``mask``.
+
+    ``q [T, Hq, D]``, ``k [T, Hkv, D]``; ``mask [Hq, R, T]`` (True = visited)
+    covers the last ``R`` queries (``R = T`` for all of them; see
+    :meth:`SparseIndex.dense_mask`). Heads are processed one at a time to
+    bound memory.
+    """
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    first = t - mask.shape[1]
+    causal = torch.ones(t - first, t, dtype=torch.bool, device=q.device).tril(first)
+    out = torch.empty(hq, dtype=torch.float64)
+    for h in range(hq):
+        s = (q[first:, h].float() @ k[:, h // group].float().T) * sc
+        p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        out[h] = (p * mask[h]).sum(-1).mean().double()
+    return out
+
+
+def default_candidates(length: int) -> list[HeadPattern]:
+    """A small grid of budgets for each pattern, scaled to the sample length."""
+    cands = []
+    for frac in (1 / 32, 1 / 16, 1 / 8, 1 / 4):
+        cands.append(HeadPattern("a_shape", sink=64, window=max(64, int(length * frac))))
+        cands.append(HeadPattern("block_sparse", top_k=max(2, int(length * frac) // 64)))
+    for v, s in ((64, 64), (256, 128), (512, 256), (1024, 512), (2048, 1024)):
+        cands.append(HeadPattern("vertical_slash", vertical=min(v, length), slash=min(s, length)))
+    return cands
+
+
+def search_layer(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    candidates: Sequence[HeadPattern],
+    *,
+    max_fraction: float = 0.1,
+    block_m: int = 64,
+    block_n: int = 64,
+    last_q: int = 64,
+    scale: float | None = None,
+    rows: int | None = None,
+) -> tuple[tuple[HeadPattern, ...], dict]:
+    """Best pattern per head of one layer from sample ``(q, k)`` pairs; also each head's scores."""
+    hq = samples[0][0].shape[1]
+    recall = torch.zeros(len(candidates), hq, dtype=torch.float64)
+    fraction = torch.zeros(len(candidates), hq, dtype=torch.float64)
+    for q, k in samples:
+        t = q.shape[0]
+        for c, cand in enumerate(candidates):
+            layer = LayerPatterns.uniform(cand, hq, block_m=block_m, block_n=block_n, last_q=last_q, min_length=1)
+            index = build_layer_index(q, k, layer, scale)
+            mask = index.dense_mask(t, first_row=0 if rows is None else max(0, t - rows))
+            recall[c] += attention_mass_recall(q, k, mask, scale)
+            fraction[c] += torch.tensor(index.computed_fraction(t, per_head=True), dtype=torch.float64)
+    recall /= len(samples)
+    fraction /= len(samples)
+    chosen, stats = [], []
+    for h in range(hq):
+        fits = [c for c in range(len(candidates)) if fraction[c, h] <= max_fraction]
+        if not fits:  # nothing fits the budget: the cheapest candidate
+            fits = [int(fraction[:, h].argmin())]
+        best = max(fits, key=lambda c: (float(recall[c, h]), -float(fraction[c, h])))
+        chosen.append(candidates[best])
+        stats.append({"recall": float(recall[best, h]), "fraction": float(fraction[best, h])})
+    return tuple(chosen), {"heads": stats}
+
+
+def search_config(
+    samples: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    candidates: Sequence[HeadPattern] | None = None,
+    *,
+    max_fraction: float = 0.1,
+    block_m: int = 64,
+    block_n: int = 64,
+    last_q: int = 64,
+    min_length: int = 16384,
+    rows: int | None = 1024,
+) -> SparseAttentionConfig:
+    """Search every layer. ``samples[s][layer]`` is the ``(q, k)`` of layer ``layer`` on sample ``s``."""
+    if not samples:
+        raise ValueError("need at least one sample")
+    num_layers = len(samples[0])
+    length = min(s[0][0].shape[0] for s in samples)
+    cands = list(candidates) if candidates is not None else default_candidates(length)
+    layers, meta = [], []
+    for layer in range(num_layers):
+        heads, stats = search_layer(
+            [s[layer] for s in samples], cands, max_fraction=max_fraction,
+            block_m=block_m, block_n=block_n, last_q=last_q, rows=rows,
+        )
+        layers.append(heads)
+        meta.append(stats)
+    return SparseAttentionConfig(
+        layers, block_m, block_n, last_q, min_length,
+        meta={"max_fraction": max_fraction, "sample_length": length, "samples": len(samples), "layers": meta},
+    )
