@@ -55,6 +55,9 @@ class GenerationRequest:
     program: Sequence[Fill | Gen]
     request_id: str = field(default_factory=lambda: new_id("req"))
     prefix_hint: PrefixHint | None = None
+    # Whose cached KV blocks this request may reuse (the tenant): token
+    # blocks are only shared between requests of the same namespace.
+    namespace: str = ""
 
     @property
     def num_gens(self) -> int:
@@ -112,6 +115,9 @@ class EngineCapacity:
     waiting: int
     free_kv_tokens: int | None = None
     cached_prefixes: frozenset[str] = frozenset()  # prefix-hint keys whose KV the engine holds now
+    free_blocks: int | None = None  # KV blocks an allocation may take (empty or only cached)
+    total_blocks: int | None = None  # KV blocks in the pool
+    cached_blocks: int | None = None  # KV blocks findable by the prefix cache (held or free)
 
     @property
     def free_slots(self) -> int:

@@ -60,7 +60,8 @@ class LocalRuntime(Runtime):
     ``request_level=True`` turns it into the request-level baseline: the SDK
     resolves every input on the client before submitting a call (a round
     trip per dependency), calls are placed first come first served, and no
-    prefix hints reach the engines. It exists for the benchmarks and so a
+    prefix hints reach the engines (nor does any request reuse another's KV
+    blocks). It exists for the benchmarks and so a
     user can see the difference on their own program.
     """
 
@@ -324,6 +325,10 @@ class LocalRuntime(Runtime):
                 request_id=call.id,
                 prefix=(hint.key, hint.end) if hint else None,
             )
+            # Engines share KV blocks only within a namespace: the tenant's, or
+            # the call's own in the request-level baseline (no reuse at all).
+            session = self.sessions.get(call.session_id)
+            request.namespace = call.id if self.request_level or session is None else session.namespace
             stream = engine.submit(request)
             names = [step.name for step in request.program if isinstance(step, Gen)]
             async for event in stream:
