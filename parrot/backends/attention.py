@@ -24,13 +24,16 @@ def sdpa(
 ) -> torch.Tensor:
     """SDPA with grouped-query heads: q ``[..., Hq, n, D]``, k/v ``[..., Hkv, m, D]``."""
     group = q.shape[-3] // k.shape[-3]
+    if group > 1 and (q.is_cuda or not _SDPA_HAS_GQA):
+        # On the GPU the flash kernel does not take ``enable_gqa`` in every
+        # version (the fallback materialises the score matrix): expand instead.
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+        group = 1
     if _SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1
         )
-    if group > 1:
-        k = k.repeat_interleave(group, dim=-3)
-        v = v.repeat_interleave(group, dim=-3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
@@ -62,15 +65,18 @@ def paged_decode_attention(
     The torch version gathers each sequence's blocks into a dense tensor,
     then runs one masked SDPA for the whole batch.
     """
-    batch, _, dim = query.shape
+    batch, q_heads, dim = query.shape
     max_blocks = block_tables.shape[1]
     _, block_size, kv_heads, _ = key_cache.shape
     index = block_tables.long()
     keys = key_cache[index].view(batch, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
     values = value_cache[index].view(batch, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
     visible = torch.arange(max_blocks * block_size, device=query.device)[None, :] < context_lens[:, None]
-    out = sdpa(query[:, :, None, :], keys, values, mask=visible[:, None, None, :], scale=scale)
-    return out[:, :, 0, :]
+    # The query heads of one KV head become that head's query rows: plain
+    # SDPA over [B, Hkv, group, D], no head expansion of the gathered cache.
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(batch, q_heads, dim)
 
 
 def paged_prefill_attention(
@@ -95,16 +101,19 @@ def paged_prefill_attention(
     if past == 0:
         return sdpa(q, key.transpose(0, 1), value.transpose(0, 1), causal=n > 1, scale=scale).transpose(0, 1)
     _, block_size, kv_heads, dim = key_cache.shape
+    q_heads = query.shape[1]
+    group = q_heads // kv_heads
     total = past + n
     used = blocks[: -(-total // block_size)].long()
     keys = key_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
     values = value_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
-    mask = None
-    if n > 1:
-        # Query i sits at position past + i and sees keys at positions <= it.
-        key_pos = torch.arange(total, device=query.device)
-        mask = key_pos[None, :] <= (key_pos[past:, None])
-    return sdpa(q, keys, values, mask=mask, scale=scale).transpose(0, 1)
+    # Query i sits at position past + i and sees keys at positions <= it.
+    key_pos = torch.arange(total, device=query.device)
+    mask = key_pos[None, :] <= key_pos[past:, None]  # [n, total]
+    # As in decode, the group's query heads become rows of their KV head.
+    q = q.reshape(kv_heads, group * n, dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(group, 1), scale=scale)
+    return out.view(q_heads, n, dim).transpose(0, 1)
 
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "sdpa", "write_kv"]

@@ -55,6 +55,7 @@ from parrot.semantic_vars import EngineError, new_id
 
 from .block_manager import BlockManager, BlockTable
 from .checkpoint import load_model
+from .cuda_graphs import DecodeGraphs
 from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream
 from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice, attention_scale
 from .model import LlamaFamilyModel
@@ -83,6 +84,9 @@ class TorchEngineConfig:
     # Longest context a request may reach; None: the model's max positions.
     # The pool must hold one request of this length.
     max_model_len: int | None = None
+    # Replay decode-only steps of up to this many sequences as CUDA graphs
+    # (CUDA only; 0 turns graphs off).
+    cuda_graph_max_batch: int = 64
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -95,6 +99,8 @@ class TorchEngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -111,8 +117,7 @@ class EngineCounters:
     preemptions: int = 0  # requests sent back to the queue to free blocks
     prefix_hits: int = 0  # hinted requests that started from a stored prefix
     prefix_misses: int = 0  # hinted requests that prefilled their prefix themselves
-    prefix_tokens_saved: int = 0  # prefill tokens not computed thanks to hint hits
-    cached_tokens: int = 0  # positions taken from the cache (hints and published blocks)
+    prefix_tokens_saved: int = 0  # prefill tokens not computed: positions taken from the cache (hints and blocks)
 
 
 class _Running:
@@ -183,6 +188,13 @@ class TorchEngine(Engine):
             c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
         )
         self._scale = attention_scale(c.head_dim)
+        self._graphs: DecodeGraphs | None = None
+        self.reserved_blocks = 0  # blocks the engine holds for itself (the graphs' scratch block)
+        if self.device.type == "cuda" and self.config.cuda_graph_max_batch:
+            scratch = self._blocks.allocate()
+            assert scratch is not None
+            self.reserved_blocks = 1
+            self._graphs = DecodeGraphs(model, self.pool, scratch, self._scale, self.config.cuda_graph_max_batch)
         self._prefix: PrefixCache | None = PrefixCache(self._blocks) if self.config.prefix_cache else None
         self._computing: dict[str, _Running] = {}  # key -> the request prefilling that prefix
         self._parked: dict[str, list[_Running]] = {}  # key -> requests waiting for it
@@ -226,8 +238,9 @@ class TorchEngine(Engine):
         else:
             budget, source = _CPU_KV_CACHE_BYTES, "the CPU default of 256 MiB"
         num_blocks = budget // per_block
-        # One block more than the longest context: a copy-on-write needs a spare.
-        needed = -(-self.max_model_len // cfg.block_size) + 1
+        # One block more than the longest context: a copy-on-write needs a
+        # spare; one more for the CUDA graphs' padding rows.
+        needed = -(-self.max_model_len // cfg.block_size) + 1 + (self.device.type == "cuda" and cfg.cuda_graph_max_batch > 0)
         if num_blocks < needed:
             raise EngineError(
                 f"the KV pool ({source}) holds {num_blocks} blocks of {cfg.block_size} tokens "
@@ -306,6 +319,10 @@ class TorchEngine(Engine):
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            # Give the KV pool and the graphs' memory back now, not at garbage collection.
+            self._graphs = None
+            self.pool.keys = self.pool.values = torch.empty(0, device=self.device)
 
     # -- worker ----------------------------------------------------------
     def _loop(self) -> None:
@@ -337,8 +354,10 @@ class TorchEngine(Engine):
                 log.exception("engine step failed")
                 error = exc if isinstance(exc, EngineError) else EngineError(f"engine step failed: {exc!r}")
                 for r in batch:
-                    r.stream.fail(error)
-                    r.seq.finished = True
+                    if not r.seq.finished:
+                        r.seq.finished = True
+                        self._release(r)
+                        r.stream.fail(error)
             with self._cond:
                 done = [r for r in self._running if r.seq.finished]
                 self.counters.requests_finished += len(done)
@@ -380,7 +399,7 @@ class TorchEngine(Engine):
         blocks, digests = self._prefix.match(r.namespace, tokens, len(tokens) - 1)
         if blocks:
             saved = r.seq.attach_cached_prefix(blocks, len(blocks) * self._blocks.block_size, digests)
-            self.counters.cached_tokens += saved
+            self.counters.prefix_tokens_saved += saved
 
     def _resolve_prefix(self, r: _Running) -> None:
         """Decide how an admitted hinted request gets its prefix: park it behind
@@ -400,7 +419,6 @@ class TorchEngine(Engine):
             r.prefix_entry = entry
             self.counters.prefix_hits += 1
             self.counters.prefix_tokens_saved += saved
-            self.counters.cached_tokens += saved
             return
         self.counters.prefix_misses += 1
         if computing is None and self._prefix.can_insert(key, tokens):
@@ -504,9 +522,9 @@ class TorchEngine(Engine):
             if take == 0:
                 continue
             if table.length + take > self.max_model_len:
-                r.stream.fail(EngineError(f"context reached max_model_len={self.max_model_len} tokens"))
                 r.seq.finished = True
-                self._release(r)
+                self._release(r)  # before the error reaches the caller, as for a finish
+                r.stream.fail(EngineError(f"context reached max_model_len={self.max_model_len} tokens"))
                 continue
             decoding = r.seq.is_decoding
             fit = self._fit(table, take)
@@ -574,6 +592,14 @@ class TorchEngine(Engine):
             if past + take == len(seq.tokens) and seq.generating:
                 sample_rows.append((r, len(ids) - 1))
         num_decode = len(decode_tables)
+        if not prefill_meta and self._graphs is not None and self._graphs.accepts(num_decode):
+            # Decode only: replay the captured graph (every row samples).
+            logits = self._graphs.run(ids, positions, slots, context_lens, decode_tables)
+            for r, take, _ in plan:
+                r.table.length += take
+            self._after_forward(plan, batch)
+            self._sample(sample_rows, logits)
+            return
         max_blocks = max((len(t) for t in decode_tables), default=0)
         flat_tables = [b for t in decode_tables for b in (*t, *([0] * (max_blocks - len(t))))]
         rows = [row for _, row in sample_rows]
@@ -601,15 +627,20 @@ class TorchEngine(Engine):
         )
         hidden = self.model(input_ids, pos_t, attn)
         attn.commit()
+        self._after_forward(plan, batch)
+        if sample_rows:
+            self._sample(sample_rows, self.model.compute_logits(hidden.index_select(0, rows_t)))
+
+    def _after_forward(self, plan: list[tuple[_Running, int, bool]], batch: list[_Running]) -> None:
+        """Count the step and publish what it made cacheable."""
         self.counters.steps += 1
         if self._prefix is not None:
             for r, _, _ in plan:
                 self._prefix.publish(r.namespace, r.seq.tokens, r.table.blocks, r.table.digests, r.table.length)
             if self._computing:
                 self._publish_prefixes(batch)
-        if not sample_rows:
-            return
-        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
+
+    def _sample(self, sample_rows: list[tuple[_Running, int]], logits: torch.Tensor) -> None:
         configs = [r.seq.current_gen.sampling for r, _ in sample_rows]
         tokens = sample(logits, configs, [r.generator() for r, _ in sample_rows])
         for (r, _), token in zip(sample_rows, tokens):
