@@ -30,6 +30,11 @@ def sdpa(
         k = k.repeat_interleave(group, dim=-3)
         v = v.repeat_interleave(group, dim=-3)
         group = 1
+    if q.dim() == 3:
+        # The fused (flash / memory-efficient) kernels take 4-D inputs only;
+        # a 3-D call falls back to the math kernel, which materialises the scores.
+        out = sdpa(q[None], k[None], v[None], mask=mask, causal=causal, scale=scale)
+        return out[0]
     if _SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1
@@ -111,8 +116,8 @@ def paged_prefill_attention(
     key_pos = torch.arange(total, device=query.device)
     mask = key_pos[None, :] <= key_pos[past:, None]  # [n, total]
     # As in decode, the group's query heads become rows of their KV head.
-    q = q.reshape(kv_heads, group * n, dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(group, 1), scale=scale)
+    q = q.reshape(1, kv_heads, group * n, dim)  # 4-D: see sdpa()
+    out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1), scale=scale)
     return out.view(q_heads, n, dim).transpose(0, 1)
 
 

@@ -2,7 +2,8 @@
 
 A decode-only step (every scheduled sequence feeds one token) has shapes
 that depend only on the batch size and the longest block table. Each
-``(batch, max_blocks)`` pair, rounded up to a power of two, gets one graph,
+``(batch, max_blocks)`` pair, rounded up (the batch to a power of two, the
+blocks to a multiple of 8, 32 or 128), gets one graph,
 captured the first time it is needed: model forward and logits over static
 index buffers. A step then copies its indices into the graph's buffer (one
 host-to-device copy) and replays it. Padding rows write their keys and
@@ -28,6 +29,13 @@ class _Graph:
 
 def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+def _blocks_bucket(n: int) -> int:
+    """Block-table width of a graph: coarse enough to capture few graphs, fine
+    enough that the torch attention does not gather much padding."""
+    step = 8 if n <= 64 else 32 if n <= 256 else 128
+    return -(-n // step) * step
 
 
 class DecodeGraphs:
@@ -56,7 +64,7 @@ class DecodeGraphs:
         """Logits ``[len(ids), vocab]`` of one decode step (the caches are written)."""
         b = len(ids)
         bp = _bucket(b)
-        mp = _bucket(max(len(t) for t in tables), floor=8)
+        mp = _blocks_bucket(max(len(t) for t in tables))
         graph = self._graphs.get((bp, mp)) or self._capture(bp, mp)
         pad = bp - b
         scratch = self.scratch_block

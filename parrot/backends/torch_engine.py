@@ -56,7 +56,7 @@ from parrot.semantic_vars import EngineError, new_id
 from .block_manager import BlockManager, BlockTable
 from .checkpoint import load_model
 from .cuda_graphs import DecodeGraphs
-from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream
+from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream, batched_delivery
 from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice, attention_scale
 from .model import LlamaFamilyModel
 from .prefix_cache import PrefixCache, PrefixEntry
@@ -643,5 +643,6 @@ class TorchEngine(Engine):
     def _sample(self, sample_rows: list[tuple[_Running, int]], logits: torch.Tensor) -> None:
         configs = [r.seq.current_gen.sampling for r, _ in sample_rows]
         tokens = sample(logits, configs, [r.generator() for r, _ in sample_rows])
-        for (r, _), token in zip(sample_rows, tokens):
-            r.seq.accept(token)
+        with batched_delivery():
+            for (r, _), token in zip(sample_rows, tokens):
+                r.seq.accept(token)
