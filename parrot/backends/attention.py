@@ -118,7 +118,7 @@ def paged_prefill_attention(
     # As in decode, the group's query heads become rows of their KV head.
     q = q.reshape(1, kv_heads, group * n, dim)  # 4-D: see sdpa()
     out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1), scale=scale)
-    return out.view(q_heads, n, dim).transpose(0, 1)
+    return out.reshape(q_heads, n, dim).transpose(0, 1)
 
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "sdpa", "write_kv"]
