@@ -193,3 +193,20 @@ def test_fuzz_block_accounting_under_random_load(tiny_llama_dir, baseline, ids):
         assert_all_free_or_cached(engine)
     finally:
         engine.close()
+
+
+def test_a_request_whose_loop_closed_is_cancelled_and_frees_its_blocks(tiny_llama_dir, ids):
+    engine = make(tiny_llama_dir, prefix_cache=False)
+    try:
+        async def abandon():
+            engine.submit(req(ids, max_tokens=300))  # nobody reads it; the loop closes at once
+
+        asyncio.run(abandon())
+        # The engine's next event for it finds the loop closed and cancels it.
+        [(results, _)] = run(engine, req(ids[:10], max_tokens=3))
+        run(engine, req([1, 2], max_tokens=1))  # one more step boundary for the cancel to land
+        assert len(results[0].token_ids) == 3
+        assert engine.counters.requests_cancelled == 1
+        assert_all_free(engine)
+    finally:
+        engine.close()

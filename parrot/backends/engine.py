@@ -199,7 +199,9 @@ class _Mailbox:
     emits an event for every running request)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weak: the registry is keyed weakly by the loop, so a strong
+        # reference here would keep every loop ever used alive.
+        self._loop = weakref.ref(loop)
         self._items: collections.deque[tuple[RequestStream, object]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -208,13 +210,17 @@ class _Mailbox:
         held = getattr(_held, "boxes", None)
         with self._lock:
             self._items.append((stream, item))
-            if held is not None:  # inside batched_delivery(): wake the loop at its end
+            loop = self._loop()
+            if loop is None or loop.is_closed():
+                wake = False  # checked on every post: a pending wake-up will never run
+            elif held is not None:  # inside batched_delivery(): wake the loop at its end
                 held.add(self)
                 return
-            if self._scheduled:
+            elif self._scheduled:
                 return
-            self._scheduled = True
-        self._wake()
+            else:
+                self._scheduled = wake = True
+        self._wake() if wake else self._orphan()
 
     def flush(self) -> None:
         with self._lock:
@@ -224,19 +230,25 @@ class _Mailbox:
         self._wake()
 
     def _wake(self) -> None:
+        loop = self._loop()
         try:
-            self.loop.call_soon_threadsafe(self._drain)
+            if loop is None:
+                raise RuntimeError("event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
-            # The consumer's loop is closed: nobody is listening any more,
-            # and the engine thread must not die for it.
-            with self._lock:
-                orphans = [s for s, _ in self._items]
-                self._items.clear()
-                self._scheduled = False
-            for s in orphans:
-                if not s.done:
-                    s.done = True
-                    s._cancel(s.request.request_id)
+            self._orphan()
+
+    def _orphan(self) -> None:
+        """The consumer's loop is closed: nobody is listening any more, and
+        the engine thread must not die for it. Cancel the requests."""
+        with self._lock:
+            orphans = [s for s, _ in self._items]
+            self._items.clear()
+            self._scheduled = False
+        for s in orphans:
+            if not s.done:
+                s.done = True
+                s._cancel(s.request.request_id)
 
     def _drain(self) -> None:
         with self._lock:

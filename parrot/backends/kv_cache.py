@@ -115,22 +115,6 @@ class SequenceKV:
             self.values[layer][:, :n].copy_(other.values[layer][:, :n])
         self.length = n
 
-    def snapshot(self, n: int | None = None) -> "SequenceKV":
-        """A new sequence holding a copy of the first ``n`` positions (default
-        all), allocated to exactly ``n`` positions so :meth:`nbytes` is exact."""
-        n = self.length if n is None else n
-        copy = SequenceKV(
-            self.num_layers, self.num_kv_heads, self.head_dim,
-            dtype=self.dtype, device=self.device, initial_capacity=n,
-        )
-        copy.copy_prefix_from(self, n)
-        return copy
-
-    def nbytes(self) -> int:
-        """Bytes held by this sequence's allocation (all layers, keys and values)."""
-        per = self.num_kv_heads * self.capacity * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return 2 * self.num_layers * per
-
 
 @dataclass
 class SequenceSlice:
