@@ -360,7 +360,6 @@ class TorchEngine(Engine):
                         r.stream.fail(error)
             with self._cond:
                 done = [r for r in self._running if r.seq.finished]
-                self.counters.requests_finished += len(done)
                 self._running = [r for r in self._running if not r.seq.finished]
                 for r in done:
                     r.gone = True
@@ -449,9 +448,11 @@ class TorchEngine(Engine):
             self._wake_parked(key)
 
     def _release(self, r: _Running) -> None:
-        """A request just finished (worker thread, inside a step): free what it
-        holds now, before its last event is sent."""
+        """A request just finished or failed (worker thread, inside a step):
+        free what it holds and count it now, before its last event is sent, so
+        whoever sees that event sees an engine that no longer holds it."""
         r.gone = True
+        self.counters.requests_finished += 1
         self._forget(r)
 
     def _forget(self, r: _Running) -> None:
