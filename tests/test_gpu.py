@@ -9,10 +9,10 @@ import torch
 
 import parrot as P
 from parrot import workflows
-from parrot.backends import Fill, Gen, GenerationRequest
+from parrot.backends import Fill, Gen, GenerationRequest, PrefixHint
 from parrot.backends.checkpoint import load_model
 from parrot.backends.kv_cache import AttentionBatch, SequenceKV, SequenceSlice
-from parrot.backends.torch_engine import TorchEngine
+from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
 from parrot.dataflow import LocalRuntime
 from parrot.semantic_vars import SamplingConfig
 
@@ -68,3 +68,45 @@ def test_engine_serves_a_workflow_on_cuda(default_model_dir):
         assert len(results) == 8 and all(r[0][0].finish_reason in ("length", "eos") for r in results)
     finally:
         runtime.portal.call(runtime.shutdown())
+
+
+def _run(engine, requests):
+    async def main():
+        streams = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(s.results() for s in streams))
+
+    return asyncio.run(main())
+
+
+@needs_cuda
+def test_paged_engine_on_cuda_shares_prefixes_and_preempts_with_the_same_outputs(tiny_llama_dir):
+    """float32 on the GPU: the cache, sharing, preemption and CUDA graphs
+    (against an eager engine) must not change a token."""
+    base = TorchEngine.from_pretrained(tiny_llama_dir, device="cuda", dtype=torch.float32,
+                                       config=TorchEngineConfig(prefix_cache=False, cuda_graph_max_batch=0))
+    cfg = base.model.config
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
+    small = TorchEngine.from_pretrained(
+        tiny_llama_dir, device="cuda", dtype=torch.float32,
+        config=TorchEngineConfig(max_model_len=128, kv_cache_bytes=per_block * 12, max_step_tokens=32),
+    )
+    try:
+        prefix = tuple(range(5, 75))
+        requests = lambda: [  # noqa: E731
+            GenerationRequest([Fill(prefix), Fill((100 + i, 7)), Gen(SamplingConfig(max_tokens=40))],
+                              prefix_hint=PrefixHint("sys", len(prefix)))
+            for i in range(6)
+        ]
+        want = [r[0][0].token_ids for r in _run(base, requests())]
+        got = [r[0][0].token_ids for r in _run(small, requests())]
+        assert got == want
+        assert small.counters.prefix_hits == 5 and small.counters.preemptions > 0
+        assert small._graphs is not None and small._graphs.num_graphs > 0 and base._graphs is None
+        again = _run(small, requests()[:2])
+        assert [r[0][0].token_ids for r in again] == want[:2]
+        assert max(stats.cached_tokens for _, stats in again) == len(prefix)
+        small.prefix_cache.evict(0)
+        assert small.block_manager.num_free == small.block_manager.num_blocks - small.reserved_blocks
+    finally:
+        base.close()
+        small.close()

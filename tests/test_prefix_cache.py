@@ -12,10 +12,8 @@ import asyncio
 import random
 
 import pytest
-import torch
-
 from parrot.backends import Fill, Gen, GenerationRequest, GenResult, PrefixHint, TokenDelta
-from parrot.backends.kv_cache import SequenceKV
+from parrot.backends.block_manager import BlockManager, BlockTable
 from parrot.backends.prefix_cache import PrefixCache
 from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
 from parrot.semantic_vars import SamplingConfig
@@ -95,61 +93,91 @@ def assert_no_refs(engine: TorchEngine) -> None:
         assert store.refcount(key) == 0, key
     assert not engine._computing and not engine._parked
     assert engine.capacity().running == 0 and engine.capacity().waiting == 0
+    # The only block references left are the stored entries' own.
+    blocks = engine.block_manager
+    expected = [0] * blocks.num_blocks
+    for key in store.keys():
+        for b in store.get(key).blocks:
+            expected[b] += 1
+    assert blocks.refcount == expected
+    blocks.check()
 
 
 # -- the store alone ---------------------------------------------------------
-def _kv(n: int) -> SequenceKV:
-    kv = SequenceKV(2, 2, 4, dtype=torch.float32, device="cpu", initial_capacity=max(n, 1))
-    kv.reserve(n)
-    for layer in range(2):
-        kv.write(layer, 0, torch.randn(2, n, 4), torch.randn(2, n, 4))
-    kv.length = n
-    return kv.snapshot(n)
+def test_block_digests_publish_match_and_namespaces():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    cache = PrefixCache(blocks)
+    tokens = list(range(10, 21))  # 11 tokens: two full blocks and a partial one
+    table = BlockTable(blocks)
+    assert table.prepare_append(len(tokens)) == []
+    table.length = len(tokens)
+    cache.publish("a", tokens, table.blocks, table.digests, table.length)
+    assert len(table.digests) == 2 and blocks.num_cached == 2
+    assert cache.match("a", tokens, len(tokens)) == (table.blocks[:2], table.digests)
+    assert cache.match("a", tokens, 7) == (table.blocks[:1], table.digests[:1])  # only whole blocks
+    assert cache.match("b", tokens, len(tokens)) == ([], [])  # another tenant sees nothing
+    other = tokens[:4] + [99] + tokens[5:]
+    assert cache.match("a", other, len(other))[0] == table.blocks[:1]  # the chain stops at the change
+    assert cache.block_hits == 4 and cache.block_misses == 2
+    table.release()
+    # Free but still findable, until the pool needs the blocks.
+    assert blocks.num_free == 8 and blocks.num_cached_free == 2
+    assert cache.match("a", tokens, len(tokens))[0] != []
+    grab = [blocks.allocate() for _ in range(8)]
+    assert None not in grab and blocks.allocate() is None and blocks.num_cached == 0
+    assert cache.match("a", tokens, len(tokens)) == ([], [])
+    for b in grab:
+        blocks.decref(b)
+    blocks.check()
 
 
-def test_store_lookup_insert_lru_pins_and_budget():
-    per = _kv(10).nbytes()
-    assert per == 2 * 2 * 2 * 10 * 4 * 4
-    store = PrefixCache(max_bytes=2 * per + per // 2)  # room for two entries of 10 tokens
-    a, b, c, d = (tuple(range(i, i + 10)) for i in (0, 100, 200, 300))
-    assert store.lookup("a", a) is None and store.misses == 1
-    store.insert("a", a, _kv(10))
-    store.insert("b", b, _kv(10))
-    assert store.lookup("a", b) is None  # same key, other tokens: a miss, never a hit
-    assert store.lookup("a", a) is not None and store.hits == 1 and store.tokens_saved == 10
-    store.insert("c", c, _kv(10))  # "b" is now least recently used
-    assert store.keys() == {"a", "c"} and store.evictions == 1
-    assert store.total_bytes == 2 * per
+def test_block_table_shares_and_copies_on_write():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    a = BlockTable(blocks)
+    a.prepare_append(6)
+    a.length = 6  # one full block and a half-filled one
+    b = BlockTable(blocks)
+    b.attach(a.blocks, 6)
+    assert [blocks.refcount[x] for x in a.blocks] == [2, 2]
+    assert b.blocks_needed(1) == 1  # the shared partial block must be copied first
+    copies = b.prepare_append(3)
+    assert copies == [(a.blocks[1], b.blocks[1])] and b.blocks[0] == a.blocks[0]
+    assert blocks.refcount[a.blocks[1]] == 1 and blocks.refcount[b.blocks[1]] == 1
+    b.length = 9
+    assert len(b.blocks) == 3
+    b.truncate(5)
+    assert len(b.blocks) == 2 and blocks.num_free == 6 - 3  # blocks 0 (shared), a's 1, b's copy
+    assert b.room(blocks.num_free) == (2 + 3) * 4 - 5
+    a.release(), b.release()
+    assert blocks.num_free == 6 and not any(blocks.refcount)
+    blocks.check()
 
-    pinned = store.get("a")
-    store.acquire(pinned)
-    store.insert("d", d, _kv(10))  # "a" is LRU but pinned: "c" goes
-    assert store.keys() == {"a", "d"}
-    assert store.insert("a", d, _kv(10)) is None  # a pinned entry is never replaced
-    assert not store.can_insert("a", d) and store.can_insert("a", a)
-    big = store.insert("big", tuple(range(30)), _kv(30), acquire=True)  # alone over budget, but pinned
-    assert big is not None and "big" in store and "a" in store and "d" not in store
-    store.release(big)  # unpinned and over budget: evicted at once
-    assert "big" not in store and store.total_bytes <= store.max_bytes
-    store.release(pinned)
-    assert store.refcount("a") == 0
+
+def test_hint_entries_pin_evict_lru_and_release_blocks():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    cache = PrefixCache(blocks)
+    owners = {}
+    for key in "abc":
+        t = BlockTable(blocks)
+        t.prepare_append(6)
+        t.length = 6
+        owners[key] = t
+        assert cache.insert(key, tuple(range(6)), t.blocks) is not None
+        t.release()  # the entry keeps the blocks alive
+    assert blocks.num_free == 8 - 6 and cache.keys() == {"a", "b", "c"}
+    assert cache.lookup("a", tuple(range(6))) is not None and cache.hits == 1  # "b" is now LRU
+    assert cache.lookup("a", tuple(range(1, 7))) is None and cache.misses == 1
+    pinned = cache.get("b")
+    cache.acquire(pinned)
+    assert cache.insert("b", tuple(range(1, 7)), [0, 1]) is None  # pinned: never replaced
+    assert not cache.can_insert("b", (9,)) and cache.can_insert("b", tuple(range(6)))
+    assert cache.evict_one() and cache.keys() == {"a", "b"}  # "c" is LRU among unpinned
+    assert cache.evict(0) == 1 and cache.keys() == {"b"}
+    cache.release(pinned)
     with pytest.raises(ValueError, match="without a reference"):
-        store.release(pinned)
-    assert store.evict(0) == 1 and len(store) == 0
-
-
-def test_kv_snapshot_and_copy_prefix():
-    src = _kv(12)
-    snap = src.snapshot(5)
-    assert snap.length == 5 and snap.capacity == 5
-    dst = SequenceKV(2, 2, 4, dtype=torch.float32, device="cpu")
-    dst.copy_prefix_from(snap, 5)
-    assert dst.length == 5
-    for layer in range(2):
-        assert torch.equal(dst.keys[layer][:, :5], src.keys[layer][:, :5])
-        assert torch.equal(dst.values[layer][:, :5], src.values[layer][:, :5])
-    with pytest.raises(ValueError):
-        dst.copy_prefix_from(snap, 6)
+        cache.release(pinned)
+    assert cache.evict(0) == 1 and blocks.num_free == 8 and cache.evictions == 3
+    blocks.check()
 
 
 # -- through the engine ------------------------------------------------------
@@ -164,9 +192,7 @@ def test_group_prefills_its_prefix_once_with_identical_outputs(tiny_llama_dir, p
     # A small step budget: the prefix takes several steps while the group waits.
     engine = make_engine(tiny_llama_dir, max_step_tokens=32)
     try:
-        assert tokens_of(run(engine, *(request(prefix, s, key=None) for s in suffixes))) == expected
         before = engine.counters.prefill_tokens
-
         together = run(engine, *(request(prefix, s) for s in suffixes))  # all in the same step
         assert tokens_of(together) == expected
         c = engine.counters
@@ -185,6 +211,10 @@ def test_group_prefills_its_prefix_once_with_identical_outputs(tiny_llama_dir, p
             assert results[0].token_ids == want and stats.cached_tokens == p
         assert engine.counters.prefill_tokens - before == extra
         assert engine.counters.prefix_hits == (n - 1) + n
+        assert_no_refs(engine)
+        # Unhinted, the same prompts reuse the published full blocks of the prefix.
+        engine.prefix_cache.evict(0)
+        assert tokens_of(run(engine, *(request(prefix, s, key=None) for s in suffixes))) == expected
         assert_no_refs(engine)
     finally:
         engine.close()
@@ -220,7 +250,8 @@ def test_same_key_with_other_tokens_is_a_miss(tiny_llama_dir, prompts, baseline)
         [(first, _)] = run(engine, request(prefix, suffixes[0]))
         [(second, stats)] = run(engine, request(other, suffixes[1]))
         assert [first[0].token_ids, second[0].token_ids] == expected
-        assert stats.cached_tokens == 0 and engine.counters.prefix_hits == 0
+        # A hint miss; the full blocks before the changed token still come from the cache.
+        assert stats.cached_tokens == 50 // 16 * 16 and engine.counters.prefix_hits == 0
         assert engine.counters.prefix_misses == 2
         # Unpinned, the entry was replaced by the tokens of the later request.
         assert engine.prefix_cache.get("sys").tokens == tuple(other)
@@ -233,33 +264,40 @@ def test_same_key_with_other_tokens_is_a_miss(tiny_llama_dir, prompts, baseline)
         engine.close()
 
 
-def test_eviction_is_lru_over_unpinned_entries(tiny_llama_dir, prompts, baseline):
+def test_entries_are_evicted_lru_when_the_pool_runs_short(tiny_llama_dir, prompts, baseline):
     prefix, suffixes = prompts
-    # Four distinct 40-token prefixes, a budget of two and a half of them.
+    # Distinct 40-token prefixes (three blocks each) and a pool of 14 blocks.
     prefixes = {k: [prefix[0]] + [(t + i * 7) % 900 + 3 for t in prefix[1:40]] for i, k in enumerate("abcdefg")}
     cfg = baseline.model.config
-    per = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 40
-    engine = make_engine(tiny_llama_dir, prefix_cache_bytes=per * 5 // 2)
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
+    engine = make_engine(tiny_llama_dir, kv_cache_bytes=per_block * 14, max_model_len=128)
+    assert engine.capacity().total_blocks == 14
+    used: list[str] = []
     try:
         def use(key):
             [(results, _)] = run(engine, request(prefixes[key], suffixes[2], key=key, max_tokens=4))
             [(want, _)] = run(baseline, request(prefixes[key], suffixes[2], key=key, max_tokens=4))
             assert results[0].token_ids == want[0].token_ids
+            used.append(key)
+            stored = engine.capacity().cached_prefixes
+            # What is stored is always the most recently used keys (plus pinned ones).
+            recent = [k for k in dict.fromkeys(reversed(used)) if k not in pinned_keys]
+            assert set(recent[: len(stored - pinned_keys)]) == stored - pinned_keys, (used, stored)
 
-        use("a"), use("b"), use("a")  # "b" is now least recently used
-        use("c")
-        assert engine.capacity().cached_prefixes == {"a", "c"}
-        assert engine.prefix_cache.evictions == 1
+        pinned_keys: set[str] = set()
+        for key in "abac":
+            use(key)
         pinned = engine.prefix_cache.get("a")
         engine.prefix_cache.acquire(pinned)  # as a running member of a's group would
-        use("d"), use("e")  # "a" is least recently used but pinned
-        assert engine.capacity().cached_prefixes == {"a", "e"}
+        pinned_keys.add("a")
+        for key in "defg":
+            use(key)
+        assert "a" in engine.capacity().cached_prefixes
+        assert engine.prefix_cache.evictions > 0
         engine.prefix_cache.release(pinned)
-        use("f")
-        assert engine.capacity().cached_prefixes == {"e", "f"}
-        assert engine.prefix_cache.total_bytes <= engine.prefix_cache.max_bytes
-        use("a")  # evicted, so a miss that still answers right
-        assert engine.counters.prefix_hits == 1 and engine.counters.prefix_misses == 7
+        pinned_keys.clear()
+        use("b")  # evicted long ago: a miss that still answers right
+        assert engine.counters.prefix_hits == 1
         assert_no_refs(engine)
     finally:
         engine.close()
@@ -295,7 +333,9 @@ def test_cancel_parked_computing_and_running_requests_leaks_nothing(tiny_llama_d
         c = engine.counters
         assert c.requests_cancelled == 2
         assert (c.prefix_hits, c.prefix_misses) == (1, 2)
-        assert sorted(stats.cached_tokens for _, stats in results) == [0, len(tok_prefix)]
+        # The waiter that took over reuses whatever full blocks the cancelled one published.
+        low, high = sorted(stats.cached_tokens for _, stats in results)
+        assert high == len(tok_prefix) and low % 16 == 0 and low < len(tok_prefix)
         assert_no_refs(engine)
 
         # Cancel a running hit (it holds a reference while it generates).
@@ -321,8 +361,10 @@ def test_fuzz_random_groups_cancels_and_evictions(tiny_llama_dir, prompts, basel
         k: [prefix[0]] + [rng.randrange(3, 900) for _ in range(rng.randrange(4, 60))] for k in ("x", "y", "z")
     }
     cfg = baseline.model.config
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-    engine = make_engine(tiny_llama_dir, max_running=5, max_step_tokens=24, prefix_cache_bytes=per_token * 80)
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
+    engine = make_engine(
+        tiny_llama_dir, max_running=5, max_step_tokens=24, kv_cache_bytes=per_block * 12, max_model_len=128
+    )
     try:
         for _ in range(6):
             batch = []
@@ -350,6 +392,8 @@ def test_fuzz_random_groups_cancels_and_evictions(tiny_llama_dir, prompts, basel
             run(engine, request(keys["x"], [5], key="x", max_tokens=1))
             assert_no_refs(engine)
         assert engine.counters.prefix_hits > 0 and engine.prefix_cache.evictions > 0
+        engine.prefix_cache.evict(0)
+        assert engine.block_manager.num_free == engine.block_manager.num_blocks
     finally:
         engine.close()
 

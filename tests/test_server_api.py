@@ -44,6 +44,7 @@ def test_a_chain_runs_server_side(live_server, key):
         metrics = c.get("/metrics").text
     assert 'parrot_calls_total{state="done"}' in metrics
     assert "parrot_engine_tokens_total" in metrics
+    assert 'parrot_kv_blocks{engine=' in metrics and 'state="free"' in metrics
 
 
 def test_admin_publishes_a_function_whose_system_prompt_is_cached_for_all_tenants(live_server):

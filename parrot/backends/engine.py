@@ -14,10 +14,14 @@ Engines know nothing of sessions, variables or tenants.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Literal, Protocol, Sequence
+from typing import AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence
 
 from parrot.semantic_vars import EngineError, SamplingConfig, new_id
 
@@ -55,6 +59,9 @@ class GenerationRequest:
     program: Sequence[Fill | Gen]
     request_id: str = field(default_factory=lambda: new_id("req"))
     prefix_hint: PrefixHint | None = None
+    # Whose cached KV blocks this request may reuse (the tenant): token
+    # blocks are only shared between requests of the same namespace.
+    namespace: str = ""
 
     @property
     def num_gens(self) -> int:
@@ -112,6 +119,9 @@ class EngineCapacity:
     waiting: int
     free_kv_tokens: int | None = None
     cached_prefixes: frozenset[str] = frozenset()  # prefix-hint keys whose KV the engine holds now
+    free_blocks: int | None = None  # KV blocks an allocation may take (empty or only cached)
+    total_blocks: int | None = None  # KV blocks in the pool
+    cached_blocks: int | None = None  # KV blocks findable by the prefix cache (held or free)
 
     @property
     def free_slots(self) -> int:
@@ -149,13 +159,7 @@ class RequestStream:
     def _deliver(self, item: object) -> None:
         if self.done:
             return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            # The consumer's loop is closed: nobody is listening any more,
-            # and the engine thread must not die for it.
-            self.done = True
-            self._cancel(self.request.request_id)
+        _mailbox(self._loop).post(self, item)
 
     # -- consumer side ------------------------------------------------
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
@@ -187,6 +191,103 @@ class RequestStream:
         if not self.done:
             self.done = True
             self._cancel(self.request.request_id)
+
+
+class _Mailbox:
+    """Events from engine threads to one event loop, delivered in batches:
+    the loop is woken once per batch, not once per event (an engine step
+    emits an event for every running request)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the registry is keyed weakly by the loop, so a strong
+        # reference here would keep every loop ever used alive.
+        self._loop = weakref.ref(loop)
+        self._items: collections.deque[tuple[RequestStream, object]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, stream: RequestStream, item: object) -> None:
+        held = getattr(_held, "boxes", None)
+        with self._lock:
+            self._items.append((stream, item))
+            loop = self._loop()
+            if loop is None or loop.is_closed():
+                wake = False  # checked on every post: a pending wake-up will never run
+            elif held is not None:  # inside batched_delivery(): wake the loop at its end
+                held.add(self)
+                return
+            elif self._scheduled:
+                return
+            else:
+                self._scheduled = wake = True
+        self._wake() if wake else self._orphan()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            self._orphan()
+
+    def _orphan(self) -> None:
+        """The consumer's loop is closed: nobody is listening any more, and
+        the engine thread must not die for it. Cancel the requests."""
+        with self._lock:
+            orphans = [s for s, _ in self._items]
+            self._items.clear()
+            self._scheduled = False
+        for s in orphans:
+            if not s.done:
+                s.done = True
+                s._cancel(s.request.request_id)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._scheduled = False
+        for stream, item in items:  # in posting order, so each stream's order holds
+            stream._queue.put_nowait(item)
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def batched_delivery() -> Iterator[None]:
+    """Hold the events this thread pushes until the block ends, then wake each
+    consumer loop once (an engine wraps each step's events in it)."""
+    if getattr(_held, "boxes", None) is not None:
+        yield
+        return
+    _held.boxes = set()
+    try:
+        yield
+    finally:
+        boxes, _held.boxes = _held.boxes, None
+        for box in boxes:
+            box.flush()
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
 
 
 class Engine(ABC):

@@ -1,21 +1,46 @@
-"""Per-sequence KV storage and the batch description the model forward reads.
+"""KV storage and the batch descriptions the model forward reads.
 
 The forward runs on a *flat* batch: the new tokens of every scheduled sequence
 are concatenated into one ``[num_tokens]`` tensor, so the linear layers see
 one matrix whatever mix of prefill and decode is running. Attention then
 needs to know, for each sequence, which rows of the flat batch are its own
-and where its keys and values live; that is :class:`AttentionBatch`.
+and where its keys and values live. Two kinds of batch say so, both behind
+the small :class:`KVBatch` protocol (``num_tokens``, ``attend``, ``commit``):
 
-This first cut stores each sequence's KV contiguously and grows it by
-doubling. The paged pool with shared prefix blocks replaces
-:class:`SequenceKV` behind the same ``AttentionBatch`` shape.
+* :class:`AttentionBatch` over :class:`SequenceKV`: each sequence's KV stored
+  contiguously, grown by doubling. Simple and private to its owner; the
+  compression scorer uses it to fork and extend contexts.
+* :class:`PagedBatch` over one :class:`PagedKVPool`: the engine's paged
+  cache, where sequences hold fixed-size blocks through block tables
+  (:mod:`parrot.backends.block_manager`) and share prefix blocks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+from .attention import paged_decode_attention, paged_prefill_attention, sdpa, write_kv
+from .block_manager import BlockTable
+
+
+class KVBatch(Protocol):
+    """What the model forward needs from a batch description."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's keys/values ``[N, Hkv, D]`` of ``layer`` and return
+        the attention output ``[N, Hq, D]`` for queries ``[N, Hq, D]``."""
+        ...
+
+    def commit(self) -> None:
+        """Advance every sequence's length past the tokens just written."""
+        ...
 
 
 class SequenceKV:
@@ -90,22 +115,6 @@ class SequenceKV:
             self.values[layer][:, :n].copy_(other.values[layer][:, :n])
         self.length = n
 
-    def snapshot(self, n: int | None = None) -> "SequenceKV":
-        """A new sequence holding a copy of the first ``n`` positions (default
-        all), allocated to exactly ``n`` positions so :meth:`nbytes` is exact."""
-        n = self.length if n is None else n
-        copy = SequenceKV(
-            self.num_layers, self.num_kv_heads, self.head_dim,
-            dtype=self.dtype, device=self.device, initial_capacity=n,
-        )
-        copy.copy_prefix_from(self, n)
-        return copy
-
-    def nbytes(self) -> int:
-        """Bytes held by this sequence's allocation (all layers, keys and values)."""
-        per = self.num_kv_heads * self.capacity * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return 2 * self.num_layers * per
-
 
 @dataclass
 class SequenceSlice:
@@ -130,7 +139,117 @@ class AttentionBatch:
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.sequences)
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-sequence causal attention; q ``[N, H, D]``, k/v ``[N, KVH, D]`` -> ``[N, H, D]``."""
+        out = torch.empty_like(q)
+        for s in self.sequences:
+            n, past = s.num_tokens, s.kv.length
+            if n == 0:
+                continue
+            rows = slice(s.start, s.start + n)
+            s.kv.write(layer, past, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            keys = s.kv.keys[layer][:, : past + n]
+            values = s.kv.values[layer][:, : past + n]
+            mask, causal = None, False
+            if past == 0:
+                causal = n > 1
+            elif n > 1:
+                # Query i sits at position past + i and sees keys at positions <= it.
+                key_pos = torch.arange(past + n, device=q.device)
+                mask = key_pos[None, :] <= key_pos[past:, None]
+            out[rows] = sdpa(q[rows].transpose(0, 1), keys, values, mask=mask, causal=causal).transpose(0, 1)
+        return out
+
     def commit(self) -> None:
         """Advance every sequence's length past the tokens just written."""
         for s in self.sequences:
             s.kv.length += s.num_tokens
+
+
+class PagedKVPool:
+    """The engine's KV memory: for each layer, keys and values shaped
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (views of one tensor
+    per kind, so copying a block across all layers is one indexed copy)."""
+
+    def __init__(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        *, dtype: torch.dtype, device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block ``src`` onto block ``dst`` in every layer, for each pair (copy-on-write)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.keys.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.keys.device)
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence with several new tokens in a paged batch: rows
+    ``[start, start + num_tokens)`` at positions ``[past, past + num_tokens)``."""
+
+    start: int
+    num_tokens: int
+    past: int
+    blocks: torch.Tensor  # the sequence's block table (device, int32)
+
+
+@dataclass
+class PagedBatch:
+    """A flat batch over the paged pool: first ``num_decode`` rows are one
+    token of a decoding sequence each, then the prefill chunks.
+
+    Every index tensor lives on the model's device and is built once per step.
+    """
+
+    pool: PagedKVPool
+    tables: list[tuple[BlockTable, int]]  # (sequence, new tokens), for commit
+    slots: torch.Tensor  # [N] int64 flat slot of each new token
+    num_decode: int
+    block_tables: torch.Tensor  # [num_decode, max_blocks] int32
+    context_lens: torch.Tensor  # [num_decode] int32, the new token included
+    prefills: list[PrefillSlice]
+    scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slots.shape[0])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        key_cache, value_cache = self.pool.keys[layer], self.pool.values[layer]
+        write_kv(key_cache, value_cache, k, v, self.slots)
+        if not self.prefills:
+            return paged_decode_attention(q, key_cache, value_cache, self.block_tables, self.context_lens, self.scale)
+        out = torch.empty_like(q)
+        d = self.num_decode
+        if d:
+            out[:d] = paged_decode_attention(
+                q[:d], key_cache, value_cache, self.block_tables, self.context_lens, self.scale
+            )
+        for p in self.prefills:
+            rows = slice(p.start, p.start + p.num_tokens)
+            out[rows] = paged_prefill_attention(
+                q[rows], k[rows], v[rows], key_cache, value_cache, p.blocks, p.past, self.scale
+            )
+        return out
+
+    def commit(self) -> None:
+        for table, n in self.tables:
+            table.length += n
+
+
+def attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -2,8 +2,9 @@
 
 The forward takes the new tokens of every scheduled sequence concatenated
 into one ``[N]`` tensor (see :mod:`parrot.backends.kv_cache`): the linear
-layers run once over all ``N`` rows, and only attention loops over the
-sequences, each attending over its own KV cache.
+layers run once over all ``N`` rows, and attention is left to the batch
+description (:class:`~parrot.backends.kv_cache.KVBatch`), which knows where
+each sequence's keys and values live (contiguous or paged).
 
 Parameter layout differs from Hugging Face in one way: q/k/v and gate/up
 projections are stored fused (one GEMM instead of three/two), and
@@ -21,13 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parrot.backends.kv_cache import AttentionBatch
+from parrot.backends.kv_cache import KVBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-# ``enable_gqa`` lets SDPA broadcast KV heads without copying the cache; it
-# appeared in torch 2.5, older versions fall back to repeat_interleave.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def _require(d: Mapping[str, Any], key: str, where: str = "config") -> Any:
@@ -205,16 +202,17 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and _HAS_RMS_NORM:
+        # One fused op (fewer kernel launches per layer), same math in float32.
+        return F.rms_norm(x, weight.shape, weight, eps)
     # Normalise in float32 for stability, cast back before the weight, as HF does.
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -270,13 +268,13 @@ class LlamaFamilyModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         """Run the decoder on a flat batch; returns final-normed hidden states ``[N, hidden]``.
 
-        ``positions[r]`` must equal ``kv.length + (r - start)`` for the row's
-        sequence (RoPE reads ``positions``, the causal mask reads ``kv.length``).
-        New keys/values are written to each sequence's cache; ``kv.length`` is
-        left for the caller to advance with ``batch.commit()``.
+        ``positions[r]`` must equal the row's position in its sequence (RoPE
+        reads ``positions``; the causal mask reads the batch's lengths). New
+        keys/values are written to each sequence's cache; lengths are left
+        for the caller to advance with ``batch.commit()``.
         """
         if batch.num_tokens != input_ids.shape[0]:
             raise ValueError(f"batch covers {batch.num_tokens} tokens but input_ids has {input_ids.shape[0]}")
@@ -286,13 +284,14 @@ class LlamaFamilyModel(nn.Module):
         for index, layer in enumerate(self.layers):
             x = _rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
-            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = q.view(-1, c.num_heads, c.head_dim)
-            k = k.view(-1, c.num_kv_heads, c.head_dim)
+            qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
+            # RoPE on queries and keys together: x*cos + rotate_half(x)*sin,
+            # with rotate_half's sign folded into ``sin`` (three kernels).
+            qk = qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(c.head_dim // 2, dims=-1), sin)
+            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
             v = v.view(-1, c.num_kv_heads, c.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            attn = self._attention(index, q, k, v, batch)
+            attn = batch.attend(index, q, k, v)
             hidden = hidden + F.linear(attn.view(-1, layer.q_size), layer.o_weight, layer.o_bias)
 
             x = _rms_norm(hidden, layer.post_norm, c.rms_norm_eps)
@@ -311,42 +310,12 @@ class LlamaFamilyModel(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         dtype = self.embed_weight.dtype
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    def _attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """Per-sequence causal attention; q ``[N, H, D]``, k/v ``[N, KVH, D]`` -> ``[N, H, D]``."""
-        out = torch.empty_like(q)
-        group = self.config.num_heads // self.config.num_kv_heads
-        for s in batch.sequences:
-            n, past = s.num_tokens, s.kv.length
-            if n == 0:
-                continue
-            rows = slice(s.start, s.start + n)
-            s.kv.write(layer, past, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-            keys = s.kv.keys[layer][:, : past + n]
-            values = s.kv.values[layer][:, : past + n]
-            qs = q[rows].transpose(0, 1)  # [H, n, D]
-            mask, causal = None, False
-            if past == 0:
-                causal = n > 1
-            elif n > 1:
-                # Query i sits at position past + i and sees keys at positions <= it.
-                key_pos = torch.arange(past + n, device=q.device)
-                query_pos = torch.arange(past, past + n, device=q.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
-            if _SDPA_HAS_GQA:
-                o = F.scaled_dot_product_attention(
-                    qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=group > 1
-                )
-            else:
-                if group > 1:
-                    keys = keys.repeat_interleave(group, dim=0)
-                    values = values.repeat_interleave(group, dim=0)
-                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal)
-            out[rows] = o.transpose(0, 1)
-        return out
+        # rotate_half(x) = roll(x, D/2) with the first half negated: fold the
+        # sign into sin so the layers need no negation.
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return emb.cos().to(dtype), sin.to(dtype)
 
     # ------------------------------------------------------------------ loading
 

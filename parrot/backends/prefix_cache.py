@@ -1,56 +1,60 @@
-"""The prefix store: KV snapshots of shared prompt prefixes, by key.
+"""The prefix cache: KV blocks of prompt prefixes, found again by their tokens.
 
-When several calls share the same leading prompt text, the dataflow layer
-tags their requests with a :class:`~parrot.backends.engine.PrefixHint`
-``(key, num_tokens)``. The engine prefills that prefix once, snapshots the
-KV of its first ``num_tokens`` positions into this store, and every later
-request of the group starts from a copy of the snapshot instead of
-prefilling it again.
+Two levels over the paged pool (:mod:`parrot.backends.block_manager`):
 
-This is the first, contiguous-KV cut: an entry owns its own
-:class:`~parrot.backends.kv_cache.SequenceKV` (capacity exactly
-``num_tokens``), and a hit *copies* it into the new sequence. The paged
-pool shares blocks instead; the operations stay the same.
+* **Token blocks** (automatic, every request). Each full block of a
+  sequence is published under a digest chained from the tenant namespace,
+  the digest of the block before it and its own tokens (``blake2b``), so a
+  digest names the whole prefix up to that block and two tenants never see
+  each other's blocks. A new request walks its prompt block by block and
+  starts from the longest run of published blocks (:meth:`PrefixCache.match`);
+  it shares them by reference, without copying. Blocks nobody holds stay
+  findable until the pool needs them, least recently freed first.
+* **Prefix hints** (Parrot's dataflow). A :class:`~parrot.backends.engine.PrefixHint`
+  ``(key, num_tokens)`` names a prefix that a group of calls shares. Its
+  entry holds the prefix's blocks -- the last one may be partially filled;
+  a sequence that appends after it copies that block on its first write --
+  and a count of the requests in the engine that use it: while that count
+  is above zero the entry is *pinned*. Unpinned entries are kept until the
+  pool runs short, then dropped least recently used first, before any
+  running request is preempted.
 
-Operations (in the spirit of SGLang's ``radix_cache.py``, on flat keys):
-
-* :meth:`PrefixCache.lookup` -- the entry for a key *if* its stored token
-  tuple equals the asked one (a mismatch is a miss, never a hit); counts
-  hits and misses and refreshes the entry's LRU position.
-* :meth:`PrefixCache.insert` -- store a snapshot under a key, evicting
-  least recently used unpinned entries to stay within ``max_bytes``.
-* :meth:`PrefixCache.acquire` / :meth:`PrefixCache.release` -- reference
-  counts: the number of live requests of the engine using an entry. An
-  entry with references is *pinned* and never evicted.
-* :meth:`PrefixCache.evict` -- drop unpinned entries, least recently used
-  first, until the store fits a byte target.
-
-The budget is enforced over unpinned entries only: pinned entries may hold
-the store above ``max_bytes`` for as long as they are pinned; the store
-shrinks back as soon as their last reference is released.
-
-The store has its own lock, so an engine's worker thread may mutate it
-while other threads read :meth:`keys` (for ``EngineCapacity``).
+Counters: ``hits``/``misses`` and ``tokens_saved`` of hint lookups,
+``block_hits``/``block_misses`` of token-block lookups, ``evictions`` of
+hint entries.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
+from array import array
 from dataclasses import dataclass, field
+from typing import Sequence
 
-from .kv_cache import SequenceKV
+from .block_manager import BlockManager
+
+
+def block_digest(parent: bytes | None, namespace: str, tokens: Sequence[int]) -> bytes:
+    """Digest of one full block of ``tokens`` after the prefix ``parent`` names."""
+    h = hashlib.blake2b(digest_size=16)
+    if parent is None:
+        h.update(b"ns\0" + namespace.encode() + b"\0")
+    else:
+        h.update(parent)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 @dataclass(eq=False)
 class PrefixEntry:
-    """One stored prefix: its tokens, the KV of exactly those positions,
-    and the number of live requests using it (``refs``)."""
+    """One hinted prefix: its tokens, the blocks holding their KV (each with
+    one reference owned by the entry), and the live requests using it."""
 
     key: str
     tokens: tuple[int, ...]
-    kv: SequenceKV
-    nbytes: int
+    blocks: list[int]
     refs: int = 0
     stored: bool = field(default=True, repr=False)  # False once evicted or replaced
 
@@ -64,36 +68,61 @@ class PrefixEntry:
 
 
 class PrefixCache:
-    """Key -> :class:`PrefixEntry` with reference counts and LRU eviction
-    under a byte budget.
+    """Token-block digests plus hinted prefix entries over one :class:`BlockManager`.
 
-    Counters (totals since creation): ``hits`` and ``misses`` of
-    :meth:`lookup`, ``tokens_saved`` (the entry lengths served by hits,
-    i.e. prefill tokens not computed thanks to a hit) and ``evictions``.
+    The engine's worker thread mutates it; other threads may read
+    :meth:`keys` and the counters (a lock guards the entry table).
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
-        # Least recently used first; a lookup hit or an insert moves an entry to the end.
+    def __init__(self, blocks: BlockManager) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        # Least recently used first; a hit or an insert moves an entry to the end.
         self._entries: collections.OrderedDict[str, PrefixEntry] = collections.OrderedDict()
-        self._bytes = 0
         self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
         self.tokens_saved = 0
         self.evictions = 0
+        self.block_hits = 0
+        self.block_misses = 0
 
-    # -- reading ------------------------------------------------------------
-    @property
-    def total_bytes(self) -> int:
-        """Bytes held by every stored snapshot, pinned or not."""
-        with self._lock:
-            return self._bytes
+    # -- token blocks -------------------------------------------------------
+    def match(
+        self, namespace: str, tokens: Sequence[int], limit: int
+    ) -> tuple[list[int], list[bytes]]:
+        """The longest run of published full blocks that starts ``tokens``,
+        covering at most ``limit`` positions: ``(blocks, digests)``. Counts
+        one block hit per block found and one miss when the walk stops early."""
+        bs = self.block_size
+        found: list[int] = []
+        digests: list[bytes] = []
+        parent: bytes | None = None
+        for i in range(min(limit, len(tokens)) // bs):
+            digest = block_digest(parent, namespace, tokens[i * bs : (i + 1) * bs])
+            block = self.blocks.find(digest)
+            if block is None:
+                self.block_misses += 1
+                break
+            found.append(block)
+            digests.append(digest)
+            parent = digest
+        self.block_hits += len(found)
+        return found, digests
 
+    def publish(self, namespace: str, tokens: Sequence[int], blocks: list[int], digests: list[bytes], length: int) -> None:
+        """Publish every full block among the first ``length`` positions that
+        is not yet (``digests`` is the sequence's list, extended in place)."""
+        bs = self.block_size
+        for i in range(len(digests), length // bs):
+            parent = digests[i - 1] if i else None
+            digest = block_digest(parent, namespace, tokens[i * bs : (i + 1) * bs])
+            self.blocks.register(blocks[i], digest)
+            digests.append(digest)
+
+    # -- hinted prefixes ----------------------------------------------------
     def keys(self) -> frozenset[str]:
-        """The keys stored now."""
+        """The hint keys stored now."""
         with self._lock:
             return frozenset(self._entries)
 
@@ -111,20 +140,14 @@ class PrefixCache:
             return len(self._entries)
 
     def refcount(self, key: str) -> int:
-        """References held on the entry stored under ``key`` (0 when absent)."""
+        """Live requests using the entry stored under ``key`` (0 when absent)."""
         with self._lock:
             entry = self._entries.get(key)
             return entry.refs if entry is not None else 0
 
-    # -- operations ---------------------------------------------------------
     def lookup(self, key: str, tokens: tuple[int, ...]) -> PrefixEntry | None:
-        """The entry under ``key`` if its tokens equal ``tokens``, else None.
-
-        A hit moves the entry to the most recently used end and counts a hit
-        and its length in ``tokens_saved``; anything else (absent key, or the
-        same key with other tokens) counts a miss. Does not pin: call
-        :meth:`acquire` for that.
-        """
+        """The entry under ``key`` if its tokens equal ``tokens`` (a hit, which
+        refreshes its LRU place), else None (a miss). Does not pin."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.tokens != tuple(tokens):
@@ -136,46 +159,39 @@ class PrefixCache:
             return entry
 
     def can_insert(self, key: str, tokens: tuple[int, ...]) -> bool:
-        """Whether :meth:`insert` of ``key`` would be accepted now: the key is
-        absent, holds the same tokens, or holds other tokens but is unpinned."""
+        """Whether :meth:`insert` would be accepted: the key is absent, holds
+        the same tokens, or holds other tokens but is unpinned."""
         with self._lock:
             entry = self._entries.get(key)
             return entry is None or entry.tokens == tuple(tokens) or not entry.pinned
 
-    def insert(
-        self, key: str, tokens: tuple[int, ...], kv: SequenceKV, *, acquire: bool = False
-    ) -> PrefixEntry | None:
-        """Store ``kv`` (a snapshot of exactly ``len(tokens)`` positions) under ``key``.
+    def insert(self, key: str, tokens: tuple[int, ...], blocks: list[int], *, acquire: bool = False) -> PrefixEntry | None:
+        """Store the prefix ``tokens`` held by ``blocks`` under ``key`` (the
+        entry takes a reference on each block).
 
-        * Same key and tokens already stored: the existing entry is kept
-          (and refreshed); ``kv`` is dropped.
-        * Same key with other tokens: replaced if unpinned, else the insert is
-          refused (None) -- a pinned entry is never pushed out.
-        * Then least recently used unpinned entries are evicted until the store
-          fits ``max_bytes``. With ``acquire=True`` the new entry is pinned
-          before that, so it survives even if it alone exceeds the budget;
-          otherwise it may be evicted at once (None is returned then).
+        Same key and tokens already stored: that entry is kept. Same key with
+        other tokens: replaced if unpinned, else refused (None). With
+        ``acquire`` the returned entry counts one more live request.
         """
         tokens = tuple(tokens)
-        if kv.length != len(tokens):
-            raise ValueError(f"snapshot holds {kv.length} positions for {len(tokens)} tokens")
+        if len(blocks) != -(-len(tokens) // self.block_size):
+            raise ValueError(f"{len(blocks)} blocks for a prefix of {len(tokens)} tokens")
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 if entry.tokens == tokens:
                     self._entries.move_to_end(key)
-                    if acquire:
-                        entry.refs += 1
+                    entry.refs += acquire
                     return entry
                 if entry.pinned:
                     return None
-                self._remove(entry)
+                self._drop(entry)
                 self.evictions += 1
-            entry = PrefixEntry(key, tokens, kv, kv.nbytes(), refs=1 if acquire else 0)
+            for block in blocks:
+                self.blocks.incref(block)
+            entry = PrefixEntry(key, tokens, list(blocks), refs=int(acquire))
             self._entries[key] = entry
-            self._bytes += entry.nbytes
-            self._evict_to(self.max_bytes)
-            return entry if entry.stored else None
+            return entry
 
     def acquire(self, entry: PrefixEntry) -> None:
         """Pin ``entry`` for one more live request."""
@@ -183,41 +199,40 @@ class PrefixCache:
             entry.refs += 1
 
     def release(self, entry: PrefixEntry) -> None:
-        """Drop one reference; an entry that becomes unpinned may be evicted
-        at once if the store is above its budget."""
+        """Drop one live request's pin."""
         with self._lock:
             if entry.refs <= 0:
                 raise ValueError(f"release of prefix {entry.key!r} without a reference")
             entry.refs -= 1
-            if entry.refs == 0 and entry.stored:
-                self._evict_to(self.max_bytes)
 
-    def evict(self, target_bytes: int | None = None) -> int:
-        """Evict unpinned entries, least recently used first, until the store
-        holds at most ``target_bytes`` (default ``max_bytes``; 0 empties every
-        unpinned entry). Returns how many were evicted."""
+    def evict_one(self) -> bool:
+        """Drop the least recently used unpinned entry; False when none is."""
         with self._lock:
-            return self._evict_to(self.max_bytes if target_bytes is None else target_bytes)
+            for entry in self._entries.values():
+                if not entry.pinned:
+                    self._drop(entry)
+                    self.evictions += 1
+                    return True
+            return False
 
-    # -- internals (lock held) ----------------------------------------------
-    def _evict_to(self, target_bytes: int) -> int:
-        evicted = 0
-        if self._bytes <= target_bytes:
-            return 0
-        for entry in list(self._entries.values()):  # least recently used first
-            if self._bytes <= target_bytes:
-                break
-            if entry.pinned:
-                continue
-            self._remove(entry)
-            self.evictions += 1
-            evicted += 1
-        return evicted
+    def evict(self, keep: int = 0) -> int:
+        """Drop unpinned entries, least recently used first, until at most
+        ``keep`` entries remain; with ``keep == 0`` also forget every free
+        cached block, so nothing unpinned can be reused. Returns the number
+        of entries dropped."""
+        dropped = 0
+        with self._lock:
+            while len(self._entries) > keep and self.evict_one():
+                dropped += 1
+            if keep == 0:
+                self.blocks.drop_cached_free()
+        return dropped
 
-    def _remove(self, entry: PrefixEntry) -> None:
+    def _drop(self, entry: PrefixEntry) -> None:
         del self._entries[entry.key]
-        self._bytes -= entry.nbytes
         entry.stored = False
+        for block in entry.blocks:
+            self.blocks.decref(block)
 
 
-__all__ = ["PrefixEntry", "PrefixCache"]
+__all__ = ["PrefixCache", "PrefixEntry", "block_digest"]

@@ -22,9 +22,12 @@ def make_generator(config: SamplingConfig, device: torch.device) -> torch.Genera
 def sample(
     logits: torch.Tensor, configs: list[SamplingConfig], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """One token per row of ``logits`` (``[B, vocab]``, float32)."""
-    greedy = logits.argmax(dim=-1)
-    out = greedy.tolist()
+    """One token per row of ``logits`` (``[B, vocab]``, float32).
+
+    Everything stays on the logits' device; the tokens cross to the host in
+    one transfer at the end.
+    """
+    out = logits.argmax(dim=-1)
     for row, (config, gen) in enumerate(zip(configs, generators)):
         if config.greedy:
             continue
@@ -35,5 +38,5 @@ def sample(
             outside = sorted_probs.cumsum(0) - sorted_probs >= config.top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return out
+        out[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    return out.tolist()

@@ -26,7 +26,7 @@ from .engine import (
     TokenDelta,
     TokenizerLike,
 )
-from .kv_cache import SequenceKV
+from .block_manager import BlockTable
 
 # Tokens of context decoded before a generation so the first generated token
 # gets its leading space right (SentencePiece tokenizers drop it otherwise).
@@ -51,7 +51,7 @@ class Sequence:
     def __init__(
         self,
         request: GenerationRequest,
-        kv: SequenceKV,
+        kv: BlockTable,
         tokenizer: TokenizerLike,
         emit: Callable[[EngineEvent], None],
     ) -> None:
@@ -91,9 +91,9 @@ class Sequence:
         assert isinstance(step, Gen)
         return step
 
-    def use_cached_prefix(self, source: SequenceKV, n: int) -> int:
-        """Start the context from the first ``n`` cached positions of ``source``
-        (a shared prefix's KV) instead of prefilling them.
+    def attach_cached_prefix(self, blocks: list[int], n: int, digests: list[bytes] | None = None) -> int:
+        """Start the context from ``blocks`` that already hold the KV of its
+        first ``n`` positions (a shared prefix) instead of prefilling them.
 
         Call before any token was fed. When the prefix is the whole context
         before a Gen, its last position is fed again (generating needs its
@@ -104,11 +104,16 @@ class Sequence:
             raise ValueError("a cached prefix must be attached before the sequence runs")
         if not 0 < n <= len(self.tokens):
             raise ValueError(f"a cached prefix of {n} tokens does not fit a context of {len(self.tokens)}")
-        self.kv.copy_prefix_from(source, n)
+        self.kv.attach(blocks, n, digests)
         if self.generating and self.kv.length == len(self.tokens):
             self.kv.truncate(self.kv.length - 1)
         self.stats.cached_tokens += self.kv.length
         return self.kv.length
+
+    def restart(self) -> None:
+        """Forget every cached position (preemption): the whole context is
+        pending again and is recomputed when the sequence runs next."""
+        self.kv.release()
 
     # -- program steps ----------------------------------------------------
     def _advance(self) -> None:

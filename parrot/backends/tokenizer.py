@@ -26,6 +26,11 @@ class Tokenizer:
             eos.add(self.hf.eos_token_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.vocab_size = len(self.hf)
+        # Decoding runs once per generated token: call the Rust tokenizer
+        # directly when the wrapper would add nothing (it converts and checks
+        # every id in Python first).
+        cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
+        self._backend = getattr(self.hf, "backend_tokenizer", None) if self.hf.is_fast and not cleanup else None
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one."""
@@ -36,6 +41,8 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` with special tokens dropped."""
+        if self._backend is not None:
+            return self._backend.decode(list(token_ids), skip_special_tokens=True)
         return self.hf.decode(list(token_ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:

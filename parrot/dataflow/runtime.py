@@ -72,7 +72,8 @@ class LocalRuntime(Runtime):
     ``request_level=True`` turns it into the request-level baseline: the SDK
     resolves every input on the client before submitting a call (a round
     trip per dependency), calls are placed first come first served, and no
-    prefix hints reach the engines. It exists for the benchmarks and so a
+    prefix hints reach the engines (nor does any request reuse another's KV
+    blocks). It exists for the benchmarks and so a
     user can see the difference on their own program.
 
     Inputs marked for compression are compressed when their call becomes
@@ -386,6 +387,10 @@ class LocalRuntime(Runtime):
                     prefix=(hint.key, hint.end) if hint else None,
                     fixed_outputs=released,
                 )
+                # Engines share KV blocks only within a namespace: the tenant's, or
+                # the call's own in the request-level baseline (no reuse at all).
+                session = self.sessions.get(call.session_id)
+                request.namespace = call.id if self.request_level or session is None else session.namespace
                 stream = engine.submit(request)
                 await self._consume(call, request, stream)
             call.state = "done"

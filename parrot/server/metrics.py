@@ -21,6 +21,7 @@ class RuntimeCollector:
         tokens = CounterMetricFamily("parrot_engine_tokens", "Tokens processed by engines", labels=["engine", "kind"])
         cache = CounterMetricFamily("parrot_prefix_cache", "Prefix cache lookups", labels=["engine", "result"])
         running = GaugeMetricFamily("parrot_engine_running", "Requests running on an engine", labels=["engine"])
+        blocks = GaugeMetricFamily("parrot_kv_blocks", "KV cache blocks of an engine's pool", labels=["engine", "state"])
         for engine in self.runtime.engines:
             c: Any = getattr(engine, "counters", None)
             if c is not None:
@@ -29,10 +30,14 @@ class RuntimeCollector:
                 tokens.add_metric([engine.name, "cached"], getattr(c, "prefix_tokens_saved", 0))
                 cache.add_metric([engine.name, "hit"], getattr(c, "prefix_hits", 0))
                 cache.add_metric([engine.name, "miss"], getattr(c, "prefix_misses", 0))
-            running.add_metric([engine.name], engine.capacity().running)
+            cap = engine.capacity()
+            running.add_metric([engine.name], cap.running)
+            for state, value in (("total", cap.total_blocks), ("free", cap.free_blocks), ("cached", cap.cached_blocks)):
+                if value is not None:
+                    blocks.add_metric([engine.name, state], value)
         queue = GaugeMetricFamily("parrot_queue_depth", "Ready calls waiting for an engine slot")
         queue.add_metric([], len(self.runtime._ready))
-        yield from (tokens, cache, running, queue)
+        yield from (tokens, cache, running, blocks, queue)
 
 
 class ServiceMetrics:

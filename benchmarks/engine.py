@@ -1,0 +1,273 @@
+"""The torch engine against the hardware limit and against transformers.
+
+Figures (../shared/BENCHMARKS.md, "engine" row), on one model built in
+memory with seeded random bf16 weights (speed does not depend on values):
+
+* decode at batch 1, 8 and 64: seconds per step, and the bytes a step must
+  read (weights + the KV of every context) over the measured device copy
+  bandwidth (MBU: 100 % is the memory limit);
+* prefill of one 8K-token prompt: FLOP/s over the peak dense bf16 rate (MFU);
+* time to first token of a request whose 4K-token prefix is cached (prefix
+  hint hit) against the same engine with the prefix cache off;
+* end-to-end generation throughput against ``transformers`` ``generate()``
+  on the same weights, same device, side by side.
+
+    python -m benchmarks.engine [--shape llama3-8b] [--json PATH] [--quick]
+
+EOS is disabled (every request generates exactly its ``max_tokens``), so
+random weights cannot end a request early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.random_model import SEED, shape_config
+from parrot.backends import Fill, Gen, GenerationRequest, PrefixHint
+from parrot.backends.model import LlamaFamilyModel, ModelConfig
+from parrot.backends.tokenizer import Tokenizer
+from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+from parrot.semantic_vars import SamplingConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name fragment.
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_models(shape: str, device: torch.device, with_hf: bool) -> tuple[LlamaFamilyModel, Any, dict[str, Any]]:
+    """Our model and (optionally) transformers' on the same random weights."""
+    hf_config = shape_config(shape)
+    ours = LlamaFamilyModel(ModelConfig.from_hf_dict(hf_config), dtype=torch.bfloat16, device=device)
+    torch.manual_seed(SEED)
+    if with_hf:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**{k: v for k, v in hf_config.items() if k not in ("torch_dtype", "dtype", "architectures")})
+        with torch.device(device):
+            hf = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        ours.load_state_dict_hf(hf.state_dict())
+        return ours, hf, hf_config
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return ours, None, hf_config
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = 1 << 30 if device.type == "cuda" else 1 << 26
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n / min(times[1:])
+
+
+def run_all(engine: TorchEngine, requests: list[GenerationRequest]) -> tuple[float, list[Any]]:
+    """Submit together, wait for all; wall seconds and each request's stats."""
+
+    async def main():
+        streams = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(s.results() for s in streams))
+
+    t = time.perf_counter()
+    out = asyncio.run(main())
+    return time.perf_counter() - t, [stats for _, stats in out]
+
+
+def prompt(rng: torch.Generator, n: int) -> tuple[int, ...]:
+    return tuple(torch.randint(3, 4000, (n,), generator=rng).tolist())
+
+
+def request(ids: tuple[int, ...], max_tokens: int, hint: PrefixHint | None = None) -> GenerationRequest:
+    return GenerationRequest([Fill(ids), Gen(SamplingConfig(max_tokens=max_tokens))], prefix_hint=hint)
+
+
+def bench_decode(model, tok, cfg: dict[str, Any], bw: float, batches: list[int], prompt_len: int, gen: int) -> list[dict]:
+    """Seconds per decode step from (full run - prefill-only run) / (gen - 1)."""
+    rows = []
+    c = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed_weight")
+    if c.tie_word_embeddings:
+        weight_bytes += model.embed_weight.numel() * model.embed_weight.element_size()
+    kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+    rng = torch.Generator().manual_seed(1)
+    for b in batches:
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(
+            max_running=max(b, 1), max_step_tokens=max(8192, b), prefix_cache=False, **cfg))
+        try:
+            prompts = [prompt(rng, prompt_len) for _ in range(b)]
+            run_all(engine, [request(p, 4) for p in prompts])  # warm-up
+            prefill_s = min(run_all(engine, [request(p, 1) for p in prompts])[0] for _ in range(2))
+            full_s = min(run_all(engine, [request(p, gen) for p in prompts])[0] for _ in range(2))
+        finally:
+            engine.close()
+            del engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        step = (full_s - prefill_s) / (gen - 1)
+        mean_ctx = prompt_len + gen / 2
+        step_bytes = weight_bytes + b * mean_ctx * kv_per_token
+        rows.append({
+            "batch": b, "prompt_tokens": prompt_len, "new_tokens": gen, "step_ms": step * 1e3,
+            "tokens_per_s": b / step, "bytes_per_step": step_bytes, "mbu": step_bytes / step / bw,
+            "floor_ms": step_bytes / bw * 1e3,
+        })
+        say(f"decode batch {b}: {step * 1e3:.2f} ms/step ({rows[-1]['mbu']:.1%} of copy bandwidth, "
+            f"floor {rows[-1]['floor_ms']:.2f} ms)")
+    return rows
+
+
+def bench_prefill(model, tok, cfg: dict[str, Any], n: int, peak: float | None) -> dict:
+    c = model.config
+    params = sum(p.numel() for name, p in model.named_parameters() if name not in ("embed_weight", "lm_head_weight"))
+    flops = 2 * n * params + 2 * c.num_layers * c.num_heads * c.head_dim * n * n  # causal attention: half of 4*T^2*H*D
+    engine = TorchEngine(model, tok, config=TorchEngineConfig(max_running=1, max_step_tokens=n, prefix_cache=False, **cfg))
+    rng = torch.Generator().manual_seed(2)
+    try:
+        run_all(engine, [request(prompt(rng, n), 1)])
+        times = [run_all(engine, [request(prompt(rng, n), 1)])[0] for _ in range(3)]
+    finally:
+        engine.close()
+    t = min(times)
+    row = {"tokens": n, "seconds": t, "tflops": flops / t / 1e12, "mfu": (flops / t / peak) if peak else None}
+    say(f"prefill {n} tokens: {t * 1e3:.1f} ms, {row['tflops']:.0f} TFLOP/s"
+        + (f" ({row['mfu']:.1%} of peak)" if peak else ""))
+    return row
+
+
+def bench_ttft(model, tok, cfg: dict[str, Any], prefix_len: int, suffix_len: int, repeats: int) -> dict:
+    """Time to first token with the 4K prefix cached (hint hit) vs cache off."""
+    rng = torch.Generator().manual_seed(3)
+    prefix = prompt(rng, prefix_len)
+    suffixes = [prompt(rng, suffix_len) for _ in range(repeats + 1)]
+    out: dict[str, Any] = {"prefix_tokens": prefix_len, "suffix_tokens": suffix_len}
+    for label, cache in (("cached", True), ("cache_off", False)):
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(
+            max_running=4, max_step_tokens=prefix_len + suffix_len, prefix_cache=cache, **cfg))
+        try:
+            hint = PrefixHint("bench-prefix", prefix_len)
+            run_all(engine, [request(prefix + suffixes[0], 1, hint)])  # warm-up; fills the cache
+            ttfts = []
+            for s in suffixes[1:]:
+                _, [stats] = run_all(engine, [request(prefix + s, 1, hint)])
+                ttfts.append(stats.first_token_at - stats.submitted_at)
+                if cache:
+                    assert stats.cached_tokens == prefix_len, stats
+            out[f"{label}_ttft_ms"] = statistics.median(ttfts) * 1e3
+        finally:
+            engine.close()
+    out["speedup"] = out["cache_off_ttft_ms"] / out["cached_ttft_ms"]
+    say(f"TTFT with a cached {prefix_len}-token prefix: {out['cached_ttft_ms']:.1f} ms vs "
+        f"{out['cache_off_ttft_ms']:.1f} ms cache off ({out['speedup']:.1f}x)")
+    return out
+
+
+def bench_vs_hf(model, hf, tok, cfg: dict[str, Any], batches: list[int], prompt_len: int, gen: int) -> list[dict]:
+    rows = []
+    rng = torch.Generator().manual_seed(4)
+    for b in batches:
+        prompts = [prompt(rng, prompt_len) for _ in range(b)]
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(
+            max_running=b, max_step_tokens=max(8192, b), prefix_cache=False, **cfg))
+        try:
+            run_all(engine, [request(p, 4) for p in prompts])
+            ours = min(run_all(engine, [request(p, gen) for p in prompts])[0] for _ in range(2))
+        finally:
+            engine.close()
+        ids = torch.tensor(prompts, device=model.embed_weight.device)
+        mask = torch.ones_like(ids)
+
+        def generate(n: int) -> float:
+            sync()
+            t = time.perf_counter()
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0)
+            sync()
+            return time.perf_counter() - t
+
+        generate(4)
+        theirs = min(generate(gen) for _ in range(2))
+        rows.append({
+            "batch": b, "prompt_tokens": prompt_len, "new_tokens": gen,
+            "parrot_tokens_per_s": b * gen / ours, "hf_tokens_per_s": b * gen / theirs, "ratio": theirs / ours,
+        })
+        say(f"generate batch {b}: parrot {b * gen / ours:.0f} tok/s, transformers {b * gen / theirs:.0f} tok/s "
+            f"({theirs / ours:.2f}x)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama3-8b", help="llama3-8b | llama3.2-1b | tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kv-gib", type=float, default=12.0, help="KV pool of each engine")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke run)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    from parrot.backends.default_model import default_model_path
+
+    model, hf, hf_config = build_models(args.shape, device, with_hf=not args.no_hf)
+    tok = Tokenizer(default_model_path())
+    tok.eos_token_ids = frozenset()  # random weights: never stop early
+    cfg = {"kv_cache_bytes": int(args.kv_gib * 2**30), "max_model_len": min(16384, model.config.max_position_embeddings)}
+    bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if device.type == "cuda" else None
+    say(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    q = args.quick
+    result: dict[str, Any] = {
+        "benchmark": "engine", "device": name, "torch": torch.__version__, "shape": args.shape,
+        "weights": f"random bf16 (seed {SEED})", "copy_bandwidth_gbs": bw / 1e9, "peak_bf16_tflops": peak and peak / 1e12,
+        "model_config": {k: hf_config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                    "num_attention_heads", "num_key_value_heads", "vocab_size")},
+    }
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    result["decode"] = bench_decode(model, tok, cfg, bw, [1, 8] if q else [1, 8, 64], 64 if q else 512, 8 if q else 64)
+    result["prefill"] = bench_prefill(model, tok, cfg, 256 if q else 8192, peak)
+    result["ttft_prefix_cache"] = bench_ttft(model, tok, cfg, 256 if q else 4096, 32, 2 if q else 5)
+    if hf is not None:
+        result["vs_transformers"] = bench_vs_hf(model, hf, tok, cfg, [1, 8] if q else [1, 8, 64], 32 if q else 512,
+                                                8 if q else 128)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

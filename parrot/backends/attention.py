@@ -1,0 +1,124 @@
+"""Attention over the KV caches, in torch: the one place kernels plug in.
+
+The engine's paged pool stores keys and values per layer as
+``[num_blocks, block_size, num_kv_heads, head_dim]``; a sequence's positions
+are found through its block table. The functions here are the torch
+implementations the model calls; a Triton kernel with the same signature
+(``parrot.kernels``) can replace :func:`paged_decode_attention` without
+touching the model or the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ``enable_gqa`` lets SDPA broadcast KV heads without copying the cache; it
+# appeared in torch 2.5, older versions fall back to repeat_interleave.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+    causal: bool = False, scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA with grouped-query heads: q ``[..., Hq, n, D]``, k/v ``[..., Hkv, m, D]``."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1 and (q.is_cuda or not _SDPA_HAS_GQA):
+        # On the GPU the flash kernel does not take ``enable_gqa`` in every
+        # version (the fallback materialises the score matrix): expand instead.
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+        group = 1
+    if q.dim() == 3:
+        # The fused (flash / memory-efficient) kernels take 4-D inputs only;
+        # a 3-D call falls back to the math kernel, which materialises the scores.
+        out = sdpa(q[None], k[None], v[None], mask=mask, causal=causal, scale=scale)
+        return out[0]
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1
+        )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def write_kv(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store ``key``/``value`` rows ``[N, Hkv, D]`` at flat ``slots`` ``[N]``
+    (``block * block_size + offset``) of the paged caches."""
+    num_blocks, block_size, heads, dim = key_cache.shape
+    key_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, key)
+    value_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, value)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its paged context.
+
+    ``query [B, Hq, D]``; caches ``[num_blocks, block_size, Hkv, D]``;
+    ``block_tables`` int32 ``[B, max_blocks]`` (padding entries may be any
+    valid block); ``context_lens`` int32 ``[B]`` counts the positions to
+    attend to (the query's own included). Returns ``[B, Hq, D]``.
+
+    The torch version gathers each sequence's blocks into a dense tensor,
+    then runs one masked SDPA for the whole batch.
+    """
+    batch, q_heads, dim = query.shape
+    max_blocks = block_tables.shape[1]
+    _, block_size, kv_heads, _ = key_cache.shape
+    index = block_tables.long()
+    keys = key_cache[index].view(batch, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
+    values = value_cache[index].view(batch, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
+    visible = torch.arange(max_blocks * block_size, device=query.device)[None, :] < context_lens[:, None]
+    # The query heads of one KV head become that head's query rows: plain
+    # SDPA over [B, Hkv, group, D], no head expansion of the gathered cache.
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(batch, q_heads, dim)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    past: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of ``n`` new tokens of one sequence after ``past`` cached ones.
+
+    ``query [n, Hq, D]``, ``key``/``value [n, Hkv, D]`` (already written to
+    the caches); ``blocks`` int ``[>= ceil((past + n) / block_size)]`` is the
+    sequence's block table. With nothing cached the new keys are used as
+    they are (flash attention on GPU); otherwise the context is gathered.
+    """
+    n = query.shape[0]
+    q = query.transpose(0, 1)
+    if past == 0:
+        return sdpa(q, key.transpose(0, 1), value.transpose(0, 1), causal=n > 1, scale=scale).transpose(0, 1)
+    _, block_size, kv_heads, dim = key_cache.shape
+    q_heads = query.shape[1]
+    group = q_heads // kv_heads
+    total = past + n
+    used = blocks[: -(-total // block_size)].long()
+    keys = key_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
+    values = value_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
+    # Query i sits at position past + i and sees keys at positions <= it.
+    key_pos = torch.arange(total, device=query.device)
+    mask = key_pos[None, :] <= key_pos[past:, None]  # [n, total]
+    # As in decode, the group's query heads become rows of their KV head.
+    q = q.reshape(1, kv_heads, group * n, dim)  # 4-D: see sdpa()
+    out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1), scale=scale)
+    return out.reshape(q_heads, n, dim).transpose(0, 1)
+
+
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "sdpa", "write_kv"]

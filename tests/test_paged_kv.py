@@ -1,0 +1,212 @@
+"""The paged KV cache through the engine: block sharing, namespaces,
+preemption under a tiny pool, cancellation, and block accounting under
+random load. Outputs are compared with an engine whose cache is off."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from parrot.backends import Fill, Gen, GenerationRequest, GenResult, TokenDelta
+from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+from parrot.semantic_vars import EngineError, SamplingConfig
+
+TEXT = (
+    "Engines keep the keys and values of every token in fixed-size blocks, and requests that share "
+    "a prompt prefix share its blocks instead of computing them again."
+)
+
+
+def run(engine: TorchEngine, *requests: GenerationRequest) -> list[tuple[list[GenResult], object]]:
+    async def main():
+        streams = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(s.results() for s in streams))
+
+    return asyncio.run(main())
+
+
+def req(ids, max_tokens: int = 8, namespace: str = "") -> GenerationRequest:
+    return GenerationRequest([Fill(tuple(ids)), Gen(SamplingConfig(max_tokens=max_tokens))], namespace=namespace)
+
+
+def tokens_of(results) -> list[tuple[int, ...]]:
+    return [res[0][0].token_ids for res in results]
+
+
+def per_block(engine: TorchEngine) -> int:
+    c = engine.model.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * engine.config.block_size
+
+
+def make(path, **config) -> TorchEngine:
+    return TorchEngine.from_pretrained(path, device="cpu", config=TorchEngineConfig(**config))
+
+
+def assert_all_free(engine: TorchEngine) -> None:
+    """With nothing running and no hinted entry stored, every block is free."""
+    blocks = engine.block_manager
+    assert not any(blocks.refcount) and blocks.num_free == blocks.num_blocks
+    blocks.check()
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_llama_dir):
+    engine = make(tiny_llama_dir, prefix_cache=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_llama_dir):
+    from parrot.backends.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_llama_dir)
+    return tok.encode(TEXT, add_bos=True)
+
+
+def test_identical_prompts_share_blocks_and_give_the_same_text(tiny_llama_dir, baseline, ids):
+    prompts = [ids, ids + [7, 8], ids[:40], ids]
+    expected = tokens_of(run(baseline, *(req(p) for p in prompts)))
+    engine = make(tiny_llama_dir)
+    try:
+        [(first, stats)] = run(engine, req(ids))
+        assert first[0].token_ids == expected[0] and stats.cached_tokens == 0
+        together = run(engine, *(req(p) for p in prompts))
+        assert tokens_of(together) == expected
+        # Each reuses the full blocks of its prompt (always leaving one token to feed).
+        assert [s.cached_tokens for _, s in together] == [(len(p) - 1) // 16 * 16 for p in prompts]
+        assert engine.stats()["block_hits"] > 0
+        assert_all_free(engine)
+    finally:
+        engine.close()
+
+
+def test_namespaces_do_not_share_blocks(tiny_llama_dir, ids):
+    engine = make(tiny_llama_dir)
+    try:
+        [(a, _)] = run(engine, req(ids, namespace="tenant-a"))
+        [(b, stats_b)] = run(engine, req(ids, namespace="tenant-b"))
+        [(a2, stats_a2)] = run(engine, req(ids, namespace="tenant-a"))
+        assert a[0].token_ids == b[0].token_ids == a2[0].token_ids
+        assert stats_b.cached_tokens == 0 and stats_a2.cached_tokens > 0
+    finally:
+        engine.close()
+
+
+def test_preempted_requests_resume_with_the_same_text(tiny_llama_dir, baseline, ids):
+    # Room for one request of 64 tokens (plus a spare): six long requests
+    # cannot all hold their blocks, so decoders preempt the newest ones.
+    prompts = [ids[:12], ids[3:20], ids[5:30], ids[:8], ids[10:25], ids[1:14]]
+    expected = tokens_of(run(baseline, *(req(p, max_tokens=30) for p in prompts)))
+    for cache in (True, False):
+        engine = make(tiny_llama_dir, prefix_cache=cache, max_model_len=64, kv_cache_bytes=per_block(baseline) * 6)
+        try:
+            assert engine.capacity().total_blocks == 6
+            got = tokens_of(run(engine, *(req(p, max_tokens=30) for p in prompts)))
+            assert got == expected
+            assert engine.counters.preemptions > 0
+            if cache:
+                engine.prefix_cache.evict(0)
+            assert_all_free(engine)
+        finally:
+            engine.close()
+
+
+def test_cancel_frees_blocks(tiny_llama_dir, ids):
+    engine = make(tiny_llama_dir, prefix_cache=False)
+    try:
+        async def main():
+            stream = engine.submit(req(ids, max_tokens=400))
+            async for event in stream:
+                if isinstance(event, TokenDelta):
+                    assert engine.block_manager.num_free < engine.block_manager.num_blocks
+                    stream.cancel()
+            # A fresh request completing proves the loop moved past the cancel.
+            await engine.submit(req([1, 2, 3], max_tokens=1)).results()
+
+        asyncio.run(main())
+        assert engine.counters.requests_cancelled == 1
+        assert_all_free(engine)
+    finally:
+        engine.close()
+
+
+def test_pool_too_small_for_one_request_is_a_clear_error(tiny_llama_dir, baseline, ids):
+    with pytest.raises(EngineError, match="max_model_len=512 tokens needs 33"):
+        make(tiny_llama_dir, kv_cache_bytes=per_block(baseline) * 10)
+    engine = make(tiny_llama_dir, kv_cache_bytes=per_block(baseline) * 10, max_model_len=64)
+    try:
+        async def submit():
+            return engine.submit(req(list(range(3, 80))))
+
+        with pytest.raises(EngineError, match="exceeds"):
+            asyncio.run(submit())
+        # Generating past max_model_len fails that request only.
+        [(results, _)] = run(engine, req(ids[:20], max_tokens=10))
+        with pytest.raises(EngineError, match="max_model_len"):
+            run(engine, GenerationRequest([Fill(tuple(ids[:60])), Gen(SamplingConfig(max_tokens=30, stop=("@@@",)))]))
+        assert_all_free_or_cached(engine)
+    finally:
+        engine.close()
+
+
+def assert_all_free_or_cached(engine: TorchEngine) -> None:
+    engine.prefix_cache.evict(0)
+    assert_all_free(engine)
+
+
+def test_fuzz_block_accounting_under_random_load(tiny_llama_dir, baseline, ids):
+    rng = random.Random(11)
+    engine = make(
+        tiny_llama_dir, max_running=6, max_step_tokens=20, max_model_len=96, kv_cache_bytes=per_block(baseline) * 7
+    )
+    try:
+        for _ in range(5):
+            batch = []
+            for _ in range(rng.randrange(3, 9)):
+                start = rng.randrange(0, 20)
+                prompt = ids[start : start + rng.randrange(2, 40)] + [rng.randrange(3, 900) for _ in range(rng.randrange(0, 4))]
+                batch.append((req(prompt, max_tokens=rng.randrange(1, 40), namespace=rng.choice("ab")),
+                              rng.random() < 0.3))
+            expected = tokens_of(run(baseline, *(r for r, _ in batch)))
+
+            async def main():
+                streams = [engine.submit(r) for r, _ in batch]
+                for s, (_, cancel) in zip(streams, batch):
+                    if cancel:
+                        if rng.random() < 0.5:
+                            await asyncio.sleep(rng.random() * 0.01)
+                        s.cancel()
+                kept = [s for s, (_, cancel) in zip(streams, batch) if not cancel]
+                results = await asyncio.gather(*(s.results() for s in kept))
+                await engine.submit(req([1, 2, 3], max_tokens=1)).results()  # cancels have landed
+                return results
+
+            got = tokens_of(asyncio.run(main()))
+            assert got == [e for e, (_, cancel) in zip(expected, batch) if not cancel]
+            blocks = engine.block_manager
+            assert not any(blocks.refcount)  # no hints: nothing holds a block when idle
+            blocks.check()
+        assert engine.counters.preemptions > 0 and engine.stats()["block_hits"] > 0
+        assert_all_free_or_cached(engine)
+    finally:
+        engine.close()
+
+
+def test_a_request_whose_loop_closed_is_cancelled_and_frees_its_blocks(tiny_llama_dir, ids):
+    engine = make(tiny_llama_dir, prefix_cache=False)
+    try:
+        async def abandon():
+            engine.submit(req(ids, max_tokens=300))  # nobody reads it; the loop closes at once
+
+        asyncio.run(abandon())
+        # The engine's next event for it finds the loop closed and cancels it.
+        [(results, _)] = run(engine, req(ids[:10], max_tokens=3))
+        run(engine, req([1, 2], max_tokens=1))  # one more step boundary for the cancel to land
+        assert len(results[0].token_ids) == 3
+        assert engine.counters.requests_cancelled == 1
+        assert_all_free(engine)
+    finally:
+        engine.close()
