@@ -210,3 +210,50 @@ def test_a_request_whose_loop_closed_is_cancelled_and_frees_its_blocks(tiny_llam
         assert_all_free(engine)
     finally:
         engine.close()
+
+
+def sparse_config(engine: TorchEngine, pattern: dict, min_length: int):
+    from parrot.kernels import HeadPattern, SparseAttentionConfig
+
+    c = engine.model.config
+    head = HeadPattern.from_dict(pattern)
+    return SparseAttentionConfig(layers=[(head,) * c.num_heads] * c.num_layers, block_m=16, block_n=16,
+                                 last_q=16, min_length=min_length)
+
+
+def test_sparse_prefill_takes_a_long_prompt_in_one_chunk_and_matches_dense(tiny_llama_dir, baseline):
+    long_ids = baseline.tokenizer.encode(TEXT * 3, add_bos=True)
+    assert len(long_ids) > 100
+    dense = make(tiny_llama_dir, prefix_cache=False, max_running=4, max_step_tokens=32)
+    # Dense head patterns keep every key: the sparse path must give the dense text.
+    sparse = make(tiny_llama_dir, prefix_cache=False, max_running=4, max_step_tokens=32,
+                  sparse_prefill=sparse_config(baseline, {"kind": "dense"}, min_length=64))
+    try:
+        want, got = tokens_of(run(dense, req(long_ids))), tokens_of(run(sparse, req(long_ids)))
+        assert got == want
+        # Chunked dense prefill needs ceil(len/32) steps before the first token; sparse one.
+        decode_steps = 8 - 1
+        assert dense.counters.steps - decode_steps >= -(-len(long_ids) // 32)
+        assert sparse.counters.steps - decode_steps == 1
+        # A short prompt stays on the dense chunked path.
+        short = long_ids[:40]
+        assert tokens_of(run(sparse, req(short))) == tokens_of(run(dense, req(short)))
+    finally:
+        dense.close()
+        sparse.close()
+
+
+def test_sparse_prefill_with_a_narrow_pattern_runs_and_a_mismatched_config_is_refused(tiny_llama_dir, baseline, tmp_path):
+    long_ids = baseline.tokenizer.encode(TEXT * 3, add_bos=True)
+    path = tmp_path / "patterns.json"
+    sparse_config(baseline, {"kind": "a_shape", "sink": 16, "window": 32}, min_length=64).save(path)
+    engine = make(tiny_llama_dir, prefix_cache=False, sparse_prefill=str(path))
+    try:
+        (results,) = tokens_of(run(engine, req(long_ids)))
+        assert len(results) == 8
+    finally:
+        engine.close()
+    bad = sparse_config(baseline, {"kind": "dense"}, min_length=64)
+    bad.layers = bad.layers[:1]
+    with pytest.raises(EngineError, match="sparse_prefill config has 1 layers"):
+        make(tiny_llama_dir, sparse_prefill=bad)

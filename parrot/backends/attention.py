@@ -2,16 +2,29 @@
 
 The engine's paged pool stores keys and values per layer as
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; a sequence's positions
-are found through its block table. The functions here are the torch
-implementations the model calls; a Triton kernel with the same signature
-(``parrot.kernels``) can replace :func:`paged_decode_attention` without
-touching the model or the engine.
+are found through its block table. On CUDA with triton installed, decode
+attention runs ``parrot.kernels``' Triton paged kernel (which reads the
+blocks in place); elsewhere, or with ``PARROT_ATTENTION=torch``, the torch
+version below gathers them. Long prompts prefilled from scratch may use
+MInference-style sparse attention (:func:`sparse_prefill`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+from parrot import kernels
+
+# "auto": Triton kernels on CUDA when triton is installed; "torch": never
+# (the side-by-side baseline of benchmarks/engine.py).
+ATTENTION_BACKEND = os.environ.get("PARROT_ATTENTION", "auto")
+if ATTENTION_BACKEND not in ("auto", "torch"):
+    raise ValueError(f"PARROT_ATTENTION must be 'auto' or 'torch', got {ATTENTION_BACKEND!r}")
+_TRITON = ATTENTION_BACKEND == "auto" and kernels.triton_available()
+_TRITON_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels are tested in
 
 # ``enable_gqa`` lets SDPA broadcast KV heads without copying the cache; it
 # appeared in torch 2.5, older versions fall back to repeat_interleave.
@@ -67,9 +80,12 @@ def paged_decode_attention(
     valid block); ``context_lens`` int32 ``[B]`` counts the positions to
     attend to (the query's own included). Returns ``[B, Hq, D]``.
 
-    The torch version gathers each sequence's blocks into a dense tensor,
-    then runs one masked SDPA for the whole batch.
+    On CUDA this is ``parrot.kernels.paged_decode_attention`` (Triton; no
+    host sync, so CUDA graphs capture it); the torch version gathers each
+    sequence's blocks into a dense tensor, then runs one masked SDPA.
     """
+    if _TRITON and query.is_cuda and query.dtype in _TRITON_DTYPES:
+        return kernels.paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
     batch, q_heads, dim = query.shape
     max_blocks = block_tables.shape[1]
     _, block_size, kv_heads, _ = key_cache.shape
@@ -121,4 +137,13 @@ def paged_prefill_attention(
     return out.reshape(q_heads, n, dim).transpose(0, 1)
 
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "sdpa", "write_kv"]
+def sparse_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, patterns: kernels.LayerPatterns, scale: float
+) -> torch.Tensor:
+    """Causal attention of a whole prompt ``[T, H, D]`` with one layer's
+    MInference head patterns (index built online; Triton on CUDA, the
+    reference twin elsewhere). Dense below ``patterns.min_length``."""
+    return kernels.sparse_prefill_attention(query, key, value, patterns, scale)
+
+
+__all__ = ["ATTENTION_BACKEND", "paged_decode_attention", "paged_prefill_attention", "sdpa", "sparse_prefill", "write_kv"]

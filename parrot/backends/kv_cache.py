@@ -23,7 +23,9 @@ from typing import Protocol
 
 import torch
 
-from .attention import paged_decode_attention, paged_prefill_attention, sdpa, write_kv
+from parrot.kernels import SparseAttentionConfig
+
+from .attention import paged_decode_attention, paged_prefill_attention, sdpa, sparse_prefill, write_kv
 from .block_manager import BlockTable
 
 
@@ -223,6 +225,9 @@ class PagedBatch:
     context_lens: torch.Tensor  # [num_decode] int32, the new token included
     prefills: list[PrefillSlice]
     scale: float
+    # MInference patterns for prompts prefilled from scratch in one chunk of
+    # at least ``sparse.min_length`` tokens (see TorchEngineConfig.sparse_prefill).
+    sparse: SparseAttentionConfig | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -241,6 +246,9 @@ class PagedBatch:
             )
         for p in self.prefills:
             rows = slice(p.start, p.start + p.num_tokens)
+            if self.sparse is not None and p.past == 0 and p.num_tokens >= self.sparse.min_length:
+                out[rows] = sparse_prefill(q[rows], k[rows], v[rows], self.sparse.layer(layer), self.scale)
+                continue
             out[rows] = paged_prefill_attention(
                 q[rows], k[rows], v[rows], key_cache, value_cache, p.blocks, p.past, self.scale
             )

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from parrot.kernels import SparseAttentionConfig
 from parrot.semantic_vars import EngineError, new_id
 
 from .block_manager import BlockManager, BlockTable
@@ -87,6 +88,11 @@ class TorchEngineConfig:
     # Replay decode-only steps of up to this many sequences as CUDA graphs
     # (CUDA only; 0 turns graphs off).
     cuda_graph_max_batch: int = 64
+    # MInference-style sparse prefill: a pattern config (a JSON file written
+    # by ``parrot.kernels.pattern_search``, or the loaded config). A prompt
+    # of at least its ``min_length`` tokens with nothing cached is prefilled
+    # in one chunk with sparse attention; shorter ones stay dense.
+    sparse_prefill: str | Path | SparseAttentionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -188,6 +194,16 @@ class TorchEngine(Engine):
             c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
         )
         self._scale = attention_scale(c.head_dim)
+        self._sparse = self.config.sparse_prefill
+        if self._sparse is not None and not isinstance(self._sparse, SparseAttentionConfig):
+            self._sparse = SparseAttentionConfig.load(self._sparse)  # PatternConfigError names a bad field
+        if self._sparse is not None:
+            heads = {len(layer) for layer in self._sparse.layers}
+            if len(self._sparse.layers) != c.num_layers or heads != {c.num_heads}:
+                raise EngineError(
+                    f"sparse_prefill config has {len(self._sparse.layers)} layers x {sorted(heads)} heads;"
+                    f" the model has {c.num_layers} x {c.num_heads}"
+                )
         self._graphs: DecodeGraphs | None = None
         self.reserved_blocks = 0  # blocks the engine holds for itself (the graphs' scratch block)
         if self.device.type == "cuda" and self.config.cuda_graph_max_batch:
@@ -520,6 +536,8 @@ class TorchEngine(Engine):
             table = r.table
             pending = len(r.seq.tokens) - table.length
             take = min(pending, budget)
+            if self._sparse is not None and table.length == 0 and pending >= self._sparse.min_length:
+                take = pending  # sparse prefill needs the whole prompt in one chunk
             if take == 0:
                 continue
             if table.length + take > self.max_model_len:
@@ -624,7 +642,7 @@ class TorchEngine(Engine):
         ]
         attn = PagedBatch(
             self.pool, [(r.table, take) for r, take, _ in plan], slot_t, num_decode, tables_t, ctx_t,
-            prefills, self._scale,
+            prefills, self._scale, self._sparse,
         )
         hidden = self.model(input_ids, pos_t, attn)
         attn.commit()
