@@ -103,6 +103,23 @@ def test_a_batch_with_an_unknown_kind_writes_nothing(new_store):
     assert after == before
 
 
+def test_delete_removes_records_all_or_none(new_store):
+    async def body(store):
+        await store.write([("variable", v, var_record(v)) for v in "abcd"] + [("session", "s1", {"id": "s1"})])
+        await store.delete([("variable", "b"), ("session", "s1"), ("variable", "missing")])
+        after_delete = await load_all(store)
+        with pytest.raises(ValueError, match="unknown record kind 'nonsense'"):
+            await store.delete([("variable", "a"), ("nonsense", "x")])
+        after_refused = await load_all(store)
+        await store.write([("variable", "b", var_record("b"))])  # a deleted id comes back last
+        return after_delete, after_refused, await store.load("variable")
+
+    after_delete, after_refused, again = run_with(new_store, body)
+    assert [r["id"] for r in after_delete["variable"]] == ["a", "c", "d"] and after_delete["session"] == []
+    assert after_refused == after_delete
+    assert [r["id"] for r in again] == ["a", "c", "d", "b"]
+
+
 def test_set_value_once(new_store):
     async def body(store):
         await store.write([("variable", "a", var_record("a"))])

@@ -210,3 +210,80 @@ def test_request_level_baseline_gives_the_same_text_the_slow_way(default_engine)
     assert all(baseline_rt.graph.variables[v].constant for c in calls for v in c.inputs.values())
     assert baseline_rt.client_requests["get"] >= 2 + 2  # the chain's two links + the final reads
     assert baseline_rt.client_requests["submit"] == len(calls)
+
+
+def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(default_engine):
+    """A long-running service stays bounded: past ``keep_closed_sessions``
+    the oldest closed session leaves the graph and the store; one whose
+    variables another session still reads waits until that one goes."""
+    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig, UnknownSessionError
+
+    ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
+    runtime = LocalRuntime([default_engine], keep_closed_sessions=1)
+    events: list[dict] = []
+    runtime.subscribe(events.append)
+
+    async def one_call_session(name: str, inputs: dict | None = None) -> str:
+        sid = await runtime.open_session()
+        consts = {} if inputs else {"q": name}
+        await runtime.submit_calls(sid, [CallSpec(f"call-{name}", ask, inputs or {}, consts, {"a": f"var-{name}"})])
+        await runtime.get_variable(sid, f"var-{name}")
+        return sid
+
+    async def stored(kind: str) -> set[str]:
+        return {r["id"] for r in await runtime.store.load(kind)}
+
+    async def main() -> None:
+        s0, s1 = await one_call_session("s0"), await one_call_session("s1")
+        await runtime.close_session(s0)
+        assert s0 in runtime.sessions  # one closed session is kept
+        await runtime.close_session(s1)
+        assert set(runtime.sessions) == {s1} and await stored("session") == {s1}
+        assert set(runtime.graph.calls) == {"call-s1"} and await stored("call") == {"call-s1"}
+        assert "var-s0" not in runtime.graph.variables and "var-s0" not in await stored("variable")
+        assert runtime.graph.session_calls(s0) == []
+        assert [e for e in events if e["type"] == "session_forgotten"] == [
+            {"type": "session_forgotten", "session_id": s0, "call_ids": ["call-s0"]}]
+        with pytest.raises(UnknownSessionError):
+            await runtime.get_variable(s0, "var-s0")
+
+        # Session b reads a's output: a stays (postponed) until b is forgotten.
+        a = await one_call_session("a")
+        b = await one_call_session("b", inputs={"q": "var-a"})
+        await runtime.close_session(a)
+        assert a in runtime.sessions and s1 not in runtime.sessions
+        c = await one_call_session("c")
+        await runtime.close_session(c)  # a cannot go yet, so c (the next oldest) does
+        assert a in runtime.sessions and c not in runtime.sessions
+        assert runtime.graph.variables["var-a"].is_set
+        await runtime.close_session(b)  # b goes (nothing reads it); a is the one kept
+        assert set(runtime.sessions) == {a}
+        d = await one_call_session("d")
+        await runtime.close_session(d)  # now a can go
+        assert set(runtime.sessions) == {d} and set(runtime.graph.calls) == {"call-d"}
+        assert await stored("variable") == {"var-d", "call-d.q"}
+
+    asyncio.run(main())
+
+
+def test_restore_applies_the_closed_session_limit(default_engine):
+    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+
+    ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
+    first = LocalRuntime([default_engine], keep_closed_sessions=None)
+
+    async def fill() -> list[str]:
+        sids = []
+        for i in range(3):
+            sid = await first.open_session()
+            await first.submit_calls(sid, [CallSpec(f"call-{i}", ask, {}, {"q": str(i)}, {"a": f"var-{i}"})])
+            await first.get_variable(sid, f"var-{i}")
+            await first.close_session(sid)
+            sids.append(sid)
+        return sids
+
+    sids = asyncio.run(fill())
+    assert set(first.sessions) == set(sids)  # None keeps everything
+    again = LocalRuntime([default_engine], store=first.store, keep_closed_sessions=2)
+    asyncio.run(again.restore())
+    assert set(again.sessions) == set(sids[1:]) and set(again.graph.calls) == {"call-1", "call-2"}

@@ -113,6 +113,7 @@ class DataflowGraph:
         self.calls: dict[str, CallNode] = {}
         self.groups: dict[str, TaskGroup] = {}
         self._unset_inputs: dict[str, int] = {}  # call id -> inputs still without a value
+        self._session_calls: dict[str, dict[str, None]] = {}  # session id -> its call ids, in order
 
     # -- building -------------------------------------------------------
     def add_variable(
@@ -183,6 +184,7 @@ class DataflowGraph:
         call.compress = {**spec.function.input_compression, **template.input_compression}
         call.owned_variables = owned + [v for v in spec.outputs.values() if v not in self.variables]
         self.calls[call.id] = call
+        self._session_calls.setdefault(session_id, {})[call.id] = None
         self.graph.add_node(call.id, kind="call")
         for in_id in inputs.values():
             self.graph.add_edge(in_id, call.id)
@@ -202,6 +204,7 @@ class DataflowGraph:
         """Undo :meth:`add_call` for a call nothing depends on yet (used to
         roll back a batch that failed part-way)."""
         call = self.calls.pop(call_id)
+        self._session_calls.get(call.session_id, {}).pop(call_id, None)
         for out_id in call.outputs.values():
             if out_id in call.owned_variables:
                 continue
@@ -282,7 +285,41 @@ class DataflowGraph:
         return {**self.input_values(call), **call.compressed_inputs}
 
     def session_calls(self, session_id: str) -> list[CallNode]:
-        return [c for c in self.calls.values() if c.session_id == session_id]
+        return [self.calls[cid] for cid in self._session_calls.get(session_id, ())]
+
+    def removable_session(self, session_id: str) -> tuple[list[str], list[str]] | None:
+        """The ``(call ids, variable ids)`` :meth:`remove_session` would
+        remove, or None while a call of the session has not finished or a
+        call of another session reads one of its variables."""
+        calls = self.session_calls(session_id)
+        if any(c.state not in FINAL_STATES for c in calls):
+            return None
+        var_ids = [v.id for v in self.variables.values() if v.session_id == session_id]
+        for var_id in var_ids:
+            for reader in self.graph.successors(var_id):
+                if self.calls[reader].session_id != session_id:
+                    return None
+        return [c.id for c in calls], var_ids
+
+    def remove_session(self, session_id: str) -> tuple[list[str], list[str]] | None:
+        """Forget a finished session's calls and variables (its task groups
+        too); returns what was removed, or None (and changes nothing) when
+        :meth:`removable_session` says it cannot go yet."""
+        removable = self.removable_session(session_id)
+        if removable is None:
+            return None
+        call_ids, var_ids = removable
+        for group_id in [g.id for g in self.groups.values() if g.consumer in self.calls
+                         and self.calls[g.consumer].session_id == session_id]:
+            del self.groups[group_id]
+        for call_id in call_ids:
+            del self.calls[call_id]
+            self._unset_inputs.pop(call_id, None)
+        for var_id in var_ids:
+            del self.variables[var_id]
+        self.graph.remove_nodes_from([*call_ids, *var_ids])
+        self._session_calls.pop(session_id, None)
+        return call_ids, var_ids
 
     def upstream_calls(self, call: CallNode) -> Iterable[CallNode]:
         """Calls whose outputs feed ``call`` directly."""

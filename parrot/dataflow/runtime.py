@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -92,8 +92,15 @@ class LocalRuntime(Runtime):
         store: StateStore | None = None,
         portal: Portal | None = None,
         compressor: Any = None,
+        keep_closed_sessions: int | None = 1000,
     ) -> None:
         super().__init__(portal)
+        if keep_closed_sessions is not None and keep_closed_sessions < 0:
+            raise ValueError(f"keep_closed_sessions must be >= 0 or None, got {keep_closed_sessions}")
+        # A long-running service forgets the oldest closed sessions beyond
+        # this many (graph and store), so memory stays bounded; None keeps all.
+        self.keep_closed_sessions = keep_closed_sessions
+        self._closed: deque[str] = deque()
         if not engines:
             raise ValueError("a runtime needs at least one engine")
         self.engines = list(engines)
@@ -118,7 +125,8 @@ class LocalRuntime(Runtime):
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event)`` for every DAG event; returns the unsubscriber.
         Events are dicts with ``type`` in call_added, call_state, variable_set,
-        token (a streamed piece of an output) and session_closed."""
+        token (a streamed piece of an output), session_closed and
+        session_forgotten (with the ``call_ids`` dropped)."""
         self._listeners.add(listener)
         return lambda: self._listeners.discard(listener)
 
@@ -180,6 +188,36 @@ class LocalRuntime(Runtime):
             if call.state not in FINAL_STATES:
                 await self._cancel_call(call, "the session was closed before the call could run")
         self._emit({"type": "session_closed", "session_id": session_id})
+        if session_id not in self._closed:
+            self._closed.append(session_id)
+        await self._forget_closed_sessions()
+
+    async def _forget_closed_sessions(self) -> None:
+        """Forget the oldest closed sessions beyond ``keep_closed_sessions``:
+        their calls and variables leave the graph and the store. A session
+        whose variables another session still reads stays for a later try."""
+        if self.keep_closed_sessions is None:
+            return
+        postponed: list[str] = []
+        while len(self._closed) + len(postponed) > self.keep_closed_sessions and self._closed:
+            session_id = self._closed.popleft()
+            removable = self.graph.removable_session(session_id)
+            if removable is None:
+                postponed.append(session_id)
+                continue
+            call_ids, var_ids = removable
+            # The store first: if it fails, the graph still matches it.
+            await self.store.delete([("session", session_id), *(("call", c) for c in call_ids),
+                                     *(("variable", v) for v in var_ids)])
+            for call_id in call_ids:
+                self.prefixes.forget(self.graph.calls[call_id])
+            self.graph.remove_session(session_id)
+            for var_id in var_ids:
+                self._streamed.pop(var_id, None)
+                self._waiters.pop(var_id, None)
+            self.sessions.pop(session_id, None)
+            self._emit({"type": "session_forgotten", "session_id": session_id, "call_ids": call_ids})
+        self._closed.extendleft(reversed(postponed))
 
     async def _cancel_call(self, call: CallNode, reason: str) -> None:
         self._ready.pop(call.id, None)
@@ -485,6 +523,8 @@ class LocalRuntime(Runtime):
             elif node.state == "ready":
                 self._dispatch(node)
                 requeued += 1
+        self._closed.extend(sid for sid, state in self.sessions.items() if not state.open)
+        await self._forget_closed_sessions()
         return requeued
 
     async def shutdown(self) -> None:

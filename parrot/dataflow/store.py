@@ -37,6 +37,10 @@ class StateStore(ABC):
     async def load(self, kind: str) -> list[Record]:
         """Every record of ``kind``, in first-insertion order."""
 
+    @abstractmethod
+    async def delete(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Remove the records ``(kind, id)``, all or none (missing ones are skipped)."""
+
     async def close(self) -> None:
         """Release connections. The default does nothing."""
 
@@ -64,3 +68,11 @@ class MemoryStore(StateStore):
 
     async def load(self, kind: str) -> list[Record]:
         return [dict(r) for r in self._data[kind].values()]
+
+    async def delete(self, keys: Iterable[tuple[str, str]]) -> None:
+        batch = list(keys)
+        for kind, _ in batch:
+            if kind not in self._data:
+                raise ValueError(f"unknown record kind {kind!r}")
+        for kind, record_id in batch:
+            self._data[kind].pop(record_id, None)

@@ -253,6 +253,20 @@ class RedisStore(StateStore):
             done = await self._set_value_script(keys=[self.records_key("variable")], args=[var_id, value])
         return int(done) == 1
 
+    async def delete(self, keys: Iterable[tuple[str, str]]) -> None:
+        by_kind: dict[str, list[str]] = {}
+        for kind, record_id in keys:
+            self._check_kind(kind)
+            by_kind.setdefault(kind, []).append(record_id)
+        if not by_kind:
+            return
+        async with self._reachable("delete"):
+            async with self.client.pipeline(transaction=True) as pipe:  # MULTI/EXEC: all or none
+                for kind, ids in by_kind.items():
+                    pipe.hdel(self.records_key(kind), *ids)
+                    pipe.zrem(self.order_key(kind), *ids)
+                await pipe.execute()
+
     async def load(self, kind: str) -> list[Record]:
         self._check_kind(kind)
         async with self._reachable("load"):

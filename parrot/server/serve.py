@@ -21,6 +21,21 @@ def _urls(value: str | None) -> list[str]:
     return [u.strip() for u in (value or "").split(",") if u.strip()]
 
 
+def _keep(value: str | None) -> int | None:
+    """PARROT_KEEP_CLOSED_SESSIONS: a count >= 0, or "all"."""
+    if value is None or value == "":
+        return 1000
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"PARROT_KEEP_CLOSED_SESSIONS must be a count >= 0 or 'all', got {value!r}")
+    return count
+
+
 @dataclass
 class ServerSettings:
     """What ``parrot serve`` runs; every field has an environment variable."""
@@ -35,6 +50,9 @@ class ServerSettings:
     redis_url: str | None = None  # PARROT_REDIS_URL; default: state in memory
     admin_key: str | None = None  # PARROT_ADMIN_KEY; default: a fresh one, printed
     request_level: bool = False  # PARROT_REQUEST_LEVEL
+    # PARROT_KEEP_CLOSED_SESSIONS: closed sessions kept (in memory and in the
+    # store) before the oldest are forgotten; "all" keeps every one.
+    keep_closed_sessions: int | None = 1000
     default_quotas: Quotas = field(default_factory=Quotas)
     # PARROT_RAY_ADDRESS: run the torch engines as Ray actors on this cluster
     # ("auto": the cluster this node belongs to; "local": start one here;
@@ -63,6 +81,7 @@ class ServerSettings:
             redis_url=env.get("PARROT_REDIS_URL"),
             admin_key=env.get("PARROT_ADMIN_KEY"),
             request_level=_flag(env.get("PARROT_REQUEST_LEVEL")),
+            keep_closed_sessions=_keep(env.get("PARROT_KEEP_CLOSED_SESSIONS")),
             ray_address=env.get("PARROT_RAY_ADDRESS") or None,
             engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
@@ -154,7 +173,8 @@ async def build_service(settings: ServerSettings) -> ParrotService:
         from .redis_store import RedisStore
 
         store = RedisStore.from_url(settings.redis_url)
-    runtime = LocalRuntime(engines, store=store, request_level=settings.request_level)
+    runtime = LocalRuntime(engines, store=store, request_level=settings.request_level,
+                           keep_closed_sessions=settings.keep_closed_sessions)
     return ParrotService(runtime, admin_key=settings.admin_key, default_quotas=settings.default_quotas)
 
 

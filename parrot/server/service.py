@@ -104,6 +104,10 @@ class ParrotService:
         await self.runtime.shutdown()
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "session_forgotten":
+            for call_id in event["call_ids"]:
+                self.call_owner.pop(call_id, None)
+            return
         if event["type"] != "call_state" or event["state"] not in FINAL_STATES:
             return
         owner = self.call_owner.get(event["call_id"])
