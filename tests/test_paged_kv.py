@@ -143,10 +143,17 @@ def test_pool_too_small_for_one_request_is_a_clear_error(tiny_llama_dir, baselin
 
         with pytest.raises(EngineError, match="exceeds"):
             asyncio.run(submit())
-        # Generating past max_model_len fails that request only.
         [(results, _)] = run(engine, req(ids[:20], max_tokens=10))
+        # Generation that reaches max_model_len ends there with reason "length",
+        # as at max_tokens (unless the model ends it first).
+        [([result], stats)] = run(engine, GenerationRequest(
+            [Fill(tuple(ids[:60])), Gen(SamplingConfig(max_tokens=30, stop=("@@@",)))]))
+        if result.finish_reason != "eos":
+            assert result.finish_reason == "length" and len(ids[:60]) + len(result.token_ids) == 64
+        # A program whose later Fill would not fit fails that request only.
         with pytest.raises(EngineError, match="max_model_len"):
-            run(engine, GenerationRequest([Fill(tuple(ids[:60])), Gen(SamplingConfig(max_tokens=30, stop=("@@@",)))]))
+            run(engine, GenerationRequest([Fill(tuple(ids[:30])), Gen(SamplingConfig(max_tokens=2, stop=("@@@",))),
+                                           Fill(tuple(ids[:34])), Gen(SamplingConfig(max_tokens=2))]))
         assert_all_free_or_cached(engine)
     finally:
         engine.close()

@@ -48,6 +48,9 @@ def test_chain_and_fan_in_run_without_client_round_trips(runtime):
             produced = [runtime.graph.variables[v] for v in upstream.outputs.values()]
             assert call.started_at >= min(v.set_at for v in produced)
     assert runtime.graph.variables[name.id].perf == "latency"
+    # Each output records why its generation ended.
+    assert all(set(c.finish_reasons) == set(c.outputs) for c in calls)
+    assert all(r in ("eos", "stop", "length") for c in calls for r in c.finish_reasons.values())
 
 
 def test_runtime_outputs_equal_the_engine_run_directly(runtime, default_engine):

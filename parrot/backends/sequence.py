@@ -54,8 +54,12 @@ class Sequence:
         kv: BlockTable,
         tokenizer: TokenizerLike,
         emit: Callable[[EngineEvent], None],
+        max_context: int | None = None,
     ) -> None:
         self.request = request
+        # A Gen ends with reason "length" when the context reaches this many
+        # tokens (the engine's max_model_len), as it does at max_tokens.
+        self.max_context = max_context
         self.kv = kv
         self.tokenizer = tokenizer
         self.emit = emit
@@ -164,7 +168,9 @@ class Sequence:
                 finish = "stop"
                 text = text[: min(hits)[0]]
                 keep = self._tokens_within(text)
-            elif len(self.gen_ids) >= gen.sampling.max_tokens:
+            elif len(self.gen_ids) >= gen.sampling.max_tokens or (
+                self.max_context is not None and len(self.tokens) >= self.max_context
+            ):
                 finish = "length"
 
         if finish is None:

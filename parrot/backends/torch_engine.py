@@ -268,7 +268,7 @@ class TorchEngine(Engine):
     # -- Engine API -----------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
         stream = RequestStream(request, self.cancel)
-        seq = Sequence(request, BlockTable(self._blocks), self.tokenizer, stream.push)  # validates the program now
+        seq = Sequence(request, BlockTable(self._blocks), self.tokenizer, stream.push, self.max_model_len)  # validates the program now
         if len(seq.tokens) > self.max_model_len:
             raise EngineError(f"prompt of {len(seq.tokens)} tokens exceeds the model's {self.max_model_len} positions")
         prefix = None

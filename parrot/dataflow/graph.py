@@ -74,6 +74,9 @@ class CallNode:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     cached_tokens: int = 0
+    # Why each output's generation ended: "eos", "stop" (a stop string) or
+    # "length" (max_tokens, or the engine's context limit).
+    finish_reasons: dict[str, str] = field(default_factory=dict)
     # Deduced by the analyser (see analysis.py); None until a read says.
     objective: Literal["latency", "throughput"] | None = None
     latency_critical: bool = False

@@ -472,6 +472,7 @@ class LocalRuntime(Runtime):
                     self._emit({"type": "token", "session_id": call.session_id, "call_id": call.id,
                                 "var_id": out_id, "text": event.text[max(0, already - before):]})
             elif isinstance(event, GenResult):
+                call.finish_reasons[event.name] = event.finish_reason
                 # Each output is released as soon as it exists, so its
                 # consumers start while this call is still generating.
                 out_id = call.outputs[event.name]

@@ -295,9 +295,14 @@ class CallRun:
                 yield self.value[sent:]
             self.prompt_tokens = call.prefill_tokens + call.cached_tokens
             self.completion_tokens = call.generated_tokens
-            # The engine stops at max_tokens, an end-of-sequence token or a stop
-            # string; only the first uses up the budget.
-            self.finish_reason = "length" if call.generated_tokens >= self.max_tokens else "stop"
+            # The engine says why the output ended; "length" (max_tokens or the
+            # context limit) stays "length", an end-of-sequence token or a stop
+            # string is "stop". Engines that do not say are judged by the budget.
+            name = next((n for n, v in call.outputs.items() if v == self.var_id), None)
+            reason = call.finish_reasons.get(name or "")
+            if reason is None:
+                reason = "length" if call.generated_tokens >= self.max_tokens else "stop"
+            self.finish_reason = "length" if reason == "length" else "stop"
             self.finished = True
             return
 
