@@ -130,6 +130,18 @@ def test_a_public_function_shares_only_its_constant_head_across_tenants():
     assert not set(c) & set(d) and not set(c) & set(a)
 
 
+def test_prefix_counts_keep_the_most_recently_reached_keys():
+    graph = DataflowGraph()
+    index = PrefixIndex(min_chars=32, max_keys=2)
+    for i, system in enumerate([SYSTEM, SYSTEM.upper(), SYSTEM.lower(), SYSTEM]):
+        node = graph.add_call(S, CallSpec(f"c{i}", ASK, {}, {"system": system, "q": "hi"}, {"y": f"c{i}.y"}))
+        index.add(node, graph, "tenant-a")
+    # Each call reaches two boundaries (after the system prompt, after "User: ");
+    # only the last call's two are kept, seen once since the first call's were evicted.
+    assert len(index.counts) == 2 and set(index.counts.values()) == {1}
+    assert index.hint_for(graph.calls["c3"]) is None
+
+
 def test_prefix_stops_at_the_first_unset_input():
     p = Program()
     p.graph.add_variable("late", "late", S)

@@ -25,7 +25,7 @@ Token-level reuse that templates cannot declare is the engine's business.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from parrot.semantic_vars import Placeholder
@@ -67,11 +67,19 @@ def known_prefix(call: CallNode, graph: DataflowGraph) -> tuple[str, list[int]]:
 
 
 class PrefixIndex:
-    """Counts, per namespace, how many calls reach each prefix boundary."""
+    """Counts, per namespace, how many calls reach each prefix boundary.
 
-    def __init__(self, *, min_chars: int = 32) -> None:
+    The counts are history (a later user's identical system prompt is a known
+    prefix), kept for the ``max_keys`` most recently reached boundaries so a
+    long-running service stays bounded; the least recently reached go first.
+    """
+
+    def __init__(self, *, min_chars: int = 32, max_keys: int = 1_000_000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
         self.min_chars = min_chars
-        self.counts: Counter[str] = Counter()
+        self.max_keys = max_keys
+        self.counts: OrderedDict[str, int] = OrderedDict()
         self.boundaries: dict[str, list[PrefixBoundary]] = {}
 
     def add(self, call: CallNode, graph: DataflowGraph, namespace: str) -> None:
@@ -95,12 +103,17 @@ class PrefixIndex:
                 found.append(PrefixBoundary(digest.copy().hexdigest()[:32], end))
         call.prefix_text = text
         self.boundaries[call.id] = found
-        self.counts.update(b.key for b in found)
+        counts = self.counts
+        for b in found:
+            counts[b.key] = counts.get(b.key, 0) + 1
+            counts.move_to_end(b.key)
+        while len(counts) > self.max_keys:
+            counts.popitem(last=False)
 
     def hint_for(self, call: CallNode) -> PrefixBoundary | None:
         """The longest boundary of ``call`` that another call reaches too."""
         for boundary in reversed(self.boundaries.get(call.id, ())):
-            if self.counts[boundary.key] >= 2:
+            if self.counts.get(boundary.key, 0) >= 2:
                 return boundary
         return None
 
