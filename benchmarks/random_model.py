@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from parrot.backends.default_model import hf_weight_shapes
+
 SHAPES = ("llama3-8b", "llama3.2-1b", "tiny")
 SEED = 20240611
 INIT_STD = 0.02
@@ -78,34 +80,9 @@ def shape_config(shape: str) -> dict[str, Any]:
     return config
 
 
-def weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Llama parameter names and shapes (no lm_head when tied)."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q_dim = config["num_attention_heads"] * head_dim
-    kv_dim = config["num_key_value_heads"] * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        shapes |= {
-            f"{p}.self_attn.q_proj.weight": (q_dim, hidden),
-            f"{p}.self_attn.k_proj.weight": (kv_dim, hidden),
-            f"{p}.self_attn.v_proj.weight": (kv_dim, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, q_dim),
-            f"{p}.mlp.gate_proj.weight": (inter, hidden),
-            f"{p}.mlp.up_proj.weight": (inter, hidden),
-            f"{p}.mlp.down_proj.weight": (hidden, inter),
-            f"{p}.input_layernorm.weight": (hidden,),
-            f"{p}.post_attention_layernorm.weight": (hidden,),
-        }
-    return shapes
-
-
 def parameter_count(shape: str) -> int:
     total = 0
-    for dims in weight_shapes(shape_config(shape)).values():
+    for dims in hf_weight_shapes(shape_config(shape)).values():
         n = 1
         for d in dims:
             n *= d
@@ -148,7 +125,7 @@ def write_random_model(
     dest.mkdir(parents=True, exist_ok=True)
     gen_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = shape_config(shape)
-    shapes = weight_shapes(config)
+    shapes = hf_weight_shapes(config)
     names = sorted(shapes)
     # Plan the shards first: file names carry the shard count.
     shards: list[list[str]] = [[]]

@@ -222,17 +222,16 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "parrot"
 
 
-def _weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Llama parameter names and shapes for ``config``."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim, vocab = config["head_dim"], config["vocab_size"]
+def hf_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Hugging Face Llama parameter names and shapes for ``config`` (no
+    ``lm_head`` when the embeddings are tied)."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_dim = config["num_attention_heads"] * head_dim
     kv_dim = config["num_key_value_heads"] * head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, hidden)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         shapes |= {
@@ -259,7 +258,7 @@ def _weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     generator = torch.Generator(device="cpu").manual_seed(_SEED)
     tensors: dict[str, torch.Tensor] = {}
-    for name, shape in sorted(_weight_shapes(config).items()):
+    for name, shape in sorted(hf_weight_shapes(config).items()):
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=torch.float32)
         else:
