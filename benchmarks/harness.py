@@ -427,14 +427,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
-    """The model folder to load and a description of its weights."""
-    if args.model and args.random_model:
+    """The model folder to load and a description of its weights (``args``
+    may lack the random-model options: benchmarks that do not offer them)."""
+    random_model = getattr(args, "random_model", None)
+    if args.model and random_model:
         raise SystemExit("give --model or --random-model, not both")
-    if args.random_model:
+    if random_model:
         from benchmarks.random_model import random_model_path
 
-        path = random_model_path(args.random_model, root=args.random_model_dir, device=args.device, progress=progress)
-        return path, f"seeded random bf16 weights, {args.random_model} shape (timing only; text is not meaningful)"
+        path = random_model_path(random_model, root=getattr(args, "random_model_dir", None), device=args.device,
+                                 progress=progress)
+        return path, f"seeded random bf16 weights, {random_model} shape (timing only; text is not meaningful)"
     if args.model:
         return Path(args.model).expanduser(), "checkpoint weights from --model"
     from parrot.backends.default_model import default_model_path

@@ -54,8 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    args.random_model = None
-    args.random_model_dir = None
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
