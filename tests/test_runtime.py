@@ -290,3 +290,13 @@ def test_restore_applies_the_closed_session_limit(default_engine):
     again = LocalRuntime([default_engine], store=first.store, keep_closed_sessions=2)
     asyncio.run(again.restore())
     assert set(again.sessions) == set(sids[1:]) and set(again.graph.calls) == {"call-1", "call-2"}
+
+
+def test_forgetting_a_session_drops_its_task_groups(default_engine):
+    runtime = LocalRuntime([default_engine], keep_closed_sessions=0)
+    with P.Session(runtime) as s:
+        sums = [summarize(c) for c in ("one two", "three four")]
+        merged = workflows.reducer(2, max_tokens=3)(*sums)
+        merged.get()
+        assert runtime.graph.groups  # the two maps formed a task group
+    assert s.id not in runtime.sessions and not runtime.graph.groups and not runtime.graph.calls

@@ -117,6 +117,7 @@ class DataflowGraph:
         self.groups: dict[str, TaskGroup] = {}
         self._unset_inputs: dict[str, int] = {}  # call id -> inputs still without a value
         self._session_calls: dict[str, dict[str, None]] = {}  # session id -> its call ids, in order
+        self._session_vars: dict[str, dict[str, None]] = {}  # session id -> its variable ids
 
     # -- building -------------------------------------------------------
     def add_variable(
@@ -128,6 +129,7 @@ class DataflowGraph:
         if value is not None:
             var.set_at = time.monotonic()
         self.variables[var_id] = var
+        self._session_vars.setdefault(session_id, {})[var_id] = None
         self.graph.add_node(var_id, kind="variable")
         return var
 
@@ -220,7 +222,8 @@ class DataflowGraph:
 
     def remove_variable(self, var_id: str) -> None:
         """Forget a variable (only for rollbacks: nothing may refer to it)."""
-        del self.variables[var_id]
+        var = self.variables.pop(var_id)
+        self._session_vars.get(var.session_id, {}).pop(var_id, None)
         self.graph.remove_node(var_id)
 
     # -- running --------------------------------------------------------
@@ -297,7 +300,7 @@ class DataflowGraph:
         calls = self.session_calls(session_id)
         if any(c.state not in FINAL_STATES for c in calls):
             return None
-        var_ids = [v.id for v in self.variables.values() if v.session_id == session_id]
+        var_ids = list(self._session_vars.get(session_id, ()))
         for var_id in var_ids:
             for reader in self.graph.successors(var_id):
                 if self.calls[reader].session_id != session_id:
@@ -312,9 +315,10 @@ class DataflowGraph:
         if removable is None:
             return None
         call_ids, var_ids = removable
-        for group_id in [g.id for g in self.groups.values() if g.consumer in self.calls
-                         and self.calls[g.consumer].session_id == session_id]:
-            del self.groups[group_id]
+        # A group's members feed its consumer, so a removable session holds
+        # whole groups; the members name them.
+        for group_id in {self.calls[c].group for c in call_ids} - {None}:
+            self.groups.pop(group_id, None)
         for call_id in call_ids:
             del self.calls[call_id]
             self._unset_inputs.pop(call_id, None)
@@ -322,6 +326,7 @@ class DataflowGraph:
             del self.variables[var_id]
         self.graph.remove_nodes_from([*call_ids, *var_ids])
         self._session_calls.pop(session_id, None)
+        self._session_vars.pop(session_id, None)
         return call_ids, var_ids
 
     def upstream_calls(self, call: CallNode) -> Iterable[CallNode]:
