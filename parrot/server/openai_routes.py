@@ -297,7 +297,8 @@ class CallRun:
             self.completion_tokens = call.generated_tokens
             # The engine says why the output ended; "length" (max_tokens or the
             # context limit) stays "length", an end-of-sequence token or a stop
-            # string is "stop". Engines that do not say are judged by the budget.
+            # string is "stop". An output released before a restart has no
+            # recorded reason; it is judged by the budget.
             name = next((n for n, v in call.outputs.items() if v == self.var_id), None)
             reason = call.finish_reasons.get(name or "")
             if reason is None:
