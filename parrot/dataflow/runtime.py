@@ -429,6 +429,8 @@ class LocalRuntime(Runtime):
                 # the call's own in the request-level baseline (no reuse at all).
                 session = self.sessions.get(call.session_id)
                 request.namespace = call.id if self.request_level or session is None else session.namespace
+                # The engine admits by it; the request-level baseline knows none.
+                request.objective = None if self.request_level else call.objective
                 stream = engine.submit(request)
                 await self._consume(call, request, stream)
             call.state = "done"
