@@ -380,3 +380,29 @@ def test_forgetting_a_session_drops_its_task_groups(default_engine):
         merged.get()
         assert runtime.graph.groups  # the two maps formed a task group
     assert s.id not in runtime.sessions and not runtime.graph.groups and not runtime.graph.calls
+
+
+class _SlowSubmitRuntime(LocalRuntime):
+    """A runtime whose submissions take a round trip, as over HTTP: the
+    submitting coroutine yields to the loop before the calls exist."""
+
+    async def submit_calls(self, session_id, calls):
+        await asyncio.sleep(0)  # a yield point standing for the network, not a wait for anything
+        await super().submit_calls(session_id, calls)
+
+
+def test_concurrent_async_reads_wait_for_the_batch_they_read(default_engine):
+    """Several aget() at once: the first sends the batch, the others must not
+    ask for their variables before the runtime has the calls."""
+    runtime = _SlowSubmitRuntime([default_engine])
+
+    async def app() -> list[str]:
+        async with P.Session(runtime):
+            maps = [summarize(c) for c in ("one", "two", "three")]
+            merged = workflows.reducer(3, max_tokens=4)(*maps)
+            return await asyncio.gather(*(m.aget(perf="throughput") for m in maps), merged.aget(perf="latency"))
+
+    # On the runtime's own loop, so the readers interleave with the submission.
+    values = runtime.portal.call(app())
+    assert len(values) == 4 and all(isinstance(v, str) for v in values)
+    assert runtime.client_requests["submit"] == 1
