@@ -22,12 +22,15 @@ and imports no service or HTTP library.
 
 from parrot.semantic_vars import (
     CallFailedError,
+    Constraint,
+    ConstraintError,
     DataflowCycleError,
     EngineError,
     Input,
     InvalidArgumentError,
     NoActiveSessionError,
     Output,
+    OutputParseError,
     ParrotError,
     Runtime,
     SamplingConfig,
@@ -82,8 +85,8 @@ def _default_runtime() -> Runtime:
 set_default_runtime_factory(_default_runtime)
 
 __all__ = [
-    "CallFailedError", "connect", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
-    "NoActiveSessionError", "Output", "ParrotError", "Runtime", "SamplingConfig", "SamplingConfigError",
+    "CallFailedError", "connect", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
+    "NoActiveSessionError", "Output", "OutputParseError", "ParrotError", "Runtime", "SamplingConfig", "SamplingConfigError",
     "SemanticFunction", "SemanticVariable", "Session", "SessionClosedError", "TemplateError",
     "UnknownVariableError", "VariableAlreadySetError", "semantic_function", "set_default_runtime_factory",
 ]

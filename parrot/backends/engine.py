@@ -88,6 +88,17 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model and the ``top``
+    most likely alternatives ``(token id, logprob)``, best first (when the
+    Gen's sampling asked for ``logprobs``)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenResult:
     """A finished :class:`Gen`: its text (stop string removed) and tokens."""
 
@@ -96,6 +107,8 @@ class GenResult:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
+    # One entry per token of ``token_ids`` when the Gen asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -352,6 +365,6 @@ class Engine(ABC):
 
 __all__ = [
     "Engine", "EngineCapacity", "EngineError", "EngineEvent", "Fill", "FinishReason", "Gen", "GenResult",
-    "GenerationRequest", "OBJECTIVE_RANK", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta",
+    "GenerationRequest", "OBJECTIVE_RANK", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta", "TokenLogprob",
     "TokenizerLike",
 ]

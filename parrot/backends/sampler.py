@@ -40,3 +40,34 @@ def sample(
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         out[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return out.tolist()
+
+
+def model_logprobs(logits: torch.Tensor, configs: list[SamplingConfig]) -> tuple[list[int], torch.Tensor] | None:
+    """Log-probabilities of the rows whose config asks for ``logprobs``, taken
+    from the model's logits before temperature and grammar masks (call
+    before masking). ``None`` when no row asks."""
+    rows = [i for i, c in enumerate(configs) if c.logprobs is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=logits.device)
+    return rows, torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+
+
+def pick_logprobs(
+    prepared: tuple[list[int], torch.Tensor] | None, configs: list[SamplingConfig], tokens: list[int]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row: ``(logprob of the sampled token, top-k alternatives)`` or None;
+    one transfer to the host."""
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(configs)
+    if prepared is None:
+        return out
+    rows, logp = prepared
+    k = max(configs[i].logprobs or 0 for i in rows)
+    chosen = torch.tensor([tokens[i] for i in rows], device=logp.device)
+    picked = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_v, top_i = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(rows):
+        n = configs[i].logprobs or 0
+        out[i] = (picked[j], list(zip(top_i[j][:n], top_v[j][:n])))
+    return out

@@ -25,6 +25,7 @@ from .engine import (
     RequestStats,
     TokenDelta,
     TokenizerLike,
+    TokenLogprob,
 )
 from .block_manager import BlockTable
 
@@ -69,6 +70,7 @@ class Sequence:
         self.gen_index = -1
         self.gen_start = 0  # index in self.tokens of the current Gen's first token
         self.gen_ids: list[int] = []
+        self.gen_logprobs: list[TokenLogprob] = []  # when the Gen asks for logprobs
         self.streamed = 0  # characters of the current Gen already sent as deltas
         self.finished = False
         self.before_finish: Callable[[], None] | None = None
@@ -138,6 +140,7 @@ class Sequence:
         self.gen_index += 1
         self.gen_start = len(self.tokens)
         self.gen_ids = []
+        self.gen_logprobs = []
         self.streamed = 0
 
     def _gen_text(self, ids: list[int]) -> str:
@@ -145,8 +148,9 @@ class Sequence:
         prefix = self.tokenizer.decode(context)
         return self.tokenizer.decode(context + ids)[len(prefix) :]
 
-    def accept(self, token: int) -> None:
-        """Take one sampled token of the current Gen and emit what follows."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Take one sampled token of the current Gen (and its log-probability,
+        when the Gen asked for them) and emit what follows."""
         now = time.monotonic()
         if self.stats.first_token_at is None:
             self.stats.first_token_at = now
@@ -155,6 +159,8 @@ class Sequence:
         stops = gen.sampling.stop
         self.gen_ids.append(token)
         self.tokens.append(token)
+        if logprob is not None:
+            self.gen_logprobs.append(logprob)
 
         finish: FinishReason | None = None
         keep = len(self.gen_ids)
@@ -189,7 +195,8 @@ class Sequence:
         del self.tokens[self.gen_start + keep :]
         if self.kv.length > len(self.tokens):
             self.kv.truncate(len(self.tokens))
-        self.emit(GenResult(self.gen_index, gen.name, text, tuple(self.gen_ids[:keep]), finish))
+        logprobs = tuple(self.gen_logprobs[:keep]) if gen.sampling.logprobs is not None else None
+        self.emit(GenResult(self.gen_index, gen.name, text, tuple(self.gen_ids[:keep]), finish, logprobs))
         self.cursor += 1
         self._advance()
 

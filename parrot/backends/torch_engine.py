@@ -59,12 +59,13 @@ from parrot.semantic_vars import EngineError, new_id
 from .admission import AdmissionQueue
 from .block_manager import BlockManager, BlockTable
 from .checkpoint import load_model
+from .constraints import GrammarStates, apply_masks
 from .cuda_graphs import DecodeGraphs
-from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream, batched_delivery
+from .engine import Engine, EngineCapacity, Gen, GenerationRequest, RequestStream, TokenLogprob, batched_delivery
 from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice, attention_scale
 from .model import LlamaFamilyModel
 from .prefix_cache import PrefixCache, PrefixEntry
-from .sampler import make_generator, sample
+from .sampler import make_generator, model_logprobs, pick_logprobs, sample
 from .sequence import Sequence
 from .tokenizer import Tokenizer, read_generation_eos
 
@@ -225,6 +226,7 @@ class TorchEngine(Engine):
             self.reserved_blocks = 1
             self._graphs = DecodeGraphs(model, self.pool, scratch, self._scale, self.config.cuda_graph_max_batch)
         self._prefix: PrefixCache | None = PrefixCache(self._blocks) if self.config.prefix_cache else None
+        self._grammars = GrammarStates(tokenizer, c.vocab_size)  # matchers of constrained Gens
         self._computing: dict[str, _Running] = {}  # key -> the request prefilling that prefix
         self._parked: dict[str, list[_Running]] = {}  # key -> requests waiting for it
         self._waiting: AdmissionQueue[_Running] = AdmissionQueue()
@@ -282,6 +284,7 @@ class TorchEngine(Engine):
     def submit(self, request: GenerationRequest) -> RequestStream:
         stream = RequestStream(request, self.cancel)
         seq = Sequence(request, BlockTable(self._blocks), self.tokenizer, stream.push, self.max_model_len)  # validates the program now
+        self._grammars.check([s.sampling.constraint for s in request.program if isinstance(s, Gen)])  # ConstraintError
         if len(seq.tokens) > self.max_model_len:
             raise EngineError(f"prompt of {len(seq.tokens)} tokens exceeds the model's {self.max_model_len} positions")
         prefix = None
@@ -682,7 +685,12 @@ class TorchEngine(Engine):
 
     def _sample(self, sample_rows: list[tuple[_Running, int]], logits: torch.Tensor) -> None:
         configs = [r.seq.current_gen.sampling for r, _ in sample_rows]
+        logprobs = model_logprobs(logits, configs)  # the model's, before any mask
+        matchers = self._grammars.matchers([(r, r.seq.gen_index, c.constraint) for (r, _), c in zip(sample_rows, configs)])
+        apply_masks(logits, matchers)  # constrained rows only; free rows share the batch
         tokens = sample(logits, configs, [r.generator() for r, _ in sample_rows])
+        self._grammars.accept(matchers, tokens)
+        picked = pick_logprobs(logprobs, configs, tokens)
         with batched_delivery():
-            for (r, _), token in zip(sample_rows, tokens):
-                r.seq.accept(token)
+            for (r, _), token, lp in zip(sample_rows, tokens, picked):
+                r.seq.accept(token, TokenLogprob(token, lp[0], tuple(lp[1])) if lp is not None else None)

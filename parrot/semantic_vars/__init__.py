@@ -5,11 +5,13 @@ This package imports no other part of Parrot; every other layer imports it.
 
 from .errors import (
     CallFailedError,
+    ConstraintError,
     DataflowCycleError,
     EngineError,
     EngineUnavailableError,
     InvalidArgumentError,
     NoActiveSessionError,
+    OutputParseError,
     ParrotError,
     SamplingConfigError,
     SessionClosedError,
@@ -18,6 +20,7 @@ from .errors import (
     UnknownVariableError,
     VariableAlreadySetError,
 )
+from .constraint import Constraint
 from .function import Input, Output, SemanticFunction, semantic_function
 from .portal import Portal
 from .runtime import PERF_VALUES, CallSpec, FunctionSpec, Perf, Runtime, check_perf, new_id
@@ -27,8 +30,8 @@ from .template import Placeholder, Template, Text
 from .variable import SemanticVariable
 
 __all__ = [
-    "CallFailedError", "CallSpec", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
-    "InvalidArgumentError", "NoActiveSessionError", "Output", "PERF_VALUES", "ParrotError", "Perf",
+    "CallFailedError", "CallSpec", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
+    "InvalidArgumentError", "NoActiveSessionError", "Output", "OutputParseError", "PERF_VALUES", "ParrotError", "Perf",
     "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",
     "SemanticVariable", "Session", "SessionClosedError", "Template", "TemplateError", "Text",
     "UnknownSessionError", "UnknownVariableError", "VariableAlreadySetError", "check_perf",

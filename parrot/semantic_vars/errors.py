@@ -41,6 +41,15 @@ class SamplingConfigError(InvalidArgumentError):
     """A sampling option has an invalid value; ``field`` names it."""
 
 
+class ConstraintError(SamplingConfigError):
+    """An output constraint (choices, regex, JSON schema, grammar) is invalid
+    or cannot be compiled for the model's tokenizer; ``field`` names it."""
+
+
+class OutputParseError(InvalidArgumentError):
+    """An output's text does not parse under its schema; ``field`` names the output."""
+
+
 class NoActiveSessionError(ParrotError, RuntimeError):
     """A semantic function was called outside ``with Session():``."""
 

@@ -8,10 +8,12 @@ passing those handles to other functions builds the dataflow graph.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import fields
 from typing import Any, Callable, Mapping, Sequence, overload
 
-from .errors import InvalidArgumentError, TemplateError
+from .constraint import Constraint
+from .errors import ConstraintError, InvalidArgumentError, TemplateError
 from .runtime import CallSpec, FunctionSpec, new_id
 from .sampling import SamplingConfig
 from .template import Placeholder, Template, compress_rate
@@ -24,6 +26,12 @@ _OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
     "top_p": float,
     "seed": int,
     "stop": lambda s: (s,),
+    "logprobs": int,
+}
+#: Template options that constrain an output: ``choices=a,b,c`` and ``regex=...``.
+_CONSTRAINT_PARSERS: dict[str, Callable[[str], Constraint]] = {
+    "choices": lambda s: Constraint.choices([c.strip() for c in s.split(",")], field="choices"),
+    "regex": lambda s: Constraint.regex(s, field="regex"),
 }
 
 
@@ -36,6 +44,11 @@ class Output:
 
     ``summary: P.Output`` uses the function's defaults;
     ``summary: P.Output(max_tokens=16, stop=["\\n"])`` overrides them.
+    At most one constraint shapes the output: ``choices=[...]`` (exactly one
+    of these strings), ``regex=...`` (the whole output matches it),
+    ``schema=`` (a pydantic model class or a JSON schema dict: the output is
+    JSON valid under it, read parsed with ``var.get_parsed()``) or
+    ``grammar=`` (an EBNF grammar with a ``root`` rule).
     """
 
     def __init__(
@@ -46,15 +59,44 @@ class Output:
         top_p: float | None = None,
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
+        choices: Sequence[str] | None = None,
+        regex: str | None = None,
+        schema: Any = None,
+        grammar: str | None = None,
     ) -> None:
-        self.options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed}
+        self.options: dict[str, Any] = {
+            "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed,
+        }
+        given = {k: v for k, v in (("choices", choices), ("regex", regex), ("schema", schema), ("grammar", grammar))
+                 if v is not None}
+        if len(given) > 1:
+            raise ConstraintError("Output", f"give at most one of choices, regex, schema, grammar (got {', '.join(given)})")
+        #: The pydantic model that ``get_parsed()`` validates into, if ``schema`` is one.
+        self.model: type | None = schema if isinstance(schema, type) and hasattr(schema, "model_json_schema") else None
+        if choices is not None:
+            self.options["constraint"] = Constraint.choices(choices, field="Output")
+        elif regex is not None:
+            self.options["constraint"] = Constraint.regex(regex, field="Output")
+        elif schema is not None:
+            self.options["constraint"] = Constraint.json_schema(schema, field="Output")
+        elif grammar is not None:
+            self.options["constraint"] = Constraint.grammar(grammar, field="Output")
 
 
 def _placeholder_sampling(p: Placeholder, source: str) -> dict[str, Any]:
     """Sampling options written in a template placeholder, typed."""
     out: dict[str, Any] = {}
     for key, raw in p.options.items():
-        if key not in _SAMPLING_FIELDS:
+        if key in _CONSTRAINT_PARSERS:
+            if "constraint" in out:
+                raise TemplateError(f"output {p.name!r} has two constraints; give one of choices, regex",
+                                    position=p.position, template=source)
+            try:
+                out["constraint"] = _CONSTRAINT_PARSERS[key](raw)
+            except ConstraintError as exc:
+                raise TemplateError(f"option {key} of output {p.name!r}: {exc}", position=p.position, template=source) from None
+            continue
+        if key not in _SAMPLING_FIELDS or key == "constraint":
             raise TemplateError(f"unknown option {key!r} for output {p.name!r}", position=p.position, template=source)
         try:
             out[key] = _OPTION_PARSERS[key](raw)
@@ -103,8 +145,11 @@ class SemanticFunction:
         defaults: SamplingConfig | None = None,
         output_options: Mapping[str, Mapping[str, Any]] | None = None,
         compress: Mapping[str, float | str] | None = None,
+        output_models: Mapping[str, type] | None = None,
     ) -> None:
         self.name = name
+        #: Output name -> the pydantic model ``get_parsed()`` validates into.
+        self.output_models: Mapping[str, type] = dict(output_models or {})
         self.template = Template(template)  # input options are checked by the parser
         self.input_compression: Mapping[str, float] = _function_compression(self.template, compress)
         self.input_names: tuple[str, ...] = tuple(input_order) if input_order is not None else self.template.inputs
@@ -170,8 +215,21 @@ class SemanticFunction:
         call_id = new_id("call")
         outputs = {name: new_id("var") for name in self.output_names}
         session.submit(CallSpec(call_id=call_id, function=self.spec, inputs=inputs, constants=constants, outputs=outputs))
-        handles = tuple(SemanticVariable(session, outputs[n], n, producer=call_id) for n in self.output_names)
+        handles = tuple(
+            SemanticVariable(session, outputs[n], n, producer=call_id, parse=self._parser(n)) for n in self.output_names
+        )
         return handles[0] if len(handles) == 1 else handles
+
+    def _parser(self, name: str) -> Callable[[str], Any] | None:
+        """How ``get_parsed()`` reads output ``name``: into its pydantic model,
+        as JSON for a JSON constraint, else not at all (None)."""
+        model = self.output_models.get(name)
+        if model is not None:
+            return model.model_validate_json  # type: ignore[attr-defined]
+        constraint = self.output_sampling[name].constraint
+        if constraint is not None and constraint.kind in ("json_schema", "json_object"):
+            return json.loads
+        return None
 
     def __repr__(self) -> str:
         return f"SemanticFunction({self.name!r}, inputs={self.input_names}, outputs={self.output_names})"
@@ -186,6 +244,7 @@ def _from_stub(
     template = Template(doc)
     inputs: list[str] = []
     output_options: dict[str, Mapping[str, Any]] = {}
+    output_models: dict[str, type] = {}
     # eval_str: modules with `from __future__ import annotations` keep them as strings.
     for param in inspect.signature(fn, eval_str=True).parameters.values():
         ann = param.annotation
@@ -195,6 +254,8 @@ def _from_stub(
         elif ann is Output or isinstance(ann, Output):
             kind = "output"
             output_options[param.name] = ann.options if isinstance(ann, Output) else {}
+            if isinstance(ann, Output) and ann.model is not None:
+                output_models[param.name] = ann.model
         else:
             raise TypeError(f"{fn.__name__}(): parameter {param.name!r} must be annotated with P.Input or P.Output")
         names = template.inputs if kind == "input" else template.outputs
@@ -212,7 +273,8 @@ def _from_stub(
                     template=doc,
                 )
     return SemanticFunction(
-        doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options, compress=compress
+        doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options, compress=compress,
+        output_models=output_models,
     )
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .constraint import Constraint
 from .errors import SamplingConfigError
 
 #: Upper bound on ``max_tokens`` accepted from users; engines may cap lower.
 MAX_TOKENS_LIMIT = 1 << 16
+#: Most alternatives per token an output may ask log-probabilities for.
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,13 @@ class SamplingConfig:
     positive temperature reproducible. Generation stops at the first of:
     ``max_tokens`` tokens, the model's end-of-sequence token, or any string
     in ``stop`` (the stop string itself is not part of the output).
+
+    ``constraint`` (a :class:`~parrot.semantic_vars.constraint.Constraint`,
+    or its dict form) restricts the output to a shape: the engine masks the
+    tokens that would leave it at every step. ``logprobs`` asks the engine for
+    each generated token's log-probability under the model (before
+    temperature and masks) and that many most likely alternatives (0: the
+    sampled token's only).
     """
 
     max_tokens: int = 128
@@ -26,8 +36,12 @@ class SamplingConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    constraint: Constraint | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            object.__setattr__(self, "constraint", Constraint.from_dict(self.constraint))  # ConstraintError names it
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
@@ -53,6 +67,10 @@ class SamplingConfig:
                 raise SamplingConfigError("stop", f"stop strings must be non-empty strings, got {s!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingConfigError("seed", f"must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise SamplingConfigError("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +88,7 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop"] = list(self.stop)
+        d["constraint"] = self.constraint.to_dict() if self.constraint is not None else None
         return d
 
     @classmethod

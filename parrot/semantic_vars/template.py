@@ -3,8 +3,10 @@
 A template is plain text with placeholders ``{{input:NAME}}`` (filled by the
 caller) and ``{{output:NAME}}`` (filled by the model). A placeholder may carry
 options after bars, ``{{output:answer|max_tokens=32|stop=\\n}}``. Output
-options (sampling) are typed by :mod:`parrot.semantic_vars.function`; input
-options are checked here, because the runtime reads them from the template:
+options (sampling, and the constraints ``choices=a,b,c`` and ``regex=...``,
+which must come last as a regex may contain bars) are typed by
+:mod:`parrot.semantic_vars.function`; input options are checked here, because
+the runtime reads them from the template:
 
 ``{{input:notes|compress=0.3}}``
     compress the input's value before it is spliced into the prompt, keeping
@@ -33,6 +35,10 @@ KINDS: tuple[PlaceholderKind, ...] = ("input", "output")
 
 #: Options an ``{{input:...}}`` placeholder accepts.
 INPUT_OPTIONS: tuple[str, ...] = ("compress",)
+#: The option that takes the rest of a placeholder, bars included (so it
+#: comes last): a regex, ``{{output:code|max_tokens=8|regex=[A-Z]{3}|none}}``.
+#: Its value is kept verbatim (``\n`` stays a regex escape).
+REST_OPTION = "regex"
 
 _OPEN, _CLOSE = "{{", "}}"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -133,7 +139,12 @@ def _parse_placeholder(body: str, position: int, source: str) -> Placeholder:
             template=source,
         )
     options: dict[str, str] = {}
-    for raw in parts[1:]:
+    rest = parts[1:]
+    for i, raw in enumerate(rest):
+        if raw.lstrip().startswith(f"{REST_OPTION}="):
+            # A regex may contain "|": it takes the rest of the placeholder.
+            raw = "|".join(rest[i:])
+            rest = rest[: i + 1]
         key, eq, value = raw.partition("=")
         key = key.strip()
         if not eq or not _NAME.match(key):
@@ -144,7 +155,9 @@ def _parse_placeholder(body: str, position: int, source: str) -> Placeholder:
             )
         if key in options:
             raise TemplateError(f"option {key!r} given twice in placeholder {name!r}", position=position, template=source)
-        options[key] = _unescape(value)
+        options[key] = value if key == REST_OPTION else _unescape(value)
+        if key == REST_OPTION:
+            break
     return Placeholder(kind=kind, name=name, position=position, options=options)  # type: ignore[arg-type]
 
 

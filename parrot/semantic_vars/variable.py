@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
+from .errors import OutputParseError
 from .runtime import Perf, check_perf
 
 if TYPE_CHECKING:
@@ -20,14 +21,22 @@ class SemanticVariable:
     ``"throughput"`` (many such values, in aggregate).
     """
 
-    __slots__ = ("id", "name", "session", "producer", "_value")
+    __slots__ = ("id", "name", "session", "producer", "_value", "_parse")
 
-    def __init__(self, session: "Session", var_id: str, name: str, producer: str | None = None) -> None:
+    def __init__(
+        self,
+        session: "Session",
+        var_id: str,
+        name: str,
+        producer: str | None = None,
+        parse: Callable[[str], Any] | None = None,
+    ) -> None:
         self.session = session
         self.id = var_id
         self.name = name
         self.producer = producer
         self._value: str | None = None
+        self._parse = parse  # how get_parsed() reads the text (the output's schema)
 
     def get(self, perf: Perf = "latency", timeout: float | None = None) -> str:
         """Block until the value exists and return it."""
@@ -46,6 +55,25 @@ class SemanticVariable:
             coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
             self._value = await self.session.runtime.portal.call_async(coro)
         return self._value
+
+    def get_parsed(self, perf: Perf = "latency", timeout: float | None = None) -> Any:
+        """The value read by its output's schema: an instance of the
+        ``P.Output(schema=Model)`` pydantic model, a dict/list for a JSON
+        schema, else the text. :class:`OutputParseError` if it does not parse
+        (e.g. generation stopped at ``max_tokens`` mid-object)."""
+        return self._parsed(self.get(perf, timeout))
+
+    async def aget_parsed(self, perf: Perf = "latency") -> Any:
+        """:meth:`get_parsed` from an event loop."""
+        return self._parsed(await self.aget(perf))
+
+    def _parsed(self, text: str) -> Any:
+        if self._parse is None:
+            return text
+        try:
+            return self._parse(text)
+        except ValueError as exc:  # json's and pydantic's errors are ValueErrors
+            raise OutputParseError(self.name, f"the output does not parse under its schema: {exc}") from exc
 
     def set(self, value: str) -> None:
         """Give a free variable its value; calls waiting on it start."""

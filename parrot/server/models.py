@@ -6,7 +6,7 @@ field rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,12 +29,26 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class ConstraintBody(Strict):
+    """The shape an output must have: exactly one of the fields (see
+    :class:`parrot.semantic_vars.Constraint`)."""
+
+    choices: list[str] | None = Field(default=None, min_length=1, max_length=1024, description="one of these strings")
+    regex: str | None = Field(default=None, min_length=1, max_length=100_000, description="the whole output matches it")
+    json_schema: dict[str, Any] | None = Field(default=None, description="JSON valid under this schema")
+    json_object: bool | None = Field(default=None, description="true: any JSON object")
+    grammar: str | None = Field(default=None, min_length=1, max_length=100_000, description="EBNF with a root rule")
+    strict: bool | None = Field(default=None, description="json_schema: no properties beyond the schema's (default true)")
+
+
 class SamplingBody(Strict):
     max_tokens: int | None = Field(default=None, ge=1, le=65536)
     temperature: float | None = Field(default=None, ge=0, le=100)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: list[str] | None = Field(default=None, max_length=16)
     seed: int | None = None
+    constraint: ConstraintBody | None = Field(default=None, description="constrained decoding of the output")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="per-token logprobs and this many alternatives")
 
 
 class FunctionBody(Strict):

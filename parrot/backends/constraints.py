@@ -1,0 +1,226 @@
+"""Constrained decoding: token masks from a grammar library (xgrammar).
+
+A :class:`~parrot.semantic_vars.constraint.Constraint` on a Gen becomes a
+compiled grammar (cached per tokenizer and constraint) and, for each running
+generation, a matcher that knows which tokens may come next. At each step the
+engine asks :class:`GrammarStates` for the matchers of the rows it samples;
+:func:`apply_masks` writes their bitmasks into the logits of the constrained
+rows only, so constrained and free sequences share one batch, and
+:meth:`GrammarStates.accept` advances the matchers by the sampled tokens.
+
+The masks are filled on the CPU before the sampler first reads the logits,
+so on a GPU that work overlaps the forward pass still running there.
+
+Why xgrammar (and not llguidance): measured on CPU with the embedded model's
+tokenizer, its per-token mask cost on JSON schemas was about a third of
+llguidance's (see README, "Structured outputs"); both install as wheels.
+xgrammar is imported on first use, so engines without constraints never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from parrot.semantic_vars import Constraint, ConstraintError
+
+if TYPE_CHECKING:
+    import xgrammar
+
+#: Compiled grammars kept per compiler (least recently used are dropped).
+CACHE_SIZE = 256
+
+
+def _ebnf_literal(text: str) -> str:
+    """``text`` as an EBNF string literal (escapes for quotes, backslashes, controls)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def choices_grammar(choices: Sequence[str]) -> str:
+    """An EBNF grammar whose only sentences are ``choices``."""
+    return "root ::= " + " | ".join(_ebnf_literal(c) for c in choices)
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer and logits width, with a cache."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        # Our own LRU (per constraint) decides what stays; xgrammar's cache is off.
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._cache: OrderedDict[Constraint, "xgrammar.CompiledGrammar"] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiled = 0  # compilations done (cache misses), for tests and metrics
+        # Tokens holding a raw control character (bytes below 0x20). Compact
+        # JSON never contains one, but xgrammar 0.2.9's rule for strings with
+        # a maxLength lets them in (strict JSON parsers then reject the
+        # text), so JSON rows ban them on top of the grammar's mask.
+        banned = [i for i, b in enumerate(info.decoded_vocab[:vocab_size]) if any(x < 0x20 for x in b)]
+        self.control_tokens = torch.zeros(vocab_size, dtype=torch.bool)
+        self.control_tokens[banned] = True
+
+    def compile(self, constraint: Constraint) -> "xgrammar.CompiledGrammar":
+        """The compiled grammar of ``constraint``; :class:`ConstraintError` if it does not compile."""
+        with self._lock:
+            hit = self._cache.get(constraint)
+            if hit is not None:
+                self._cache.move_to_end(constraint)
+                return hit
+        try:
+            grammar = self._compile(constraint)
+        except RuntimeError as exc:  # xgrammar's parse errors ("Regex parsing error at position 4: ...")
+            message = str(exc).strip().splitlines()[0]
+            message = message.split(": ", 1)[1] if message.startswith("[") and ": " in message else message
+            raise ConstraintError(f"{constraint.field}.{constraint.kind}", f"does not compile: {message}") from None
+        with self._lock:
+            self._cache[constraint] = grammar
+            self.compiled += 1
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def _compile(self, c: Constraint) -> "xgrammar.CompiledGrammar":
+        comp = self._compiler
+        if c.kind == "choices":
+            return comp.compile_grammar(choices_grammar(c.spec))  # type: ignore[arg-type]
+        if c.kind == "regex":
+            return comp.compile_regex(c.spec)  # type: ignore[arg-type]
+        if c.kind == "grammar":
+            return comp.compile_grammar(c.spec)  # type: ignore[arg-type]
+        # JSON on one line with json.dumps' default separators: a model
+        # cannot pad it with whitespace for ever.
+        if c.kind == "json_object":
+            return comp.compile_json_schema(json.dumps({"type": "object"}), any_whitespace=False, strict_mode=False)
+        return comp.compile_json_schema(c.spec, any_whitespace=False, strict_mode=c.strict)  # type: ignore[arg-type]
+
+    def matcher(self, constraint: Constraint) -> "RowGrammar":
+        """A fresh matcher at the start of ``constraint``'s grammar."""
+        json_kind = constraint.kind in ("json_schema", "json_object")
+        return RowGrammar(self._xgr.GrammarMatcher(self.compile(constraint)), self.control_tokens if json_kind else None)
+
+
+class RowGrammar:
+    """One generation's place in its grammar, plus tokens it bans outright."""
+
+    __slots__ = ("matcher", "banned")
+
+    def __init__(self, matcher: "xgrammar.GrammarMatcher", banned: torch.Tensor | None) -> None:
+        self.matcher = matcher
+        self.banned = banned
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+
+_compilers: dict[tuple[int, int], GrammarCompiler] = {}
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer: Any, vocab_size: int | None = None) -> GrammarCompiler:
+    """The shared compiler of ``tokenizer`` (a :class:`~parrot.backends.tokenizer.Tokenizer`)
+    for logits ``vocab_size`` wide (default: the tokenizer's own size)."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None:
+        raise ConstraintError("constraint", "this engine's tokenizer cannot run constrained decoding")
+    width = vocab_size or len(hf)
+    key = (id(hf), width)
+    with _compilers_lock:
+        compiler = _compilers.get(key)
+        if compiler is None:
+            compiler = _compilers[key] = GrammarCompiler(hf, width, tokenizer.eos_token_ids)
+            weakref.finalize(hf, _compilers.pop, key, None)  # id() is reused once the tokenizer is gone
+        return compiler
+
+
+def check(constraint: Constraint, tokenizer: Any) -> None:
+    """Raise :class:`ConstraintError` now if ``constraint`` does not compile for ``tokenizer``."""
+    compiler_for(tokenizer).compile(constraint)
+
+
+class GrammarStates:
+    """Matchers of the running constrained generations of one engine.
+
+    Keyed by the engine's per-request object (weakly: a request that leaves
+    the engine drops its matchers) and the Gen's index in its program, so
+    a preempted request keeps its place in the grammar (its tokens are kept).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._compiler: GrammarCompiler | None = None
+        self._states: "weakref.WeakKeyDictionary[object, tuple[int, RowGrammar]]" = weakref.WeakKeyDictionary()
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            self._compiler = compiler_for(self.tokenizer, self.vocab_size)
+        return self._compiler
+
+    def check(self, constraints: Sequence[Constraint | None]) -> None:
+        """Compile every constraint now (at submit), so a bad one fails its own request only."""
+        for c in constraints:
+            if c is not None:
+                self.compiler.compile(c)
+
+    def matchers(self, rows: Sequence[tuple[object, int, Constraint | None]]) -> list[RowGrammar | None]:
+        """The matcher of each ``(owner, gen_index, constraint)`` row (None: unconstrained)."""
+        out: list[Any] = []
+        for owner, gen_index, constraint in rows:
+            if constraint is None:
+                out.append(None)
+                continue
+            state = self._states.get(owner)
+            if state is None or state[0] != gen_index:
+                state = (gen_index, self.compiler.matcher(constraint))
+                self._states[owner] = state
+            out.append(state[1])
+        return out
+
+    @staticmethod
+    def accept(matchers: Sequence[RowGrammar | None], tokens: Sequence[int]) -> None:
+        """Advance each matcher by its row's sampled token."""
+        for m, token in zip(matchers, tokens):
+            if m is not None:
+                m.accept(token)
+
+
+def apply_masks(logits: torch.Tensor, matchers: Sequence[RowGrammar | None]) -> None:
+    """Set to -inf, in place, the logits of tokens each constrained row's
+    grammar forbids next (``logits`` is ``[rows, vocab]``; None rows are left alone)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:
+        matchers[i].matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    for i in rows:
+        banned = matchers[i].banned  # type: ignore[union-attr]
+        if banned is not None:
+            logits[i].masked_fill_(banned.to(logits.device, non_blocking=True), float("-inf"))
