@@ -77,6 +77,9 @@ class CallNode:
     # Why each output's generation ended: "eos", "stop" (a stop string) or
     # "length" (max_tokens, or the engine's context limit).
     finish_reasons: dict[str, str] = field(default_factory=dict)
+    # Per-token logprobs of each output whose sampling asked for them (the
+    # engine's TokenLogprob entries); not persisted.
+    logprobs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Deduced by the analyser (see analysis.py); None until a read says.
     objective: Literal["latency", "throughput"] | None = None
     latency_critical: bool = False

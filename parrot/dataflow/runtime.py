@@ -475,6 +475,8 @@ class LocalRuntime(Runtime):
                                 "var_id": out_id, "text": event.text[max(0, already - before):]})
             elif isinstance(event, GenResult):
                 call.finish_reasons[event.name] = event.finish_reason
+                if event.logprobs is not None:
+                    call.logprobs[event.name] = event.logprobs
                 # Each output is released as soon as it exists, so its
                 # consumers start while this call is still generating.
                 out_id = call.outputs[event.name]

@@ -9,9 +9,15 @@ the prompt travels as a constant input: user text never becomes template text
 (it may contain ``{{``). For chat, the prompt is the served model's own chat
 template applied to the messages.
 
+``n`` choices are ``n`` calls of the same prompt (their prompt KV is shared
+through the prefix cache once the first has published it); structured outputs
+(``response_format``, ``tools``), ``logprobs`` and
+``usage.prompt_tokens_details.cached_tokens`` are described in
+:mod:`parrot.server.openai_structured`.
+
 Errors keep Parrot's body, ``{"error": {"type", "message", "field",
 "position"}}``, which OpenAI's clients read (``error.message``) unchanged.
-Options that Parrot cannot honour (``n > 1``, logprobs, penalties, tools, ...)
+Options that Parrot cannot honour (penalties, ``logit_bias``, audio, ...)
 are answered 422 naming the field; harmless bookkeeping fields (``user``,
 ``metadata``, ``store``, ...) are accepted and ignored.
 """
@@ -39,6 +45,10 @@ from parrot.semantic_vars import (
     new_id,
 )
 from parrot.semantic_vars.sampling import MAX_TOKENS_LIMIT
+from parrot.backends import constraints as grammar
+from parrot.semantic_vars import Constraint
+
+from . import openai_structured as structured
 
 from .deps import ERRORS, service_of, tenant_of
 from .errors import error_body
@@ -50,6 +60,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = "{{input:prompt}}{{output:completion}}"
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # most choices (``n``) one request may ask for
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on completions' ``logprobs``
 #: When the models were "created", as OpenAI's model objects say: this process's start.
 STARTED = int(time.time())
 
@@ -82,7 +94,7 @@ class _Sampling(_Body):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = Field(default=None, description="only 1")
+    n: int | None = Field(default=None, description=f"1 to {MAX_CHOICES} choices")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = Field(default=None, description="only 0")
@@ -96,7 +108,7 @@ class CompletionRequest(_Sampling):
     echo: bool | None = False
     suffix: str | None = Field(default=None, description="not supported")
     best_of: int | None = Field(default=None, description="only 1")
-    logprobs: int | None = Field(default=None, description="not supported")
+    logprobs: int | None = Field(default=None, description=f"0 to {MAX_COMPLETION_LOGPROBS} alternatives per token")
 
 
 class ContentPart(BaseModel):
@@ -121,11 +133,11 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, description="wins over max_tokens")
-    logprobs: bool | None = Field(default=None, description="not supported")
-    top_logprobs: int | None = Field(default=None, description="not supported")
-    response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"}')
-    tools: list[Any] | None = Field(default=None, description="not supported")
-    tool_choice: Any = Field(default=None, description='only "none" (or "auto" without tools)')
+    logprobs: bool | None = Field(default=None, description="per-token logprobs of the output")
+    top_logprobs: int | None = Field(default=None, description="0 to 20 alternatives per token (needs logprobs)")
+    response_format: dict[str, Any] | None = Field(default=None, description="text, json_object or json_schema")
+    tools: list[Any] | None = Field(default=None, description="function tools")
+    tool_choice: Any = Field(default=None, description='"none", "auto", "required" or a named function')
     functions: list[Any] | None = Field(default=None, description="not supported")
     function_call: Any = Field(default=None, description='only "none"')
     parallel_tool_calls: bool | None = None
@@ -150,7 +162,7 @@ def _unsupported(name: str, value: Any, ok: Callable[[Any], bool], why: str) -> 
 
 
 def _check_common(body: _Sampling) -> None:
-    _unsupported("n", body.n, lambda v: v == 1, "only n=1 is supported")
+    _unsupported("n", body.n, lambda v: 1 <= v <= MAX_CHOICES, f"n must be between 1 and {MAX_CHOICES}")
     _unsupported("frequency_penalty", body.frequency_penalty, lambda v: v == 0, "penalties are not supported")
     _unsupported("presence_penalty", body.presence_penalty, lambda v: v == 0, "penalties are not supported")
     _unsupported("logit_bias", body.logit_bias, lambda v: not v, "logit_bias is not supported")
@@ -223,7 +235,8 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
 
 
 def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
-              default_max_tokens: int | None) -> SamplingBody:
+              default_max_tokens: int | None, constraint: Constraint | None = None,
+              logprobs: int | None = None) -> SamplingBody:
     """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
@@ -246,8 +259,14 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "stop": stop,
         "seed": body.seed,
+        "constraint": constraint,
+        "logprobs": logprobs,
     }
     options = {k: v for k, v in options.items() if v is not None}
+    if constraint is not None:
+        # Compiled now against the served tokenizer: a bad schema or regex is
+        # this request's 4xx naming the field, never a failed engine step.
+        grammar.check(constraint, service.runtime.engines[0].tokenizer)
     config = SamplingConfig().merged(**options)  # SamplingConfigError names the field
     try:
         return SamplingBody(**{k: v for k, v in config.to_dict().items() if k in SamplingBody.model_fields})
@@ -275,6 +294,9 @@ class CallRun:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     streamed: list[str] = field(default_factory=list)
+    cached_tokens: int = 0
+    closed: bool = False
+    logprobs: tuple[Any, ...] | None = None  # the engine's TokenLogprob entries, when asked
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces of the output as they are generated; at the end the
@@ -295,6 +317,8 @@ class CallRun:
                 yield self.value[sent:]
             self.prompt_tokens = call.prefill_tokens + call.cached_tokens
             self.completion_tokens = call.generated_tokens
+            self.cached_tokens = call.cached_tokens
+            self.logprobs = call.logprobs.get("completion")
             # The engine says why the output ended; "length" (max_tokens or the
             # context limit) stays "length", an end-of-sequence token or a stop
             # string is "stop". An output released before a restart has no
@@ -308,16 +332,28 @@ class CallRun:
             return
 
     async def close(self) -> None:
-        """Close the session; cancels the call if it did not finish."""
+        """Close the session (once); cancels the call if it did not finish."""
+        if self.closed:
+            return
+        self.closed = True
         self.unsubscribe()
         try:
             await self.service.close_session(self.tenant, self.session_id, cancel=not self.finished)
         except ParrotError:
             log.exception("could not close session %s", self.session_id)
 
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def usage(self) -> dict[str, Any]:
+        return usage([self])
+
+
+def usage(runs: list[CallRun]) -> dict[str, Any]:
+    """The usage of a request's choices: the prompt counted once (as OpenAI
+    does for ``n``), its cached part as the first choice's engine found it."""
+    first = runs[0]
+    completion = sum(r.completion_tokens for r in runs)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
 async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str) -> CallRun:
@@ -350,35 +386,88 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
     return run
 
 
+async def start_calls(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str,
+                      n: int) -> list[CallRun]:
+    """``n`` calls of the same prompt (choice ``i`` samples with ``seed + i``
+    when a seed is given, so choices differ yet reproduce)."""
+    runs: list[CallRun] = []
+    try:
+        for i in range(n):
+            one = sampling if i == 0 or sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + i})
+            runs.append(await start_call(service, tenant, prompt, one, name))
+    except BaseException:
+        for run in runs:
+            await run.close()
+        raise
+    return runs
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _stream(run: CallRun, chunk: Callable[..., dict[str, Any]], include_usage: bool, head: str | None) -> StreamingResponse:
-    """SSE of OpenAI chunks: ``chunk(text=..., finish_reason=...)`` builds each."""
+async def _merged(runs: list[CallRun]) -> AsyncIterator[tuple[int, str | None]]:
+    """``(choice index, text)`` from every run as it comes; ``(i, None)`` once run ``i`` is done."""
+    queue: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, run: CallRun) -> None:
+        try:
+            async for text in run.deltas():
+                queue.put_nowait((i, text, None))
+            queue.put_nowait((i, None, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            i, text, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            left -= text is None
+            yield i, text
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _stream(runs: list[CallRun], chunk: Callable[..., dict[str, Any]], include_usage: bool, head: str | None,
+            final: Callable[[int, CallRun, str], dict[str, Any]] | None = None, buffer: bool = False) -> StreamingResponse:
+    """SSE of OpenAI chunks: ``chunk(index, text, finish_reason)`` builds each.
+    ``final(index, run, text)``, when given, builds each choice's last chunk
+    (its logprobs, tool calls); ``buffer`` holds a choice's text back until
+    then (a tool call is only known once the whole text is)."""
 
     async def events() -> AsyncIterator[str]:
         try:
             if head is not None:
-                yield _sse(chunk(head, None))
+                for i in range(len(runs)):
+                    yield _sse(chunk(i, head, None))
+            texts = [""] * len(runs)
             try:
-                async for text in run.deltas():
-                    yield _sse(chunk(text, None))
+                async for i, text in _merged(runs):
+                    if text is not None:
+                        texts[i] += text
+                        if not buffer:
+                            yield _sse(chunk(i, text, None))
+                        continue
+                    last = final(i, runs[i], texts[i]) if final is not None else chunk(i, None, runs[i].finish_reason)
+                    if include_usage:
+                        last["usage"] = None
+                    yield _sse(last)
             except ParrotError as exc:
                 yield _sse(error_body(type(exc).__name__, str(exc)))
                 return
-            final = chunk(None, run.finish_reason)
             if include_usage:
-                final["usage"] = None
-            yield _sse(final)
-            if include_usage:
-                tail = chunk(None, None)
+                tail = chunk(0, None, None)
                 tail["choices"] = []
-                tail["usage"] = run.usage()
+                tail["usage"] = usage(runs)
                 yield _sse(tail)
             yield "data: [DONE]\n\n"
         finally:
-            await run.close()
+            for run in runs:
+                await run.close()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -391,6 +480,14 @@ async def _wait(run: CallRun) -> str:
     finally:
         await run.close()
     return run.value
+
+
+async def _wait_all(runs: list[CallRun]) -> list[str]:
+    try:
+        return list(await asyncio.gather(*(_wait(run) for run in runs)))
+    finally:
+        for run in runs:  # closing twice is harmless; a failed gather leaves others open
+            await run.close()
 
 
 # -- routes -------------------------------------------------------------------
@@ -413,12 +510,15 @@ async def get_model(model_id: str, tenant: TenantDep, service: ServiceDep) -> di
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
-    """OpenAI text completion: one prompt, one choice, streamed (SSE) or not."""
+    """OpenAI text completion: one prompt, ``n`` choices, streamed (SSE) or not."""
     _check_model(service, body.model)
     _check_common(body)
     _unsupported("suffix", body.suffix, lambda v: not v, "suffix is not supported")
     _unsupported("best_of", body.best_of, lambda v: v == 1, "only best_of=1 is supported")
-    _unsupported("logprobs", body.logprobs, lambda v: False, "logprobs are not supported")
+    _unsupported("logprobs", body.logprobs, lambda v: 0 <= v <= MAX_COMPLETION_LOGPROBS,
+                 f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}")
+    if body.logprobs is not None and body.echo:
+        raise InvalidArgumentError("echo", "echo with logprobs (the prompt's logprobs) is not supported")
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
@@ -426,61 +526,95 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         prompt = prompt[0]
     if not prompt:
         raise InvalidArgumentError("prompt", "the prompt is empty")
-    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16)  # 16: OpenAI's default
-    run = await start_call(service, tenant, prompt, sampling, "openai.completion")
-    rid, created = f"cmpl-{run.call_id}", int(time.time())
+    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16, logprobs=body.logprobs)  # 16: OpenAI's default
+    runs = await start_calls(service, tenant, prompt, sampling, "openai.completion", body.n or 1)
+    rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
     echo = prompt if body.echo else ""
+    tokenizer = service.runtime.engines[0].tokenizer
 
-    def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def chunk(index: int, text: str | None, finish_reason: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def final(index: int, run: CallRun, text: str) -> dict[str, Any]:
+        return chunk(index, "", run.finish_reason, structured.completion_logprobs(run.logprobs, tokenizer, len(echo)))
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(run, chunk, include_usage, echo or None)
-    text = await _wait(run)
-    out = chunk(echo + text, run.finish_reason)
-    out["usage"] = run.usage()
+        return _stream(runs, chunk, include_usage, echo or None, final)
+    texts = await _wait_all(runs)
+    choices = [chunk(i, echo + text, run.finish_reason, structured.completion_logprobs(run.logprobs, tokenizer, len(echo)))["choices"][0]
+               for i, (run, text) in enumerate(zip(runs, texts))]
+    out = chunk(0, None, None)
+    out["choices"] = choices
+    out["usage"] = usage(runs)
     return out
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
-    """OpenAI chat completion over the model's chat template, streamed (SSE) or not."""
+    """OpenAI chat completion over the model's chat template, streamed (SSE) or
+    not: ``n`` choices, structured outputs, tool calls, logprobs."""
     _check_model(service, body.model)
     _check_common(body)
-    _unsupported("logprobs", body.logprobs, lambda v: not v, "logprobs are not supported")
-    _unsupported("top_logprobs", body.top_logprobs, lambda v: v == 0, "logprobs are not supported")
-    _unsupported("response_format", body.response_format, lambda v: v.get("type") == "text",
-                 'only {"type": "text"} is supported')
-    _unsupported("tools", body.tools, lambda v: not v, "tools are not supported")
-    _unsupported("functions", body.functions, lambda v: not v, "functions are not supported")
-    _unsupported("tool_choice", body.tool_choice, lambda v: v in ("none", "auto"), 'only "none" is supported')
-    _unsupported("function_call", body.function_call, lambda v: v in ("none", "auto"), 'only "none" is supported')
+    _unsupported("top_logprobs", body.top_logprobs, lambda v: 0 <= v <= 20, "top_logprobs must be between 0 and 20")
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidArgumentError("top_logprobs", "top_logprobs needs logprobs: true")
+    _unsupported("functions", body.functions, lambda v: not v, "functions are not supported (use tools)")
+    _unsupported("function_call", body.function_call, lambda v: v in ("none", "auto"), 'only "none" is supported (use tool_choice)')
     _unsupported("modalities", body.modalities, lambda v: list(v) == ["text"], "only text is supported")
     for name in ("audio", "prediction", "web_search_options"):
         _unsupported(name, getattr(body, name), lambda v: False, f"{name} is not supported")
-    prompt = chat_prompt(service, body.messages)
+    plan = structured.tool_plan(body.tools, body.tool_choice)
+    constraint = structured.response_format_constraint(body.response_format)
+    if plan is not None and plan.mode != "auto":
+        if constraint is not None:
+            raise InvalidArgumentError("response_format", "a forced tool call and a response_format cannot be combined")
+        constraint = plan.constraint()
+    messages = [ChatMessage(**m) for m in structured.tool_messages(body.messages, plan)]
+    prompt = chat_prompt(service, messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
-    run = await start_call(service, tenant, prompt, sampling, "openai.chat")
-    rid, created = f"chatcmpl-{run.call_id}", int(time.time())
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    sampling = _sampling(service, body, prompt, "messages", max_tokens, None, constraint, logprobs)  # default: the rest of the context
+    runs = await start_calls(service, tenant, prompt, sampling, "openai.chat", body.n or 1)
+    rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
+    tokenizer = service.runtime.engines[0].tokenizer
+
+    def message(run: CallRun, text: str) -> tuple[dict[str, Any], str]:
+        """The choice's message and finish reason (tool calls when the text is one)."""
+        calls = plan.calls(text) if plan is not None and run.finish_reason != "length" else None
+        if calls is None:
+            return {"role": "assistant", "content": text}, run.finish_reason
+        # OpenAI ends a call it forced by name with "stop", one the model chose with "tool_calls".
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "stop" if plan.mode == "named" else "tool_calls"  # type: ignore[union-attr]
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
-            delta: dict[str, Any] = {}
-            if text is not None:
-                delta = {"role": "assistant", "content": text} if text == "" else {"content": text}
+        def chunk(index: int, text: str | None, finish_reason: str | None, delta: dict[str, Any] | None = None,
+                  logprobs: Any = None) -> dict[str, Any]:
+            if delta is None:
+                delta = {}
+                if text is not None:
+                    delta = {"role": "assistant", "content": text} if text == "" else {"content": text}
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
-        return _stream(run, chunk, include_usage, "")  # the first chunk carries the role
-    text = await _wait(run)
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": run.finish_reason}],
-        "usage": run.usage(),
-    }
+        def final(index: int, run: CallRun, text: str) -> dict[str, Any]:
+            msg, reason = message(run, text)
+            delta: dict[str, Any] = {}
+            if "tool_calls" in msg:
+                delta = {"tool_calls": [{"index": j, **c} for j, c in enumerate(msg["tool_calls"])]}
+            elif plan is not None:  # buffered: the text goes out now
+                delta = {"content": text}
+            return chunk(index, None, reason, delta, structured.chat_logprobs(run.logprobs, tokenizer))
+
+        return _stream(runs, chunk, include_usage, "", final, buffer=plan is not None)  # the first chunk carries the role
+    texts = await _wait_all(runs)
+    choices = []
+    for i, (run, text) in enumerate(zip(runs, texts)):
+        msg, reason = message(run, text)
+        choices.append({"index": i, "message": msg, "logprobs": structured.chat_logprobs(run.logprobs, tokenizer),
+                        "finish_reason": reason})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": choices, "usage": usage(runs)}
