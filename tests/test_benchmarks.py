@@ -128,3 +128,18 @@ def test_help(module, capsys):
         mod.main(["--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_constraints_benchmark_writes_mask_costs_and_throughput(tmp_path, default_model_dir, capsys):
+    from benchmarks import constraints
+
+    out = tmp_path / "constraints.json"
+    constraints.main(["--device", "cpu", "--batches", "1", "2", "--repeats", "1", "--walks", "1", "--max-tokens", "8",
+                      "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "constraints" and "device_name" in data["context"]
+    assert {m["kind"] for m in data["mask_cost"]} == {"json_schema", "regex", "choices"}
+    assert all(m["tokens"] > 0 and m["fill_us"] > 0 for m in data["mask_cost"])
+    assert [d["batch"] for d in data["throughput"]] == [1, 2]
+    assert all(d["free_tok_s"] > 0 and d["json_schema_tok_s"] > 0 for d in data["throughput"])
+    assert "json_schema" in capsys.readouterr().out

@@ -193,3 +193,23 @@ def test_sdk_outputs_have_their_shape(runtime):
             value = record.get_parsed()
             jsonschema.validate(value, SCHEMA)
             assert label.get_parsed() == label.get()  # no schema: the text
+
+
+def test_penalties_and_logit_bias_move_the_logits():
+    import torch
+
+    from parrot.backends.sampler import apply_penalties
+
+    logits = torch.zeros(3, 10)
+    configs = [SamplingConfig(frequency_penalty=0.5, presence_penalty=1.0, logit_bias={2: 3.0, 9: -100}),
+               SamplingConfig(), SamplingConfig(logit_bias=[(4, 1.5)])]
+    apply_penalties(logits, configs, [[5, 5, 7], [5], [4]])
+    expected = torch.zeros(3, 10)
+    expected[0, 5], expected[0, 7], expected[0, 2], expected[0, 9] = -(2 * 0.5 + 1.0), -(0.5 + 1.0), 3.0, -100.0
+    expected[2, 4] = 1.5
+    assert torch.equal(logits, expected)
+    config = SamplingConfig(logit_bias={"7": 2})
+    assert config.logit_bias == ((7, 2.0),) and SamplingConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(P.SamplingConfigError) as e:
+        SamplingConfig(frequency_penalty=3)
+    assert e.value.field == "frequency_penalty"

@@ -200,3 +200,23 @@ def test_native_api_takes_constraints(live_server):
         bad = {"template": "{{output:c}}", "sampling": {"constraint": {"choices": ["a"], "regex": "b"}}}
         r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [{"function": bad}]})
         assert r.status_code == 422 and r.json()["error"]["type"] == "ConstraintError", r.text
+
+
+def test_logit_bias_and_penalties(client, model, default_model_dir):
+    from parrot.backends.tokenizer import Tokenizer
+
+    tok = Tokenizer(default_model_dir)
+    token = tok.encode(" parrot")[0]
+    r = client.completions.create(model=model, prompt="Say it:", max_tokens=5, temperature=1.0, seed=2,
+                                  logit_bias={str(token): 100}, logprobs=0)
+    # +100 outweighs any logit of the model: every token is the biased one
+    # (the logprobs are the model's own, before the bias).
+    assert r.choices[0].text == tok.decode([token] * 5)
+    assert r.choices[0].logprobs.token_logprobs[0] < 0
+    # Two tokens biased alike; penalties (2 per use and 2 once, more than the
+    # random model's logit gaps) make them take turns.
+    other = tok.encode(" tree")[0]
+    both = {str(token): 100, str(other): 100}
+    turns = client.completions.create(model=model, prompt="Say it:", max_tokens=6, temperature=0, logit_bias=both,
+                                      frequency_penalty=2.0, presence_penalty=2.0)
+    assert turns.choices[0].text in (tok.decode([token, other] * 3), tok.decode([other, token] * 3))

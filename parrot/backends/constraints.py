@@ -76,9 +76,13 @@ class GrammarCompiler:
         # JSON never contains one, but xgrammar 0.2.9's rule for strings with
         # a maxLength lets them in (strict JSON parsers then reject the
         # text), so JSON rows ban them on top of the grammar's mask.
-        banned = [i for i, b in enumerate(info.decoded_vocab[:vocab_size]) if any(x < 0x20 for x in b)]
-        self.control_tokens = torch.zeros(vocab_size, dtype=torch.bool)
-        self.control_tokens[banned] = True
+        banned = {i for i, b in enumerate(info.decoded_vocab[:vocab_size]) if any(x < 0x20 for x in b)}
+        words = [0] * ((vocab_size + 31) // 32)
+        for i in range(vocab_size):
+            if i not in banned:
+                words[i // 32] |= 1 << (i % 32)
+        # Packed like xgrammar's bitmask (bit i of word i // 32 = token i allowed), int32.
+        self.json_bits = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
     def compile(self, constraint: Constraint) -> "xgrammar.CompiledGrammar":
         """The compiled grammar of ``constraint``; :class:`ConstraintError` if it does not compile."""
@@ -117,17 +121,18 @@ class GrammarCompiler:
     def matcher(self, constraint: Constraint) -> "RowGrammar":
         """A fresh matcher at the start of ``constraint``'s grammar."""
         json_kind = constraint.kind in ("json_schema", "json_object")
-        return RowGrammar(self._xgr.GrammarMatcher(self.compile(constraint)), self.control_tokens if json_kind else None)
+        return RowGrammar(self._xgr.GrammarMatcher(self.compile(constraint)), self.json_bits if json_kind else None)
 
 
 class RowGrammar:
-    """One generation's place in its grammar, plus tokens it bans outright."""
+    """One generation's place in its grammar, plus a packed mask of the tokens
+    it may ever use (``allowed``, ANDed into the grammar's; None: all)."""
 
-    __slots__ = ("matcher", "banned")
+    __slots__ = ("matcher", "allowed")
 
-    def __init__(self, matcher: "xgrammar.GrammarMatcher", banned: torch.Tensor | None) -> None:
+    def __init__(self, matcher: "xgrammar.GrammarMatcher", allowed: torch.Tensor | None) -> None:
         self.matcher = matcher
-        self.banned = banned
+        self.allowed = allowed
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -217,10 +222,9 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[RowGrammar | None]) -> 
 
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
     for i in rows:
-        matchers[i].matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
+        row = matchers[i]
+        row.matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
+        if row.allowed is not None:  # type: ignore[union-attr]
+            bitmask[i] &= row.allowed  # type: ignore[union-attr]
     bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
-    for i in rows:
-        banned = matchers[i].banned  # type: ignore[union-attr]
-        if banned is not None:
-            logits[i].masked_fill_(banned.to(logits.device, non_blocking=True), float("-inf"))

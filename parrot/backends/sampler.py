@@ -71,3 +71,19 @@ def pick_logprobs(
         n = configs[i].logprobs or 0
         out[i] = (picked[j], list(zip(top_i[j][:n], top_v[j][:n])))
     return out
+
+
+def apply_penalties(logits: torch.Tensor, configs: list[SamplingConfig], histories: list[list[int]]) -> None:
+    """Frequency and presence penalties over each row's generated tokens
+    (``histories``) and its logit bias, in place; rows without them are left alone."""
+    for row, (config, history) in enumerate(zip(configs, histories)):
+        if not config.penalized:
+            continue
+        if history and (config.frequency_penalty or config.presence_penalty):
+            counts = torch.bincount(torch.tensor(history, device=logits.device), minlength=logits.shape[-1])
+            counts = counts[: logits.shape[-1]].to(logits.dtype)
+            logits[row] -= config.frequency_penalty * counts + config.presence_penalty * (counts > 0).to(logits.dtype)
+        bias = [(t, b) for t, b in config.logit_bias if t < logits.shape[-1]]
+        if bias:
+            ids = torch.tensor([t for t, _ in bias], device=logits.device)
+            logits[row].index_add_(0, ids, torch.tensor([b for _, b in bias], device=logits.device, dtype=logits.dtype))

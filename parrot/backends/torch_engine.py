@@ -65,7 +65,7 @@ from .engine import Engine, EngineCapacity, Gen, GenerationRequest, RequestStrea
 from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice, attention_scale
 from .model import LlamaFamilyModel
 from .prefix_cache import PrefixCache, PrefixEntry
-from .sampler import make_generator, model_logprobs, pick_logprobs, sample
+from .sampler import apply_penalties, make_generator, model_logprobs, pick_logprobs, sample
 from .sequence import Sequence
 from .tokenizer import Tokenizer, read_generation_eos
 
@@ -685,7 +685,8 @@ class TorchEngine(Engine):
 
     def _sample(self, sample_rows: list[tuple[_Running, int]], logits: torch.Tensor) -> None:
         configs = [r.seq.current_gen.sampling for r, _ in sample_rows]
-        logprobs = model_logprobs(logits, configs)  # the model's, before any mask
+        logprobs = model_logprobs(logits, configs)  # the model's, before penalties and masks
+        apply_penalties(logits, configs, [r.seq.gen_ids for r, _ in sample_rows])
         matchers = self._grammars.matchers([(r, r.seq.gen_index, c.constraint) for (r, _), c in zip(sample_rows, configs)])
         apply_masks(logits, matchers)  # constrained rows only; free rows share the batch
         tokens = sample(logits, configs, [r.generator() for r, _ in sample_rows])

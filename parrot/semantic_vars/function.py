@@ -27,6 +27,8 @@ _OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
     "seed": int,
     "stop": lambda s: (s,),
     "logprobs": int,
+    "frequency_penalty": float,
+    "presence_penalty": float,
 }
 #: Template options that constrain an output: ``choices=a,b,c`` and ``regex=...``.
 _CONSTRAINT_PARSERS: dict[str, Callable[[str], Constraint]] = {
@@ -96,7 +98,7 @@ def _placeholder_sampling(p: Placeholder, source: str) -> dict[str, Any]:
             except ConstraintError as exc:
                 raise TemplateError(f"option {key} of output {p.name!r}: {exc}", position=p.position, template=source) from None
             continue
-        if key not in _SAMPLING_FIELDS or key == "constraint":
+        if key not in _OPTION_PARSERS:
             raise TemplateError(f"unknown option {key!r} for output {p.name!r}", position=p.position, template=source)
         try:
             out[key] = _OPTION_PARSERS[key](raw)

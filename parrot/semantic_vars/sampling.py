@@ -12,6 +12,8 @@ from .errors import SamplingConfigError
 MAX_TOKENS_LIMIT = 1 << 16
 #: Most alternatives per token an output may ask log-probabilities for.
 MAX_LOGPROBS = 20
+#: Most tokens one ``logit_bias`` may name (OpenAI's limit).
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class SamplingConfig:
     each generated token's log-probability under the model (before
     temperature and masks) and that many most likely alternatives (0: the
     sampled token's only).
+
+    ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], OpenAI's
+    meaning) lower the logit of each token by ``frequency * count +
+    presence * (count > 0)``, counting the tokens this output generated so
+    far; ``logit_bias`` adds a bias in [-100, 100] to the logits of the given
+    token ids (pairs ``(token id, bias)``, or a mapping).
     """
 
     max_tokens: int = 128
@@ -38,8 +46,21 @@ class SamplingConfig:
     seed: int | None = None
     constraint: Constraint | None = None
     logprobs: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = list(bias.items())
+        if not isinstance(bias, (list, tuple)):
+            raise SamplingConfigError("logit_bias", f"must map token ids to biases, got {type(bias).__name__}")
+        try:
+            pairs = tuple(sorted((int(t), float(b)) for t, b in bias))
+        except (TypeError, ValueError):
+            raise SamplingConfigError("logit_bias", "must map integer token ids to numbers") from None
+        object.__setattr__(self, "logit_bias", pairs)
         if self.constraint is not None and not isinstance(self.constraint, Constraint):
             object.__setattr__(self, "constraint", Constraint.from_dict(self.constraint))  # ConstraintError names it
         if isinstance(self.stop, str):
@@ -71,6 +92,24 @@ class SamplingConfig:
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise SamplingConfigError("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise SamplingConfigError(name, f"must be a number between -2 and 2, got {value!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingConfigError("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token, b in self.logit_bias:
+            if token < 0:
+                raise SamplingConfigError(f"logit_bias.{token}", "token ids are not negative")
+            if not -100.0 <= b <= 100.0:
+                raise SamplingConfigError(f"logit_bias.{token}", f"a bias must be between -100 and 100, got {b}")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise SamplingConfigError("logit_bias", "a token is given twice")
+
+    @property
+    def penalized(self) -> bool:
+        """True when penalties or a logit bias change the logits."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +128,7 @@ class SamplingConfig:
         d = asdict(self)
         d["stop"] = list(self.stop)
         d["constraint"] = self.constraint.to_dict() if self.constraint is not None else None
+        d["logit_bias"] = {str(t): b for t, b in self.logit_bias}
         return d
 
     @classmethod

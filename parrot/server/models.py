@@ -49,6 +49,9 @@ class SamplingBody(Strict):
     seed: int | None = None
     constraint: ConstraintBody | None = Field(default=None, description="constrained decoding of the output")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="per-token logprobs and this many alternatives")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300, description="token id -> bias in [-100, 100]")
 
 
 class FunctionBody(Strict):

@@ -17,7 +17,7 @@ through the prefix cache once the first has published it); structured outputs
 
 Errors keep Parrot's body, ``{"error": {"type", "message", "field",
 "position"}}``, which OpenAI's clients read (``error.message``) unchanged.
-Options that Parrot cannot honour (penalties, ``logit_bias``, audio, ...)
+Options that Parrot cannot honour (``suffix``, ``best_of``, audio, ...)
 are answered 422 naming the field; harmless bookkeeping fields (``user``,
 ``metadata``, ``store``, ...) are accepted and ignored.
 """
@@ -97,9 +97,9 @@ class _Sampling(_Body):
     n: int | None = Field(default=None, description=f"1 to {MAX_CHOICES} choices")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(default=None, description="only 0")
-    presence_penalty: float | None = Field(default=None, description="only 0")
-    logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
+    frequency_penalty: float | None = Field(default=None, description="-2 to 2")
+    presence_penalty: float | None = Field(default=None, description="-2 to 2")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
     user: str | None = Field(default=None, description="accepted, ignored")
 
 
@@ -163,9 +163,7 @@ def _unsupported(name: str, value: Any, ok: Callable[[Any], bool], why: str) -> 
 
 def _check_common(body: _Sampling) -> None:
     _unsupported("n", body.n, lambda v: 1 <= v <= MAX_CHOICES, f"n must be between 1 and {MAX_CHOICES}")
-    _unsupported("frequency_penalty", body.frequency_penalty, lambda v: v == 0, "penalties are not supported")
-    _unsupported("presence_penalty", body.presence_penalty, lambda v: v == 0, "penalties are not supported")
-    _unsupported("logit_bias", body.logit_bias, lambda v: not v, "logit_bias is not supported")
+    # Penalties and logit_bias are checked by SamplingConfig (field named).
 
 
 # -- the served model ---------------------------------------------------------
@@ -261,6 +259,9 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field
         "seed": body.seed,
         "constraint": constraint,
         "logprobs": logprobs,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "logit_bias": _logit_bias(service, body.logit_bias),
     }
     options = {k: v for k, v in options.items() if v is not None}
     if constraint is not None:
@@ -273,6 +274,19 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidArgumentError(".".join(str(p) for p in first["loc"]) or "sampling", first["msg"]) from exc
+
+
+def _logit_bias(service: ParrotService, bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token id strings) as ids of the served vocabulary."""
+    if not bias:
+        return None
+    size = getattr(service.runtime.engines[0].tokenizer, "vocab_size", None) or 1 << 31
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= size:
+            raise InvalidArgumentError(f"logit_bias.{key}", f"not a token id of the served model (0 to {size - 1})")
+        out[int(key)] = value
+    return out
 
 
 # -- one call -------------------------------------------------------------------
