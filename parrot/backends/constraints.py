@@ -4,12 +4,13 @@ A :class:`~parrot.semantic_vars.constraint.Constraint` on a Gen becomes a
 compiled grammar (cached per tokenizer and constraint) and, for each running
 generation, a matcher that knows which tokens may come next. At each step the
 engine asks :class:`GrammarStates` for the matchers of the rows it samples;
-:func:`apply_masks` writes their bitmasks into the logits of the constrained
-rows only, so constrained and free sequences share one batch, and
+:func:`fill_masks` computes their bitmasks and :func:`apply_masks` writes them
+into the logits of the constrained rows only, so constrained and free
+sequences share one batch, and
 :meth:`GrammarStates.accept` advances the matchers by the sampled tokens.
 
-The masks are filled on the CPU before the sampler first reads the logits,
-so on a GPU that work overlaps the forward pass still running there.
+The masks are filled on the CPU before the engine touches the logits, so on
+a GPU that work overlaps the forward pass still running there.
 
 Why xgrammar (and not llguidance): measured on CPU with the embedded model's
 tokenizer, its per-token mask cost on JSON schemas was about a third of
@@ -212,19 +213,30 @@ class GrammarStates:
                 m.accept(token)
 
 
-def apply_masks(logits: torch.Tensor, matchers: Sequence[RowGrammar | None]) -> None:
-    """Set to -inf, in place, the logits of tokens each constrained row's
-    grammar forbids next (``logits`` is ``[rows, vocab]``; None rows are left alone)."""
+def fill_masks(matchers: Sequence[RowGrammar | None], width: int) -> tuple[torch.Tensor, list[int]] | None:
+    """The packed token bitmask of every row (CPU work only, so on a GPU it
+    runs while the step's forward is still in flight) and the constrained
+    rows' indices; None when no row is constrained."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
-        return
+        return None
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    bitmask = xgr.allocate_token_bitmask(len(matchers), width)
     for i in rows:
         row = matchers[i]
         row.matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
         if row.allowed is not None:  # type: ignore[union-attr]
             bitmask[i] &= row.allowed  # type: ignore[union-attr]
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    return bitmask, rows
+
+
+def apply_masks(logits: torch.Tensor, masks: tuple[torch.Tensor, list[int]] | None) -> None:
+    """Set to -inf, in place, the logits (``[rows, vocab]``) of the tokens each
+    constrained row's grammar forbids next; other rows are left alone."""
+    if masks is None:
+        return
+    import xgrammar as xgr
+
+    bitmask, rows = masks
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

@@ -43,6 +43,7 @@ from .engine import (
     EngineCapacity,
     Fill,
     FinishReason,
+    Gen,
     GenerationRequest,
     GenResult,
     RequestFinished,
@@ -159,6 +160,9 @@ class RemoteEngine(Engine):
         stream = RequestStream(request, self.cancel)
         if not any(not isinstance(step, Fill) for step in request.program):
             raise EngineError("the program has no generation step")
+        if any(isinstance(step, Gen) and step.sampling.constraint is not None for step in request.program):
+            # OpenAI's /v1/completions has no portable way to send a grammar.
+            raise EngineError(f"remote engine {self.name} cannot constrain outputs (choices, regex, schema)")
         self._bind_loop()
         with self._lock:
             self._waiting += 1
@@ -338,6 +342,12 @@ class RemoteEngine(Engine):
             body["stop"] = list(sampling.stop)
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if sampling.frequency_penalty:
+            body["frequency_penalty"] = sampling.frequency_penalty
+        if sampling.presence_penalty:
+            body["presence_penalty"] = sampling.presence_penalty
+        if sampling.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in sampling.logit_bias}
         pieces: list[str] = []
         finish: str | None = None
         usage: dict[str, Any] | None = None

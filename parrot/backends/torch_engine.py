@@ -59,7 +59,7 @@ from parrot.semantic_vars import EngineError, new_id
 from .admission import AdmissionQueue
 from .block_manager import BlockManager, BlockTable
 from .checkpoint import load_model
-from .constraints import GrammarStates, apply_masks
+from .constraints import GrammarStates, apply_masks, fill_masks
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine, EngineCapacity, Gen, GenerationRequest, RequestStream, TokenLogprob, batched_delivery
 from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice, attention_scale
@@ -685,10 +685,11 @@ class TorchEngine(Engine):
 
     def _sample(self, sample_rows: list[tuple[_Running, int]], logits: torch.Tensor) -> None:
         configs = [r.seq.current_gen.sampling for r, _ in sample_rows]
+        matchers = self._grammars.matchers([(r, r.seq.gen_index, c.constraint) for (r, _), c in zip(sample_rows, configs)])
+        masks = fill_masks(matchers, logits.shape[-1])  # CPU, while a GPU still runs the forward
         logprobs = model_logprobs(logits, configs)  # the model's, before penalties and masks
         apply_penalties(logits, configs, [r.seq.gen_ids for r, _ in sample_rows])
-        matchers = self._grammars.matchers([(r, r.seq.gen_index, c.constraint) for (r, _), c in zip(sample_rows, configs)])
-        apply_masks(logits, matchers)  # constrained rows only; free rows share the batch
+        apply_masks(logits, masks)  # constrained rows only; free rows share the batch
         tokens = sample(logits, configs, [r.generator() for r, _ in sample_rows])
         self._grammars.accept(matchers, tokens)
         picked = pick_logprobs(logprobs, configs, tokens)
