@@ -14,6 +14,8 @@ import jsonschema
 import openai
 import pytest
 
+import parrot as P
+
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 SCHEMA = {
     "type": "object",
@@ -220,3 +222,28 @@ def test_logit_bias_and_penalties(client, model, default_model_dir):
     turns = client.completions.create(model=model, prompt="Say it:", max_tokens=6, temperature=0, logit_bias=both,
                                       frequency_penalty=2.0, presence_penalty=2.0)
     assert turns.choices[0].text in (tok.decode([token, other] * 3), tok.decode([other, token] * 3))
+
+
+def test_sdk_over_http_keeps_constraints_and_parses(live_server):
+    from parrot.semantic_vars.http_runtime import HttpRuntime
+
+    runtime = HttpRuntime(live_server.url, api_key=live_server.new_tenant("sdk-structured"))
+
+    @P.semantic_function(temperature=1.0, max_tokens=80)
+    def pick(topic: P.Input, colour: P.Output(choices=["red", "blue"]), record: P.Output(schema=WEATHER)):
+        """Topic: {{input:topic}} Colour: {{output:colour}} Record: {{output:record|seed=3}}"""
+
+    with P.Session(runtime):
+        outs = [pick(f"t{i}") for i in range(4)]
+        for colour, record in outs:
+            assert colour.get() in ("red", "blue")
+            jsonschema.validate(record.get_parsed(), WEATHER)
+    # A regex Python accepts but the grammar library does not: the server's
+    # typed error at submit, naming the output.
+    look = P.SemanticFunction("Say: {{output:x}}", output_options={"x": {"constraint": {"regex": "(?=a)a"}}})
+    with pytest.raises(P.ConstraintError) as e:
+        with P.Session(runtime) as s:
+            look()
+            s.flush()
+    assert e.value.field == "calls.0.function.output_sampling.x.constraint.regex"
+    assert "Lookahead" in str(e.value)

@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 from .errors import (
     CallFailedError,
+    ConstraintError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
@@ -128,6 +129,8 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
     position = detail.get("position")
     if kind == "TemplateError":
         return _with_message(TemplateError, message, position=position, template=None, field=field)
+    if kind == "ConstraintError":
+        return _with_message(ConstraintError, message, field=field or "constraint")
     if kind in ("SamplingConfigError", "InvalidArgumentError", "ValidationError"):
         # A pydantic answer about a sampling option (``calls.0.function.sampling.top_p``).
         sampling = kind == "SamplingConfigError" or (

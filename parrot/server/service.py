@@ -18,6 +18,7 @@ from parrot.dataflow.prefix import PUBLIC_NAMESPACE
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
+    ConstraintError,
     FunctionSpec,
     InvalidArgumentError,
     Perf,
@@ -275,6 +276,23 @@ class ParrotService:
             unsubscribe()
 
     # -- calls ------------------------------------------------------------------
+    def _check_constraints(self, spec: FunctionSpec, where: str) -> None:
+        """Compile each output's constraint for the served tokenizer now, so a
+        regex or schema the grammar library rejects is this request's 422
+        naming the output, never a failed call later."""
+        tokenizer = self.runtime.engines[0].tokenizer if self.runtime.engines else None
+        if getattr(tokenizer, "hf", None) is None:
+            return  # remote engines: they refuse constraints themselves
+        from parrot.backends.constraints import check
+
+        for name, config in spec.output_sampling.items():
+            if config.constraint is not None:
+                try:
+                    check(config.constraint, tokenizer)
+                except ConstraintError as exc:
+                    exc.field = f"{where}.function.output_sampling.{name}.{exc.field}"
+                    raise
+
     async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[CallSpec]:
         """Validate, check ownership and quotas, then submit all or nothing."""
         self.owned_session(tenant, session_id)
@@ -292,6 +310,7 @@ class ParrotService:
                     raise
             else:
                 spec = self.function(tenant, body.function_id or "", field=f"{where}.function_id")
+            self._check_constraints(spec, where)
             outputs = body.outputs
             if outputs is None:
                 outputs = {name: new_id("var") for name in spec.output_sampling}
