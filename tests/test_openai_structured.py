@@ -247,3 +247,19 @@ def test_sdk_over_http_keeps_constraints_and_parses(live_server):
             s.flush()
     assert e.value.field == "calls.0.function.output_sampling.x.constraint.regex"
     assert "Lookahead" in str(e.value)
+
+
+def test_streamed_chat_logprobs_cover_the_content(client, model):
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, logprobs=True, top_logprobs=2,
+                                                 temperature=0, max_tokens=6, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert "".join(e.token for e in entries) == content and all(len(e.top_logprobs) == 2 for e in entries)
+
+
+def test_a_schema_the_grammar_library_rejects_is_a_4xx(client, model):
+    # A valid JSON schema (for the metaschema) that no output can satisfy.
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model=model, messages=MESSAGES, response_format=fmt, max_tokens=4)
+    assert e.value.body["field"] == "response_format.json_schema" and "minimum greater than maximum" in e.value.body["message"]

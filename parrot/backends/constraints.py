@@ -63,7 +63,12 @@ class GrammarCompiler:
     """Compiles constraints for one tokenizer and logits width, with a cache."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise ConstraintError(
+                "constraint", "constrained decoding needs the xgrammar package: pip install 'parrot-serve[structured]'"
+            ) from None
 
         self._xgr = xgr
         self.vocab_size = vocab_size

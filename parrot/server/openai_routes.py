@@ -264,10 +264,6 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field
         "logit_bias": _logit_bias(service, body.logit_bias),
     }
     options = {k: v for k, v in options.items() if v is not None}
-    if constraint is not None:
-        # Compiled now against the served tokenizer: a bad schema or regex is
-        # this request's 4xx naming the field, never a failed engine step.
-        grammar.check(constraint, service.runtime.engines[0].tokenizer)
     config = SamplingConfig().merged(**options)  # SamplingConfigError names the field
     try:
         return SamplingBody(**{k: v for k, v in config.to_dict().items() if k in SamplingBody.model_fields})
@@ -590,6 +586,10 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = _sampling(service, body, prompt, "messages", max_tokens, None, constraint, logprobs)  # default: the rest of the context
+    if constraint is not None:
+        # Compiled now (off the event loop) against the served tokenizer: a bad
+        # schema or regex is this request's 4xx naming the field.
+        await asyncio.to_thread(grammar.check, constraint, service.runtime.engines[0].tokenizer)
     runs = await start_calls(service, tenant, prompt, sampling, "openai.chat", body.n or 1)
     rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
     tokenizer = service.runtime.engines[0].tokenizer

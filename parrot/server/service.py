@@ -276,8 +276,9 @@ class ParrotService:
             unsubscribe()
 
     # -- calls ------------------------------------------------------------------
-    def _check_constraints(self, spec: FunctionSpec, where: str) -> None:
-        """Compile each output's constraint for the served tokenizer now, so a
+    async def _check_constraints(self, spec: FunctionSpec, where: str) -> None:
+        """Compile each output's constraint for the served tokenizer now (in a
+        worker thread: a large schema must not stall other tenants), so a
         regex or schema the grammar library rejects is this request's 422
         naming the output, never a failed call later."""
         tokenizer = self.runtime.engines[0].tokenizer if self.runtime.engines else None
@@ -288,7 +289,7 @@ class ParrotService:
         for name, config in spec.output_sampling.items():
             if config.constraint is not None:
                 try:
-                    check(config.constraint, tokenizer)
+                    await asyncio.to_thread(check, config.constraint, tokenizer)
                 except ConstraintError as exc:
                     exc.field = f"{where}.function.output_sampling.{name}.{exc.field}"
                     raise
@@ -310,7 +311,7 @@ class ParrotService:
                     raise
             else:
                 spec = self.function(tenant, body.function_id or "", field=f"{where}.function_id")
-            self._check_constraints(spec, where)
+            await self._check_constraints(spec, where)
             outputs = body.outputs
             if outputs is None:
                 outputs = {name: new_id("var") for name in spec.output_sampling}
