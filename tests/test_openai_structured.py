@@ -263,3 +263,24 @@ def test_a_schema_the_grammar_library_rejects_is_a_4xx(client, model):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.chat.completions.create(model=model, messages=MESSAGES, response_format=fmt, max_tokens=4)
     assert e.value.body["field"] == "response_format.json_schema" and "minimum greater than maximum" in e.value.body["message"]
+
+
+def _engine_tokens(live_server) -> dict[str, float]:
+    import re
+
+    with live_server.admin() as admin:
+        text = admin.get("/metrics").text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'parrot_engine_tokens_total\{engine="[^"]+",kind="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+def test_n_choices_prefill_the_prompt_once(live_server, client, model):
+    prompt = f"{uuid.uuid4().hex} " + "one prompt for every choice " * 16
+    before = _engine_tokens(live_server)
+    r = client.completions.create(model=model, prompt=prompt, n=4, max_tokens=2, temperature=1.0, seed=7)
+    after = _engine_tokens(live_server)
+    n_prompt = r.usage.prompt_tokens
+    # The first choice prefills the prompt; the other three take its KV from
+    # the cache (each feeds the last prompt position again for its logits).
+    assert after["prefill"] - before["prefill"] <= n_prompt + 3
+    assert after["cached"] - before["cached"] >= 3 * (n_prompt - 1)

@@ -9,8 +9,8 @@ the prompt travels as a constant input: user text never becomes template text
 (it may contain ``{{``). For chat, the prompt is the served model's own chat
 template applied to the messages.
 
-``n`` choices are ``n`` calls of the same prompt (their prompt KV is shared
-through the prefix cache once the first has published it); structured outputs
+``n`` choices are ``n`` calls of the same prompt (they share its prefix
+boundary, so the engine prefills it once for all of them); structured outputs
 (``response_format``, ``tools``), ``logprobs`` and
 ``usage.prompt_tokens_details.cached_tokens`` are described in
 :mod:`parrot.server.openai_structured`.
