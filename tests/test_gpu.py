@@ -101,7 +101,7 @@ def test_paged_engine_on_cuda_shares_prefixes_and_preempts_with_the_same_outputs
         got = [r[0][0].token_ids for r in _run(small, requests())]
         assert got == want
         assert small.counters.prefix_hits == 5 and small.counters.preemptions > 0
-        assert small._graphs is not None and small._graphs.num_graphs > 0 and base._graphs is None
+        assert small.runner.graphs is not None and small.runner.graphs.num_graphs > 0 and base.runner.graphs is None
         again = _run(small, requests()[:2])
         assert [r[0][0].token_ids for r in again] == want[:2]
         assert max(stats.cached_tokens for _, stats in again) == len(prefix)
@@ -126,7 +126,7 @@ def test_triton_decode_and_sparse_prefill_in_the_bf16_engine(tiny_llama_dir, mon
     triton_engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cuda")
     try:
         got = [r[0][0].token_ids for r in _run(triton_engine, requests())]
-        assert triton_engine._graphs is not None and triton_engine._graphs.num_graphs > 0
+        assert triton_engine.runner.graphs is not None and triton_engine.runner.graphs.num_graphs > 0
     finally:
         triton_engine.close()
     monkeypatch.setattr(attention, "_TRITON", False)

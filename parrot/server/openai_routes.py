@@ -341,9 +341,10 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
             constants={"prompt": prompt},
             outputs={"completion": var_id},
         )
+        # No objective: one request says nothing about the application it
+        # belongs to, so the engine admits it after latency-critical calls
+        # and before throughput work, first come first served.
         await service.submit_calls(tenant, session_id, [body])
-        # Someone waits for this value now: the scheduler's latency objective.
-        await service.get_variable(tenant, session_id, var_id, "latency", 0)
     except BaseException:
         await run.close()
         raise
