@@ -13,13 +13,13 @@ from typing import Protocol
 
 import torch
 
-from parrot.kernels import SparseAttentionConfig
+from parrot.kernels import SharedPrefixPlan, SparseAttentionConfig
 
 from .cuda_graphs import DecodeGraphs
 from .engine import batched_delivery
 from .engine_request import EngineRequest
 from .engine_scheduler import StepPlan
-from .kv_cache import PagedBatch, PagedKVPool, PrefillSlice
+from .kv_cache import CascadeLayout, PagedBatch, PagedKVPool, PrefillSlice
 from .model import LlamaFamilyModel
 from .sampler import sample
 
@@ -27,6 +27,33 @@ from .sampler import sample
 class RunnerCounters(Protocol):
     prefill_tokens: int
     decode_tokens: int
+    cascade_steps: int
+
+
+def shared_prefix_groups(
+    tables: list[list[int]], context_lens: list[int], block_size: int, min_tokens: int
+) -> list[tuple[list[int], int]]:
+    """Decode rows whose block tables start with the same blocks (a shared
+    prefix held once in the pool): ``(rows, shared full blocks)`` for every
+    group of at least two rows sharing at least ``min_tokens`` positions.
+    Only blocks wholly before each row's new token count, so the prefix is
+    read-only for the whole group."""
+    by_first: dict[int, list[int]] = {}
+    for row, table in enumerate(tables):
+        if table:
+            by_first.setdefault(table[0], []).append(row)
+    groups = []
+    for rows in by_first.values():
+        if len(rows) < 2:
+            continue
+        limit = min((context_lens[r] - 1) // block_size for r in rows)
+        first = tables[rows[0]]
+        shared = 0
+        while shared < limit and all(tables[r][shared] == first[shared] for r in rows):
+            shared += 1
+        if shared * block_size >= min_tokens:
+            groups.append((rows, shared))
+    return groups
 
 
 class ModelRunner:
@@ -42,6 +69,7 @@ class ModelRunner:
         *,
         sparse: SparseAttentionConfig | None = None,
         graphs: DecodeGraphs | None = None,
+        cascade_min_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -50,6 +78,8 @@ class ModelRunner:
         self.counters = counters
         self.sparse = sparse
         self.graphs = graphs
+        # Cascade decode for rows sharing at least this many prefix positions (None: off).
+        self.cascade_min_tokens = cascade_min_tokens
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -94,7 +124,9 @@ class ModelRunner:
                 sample_rows.append((r, len(ids) - 1))
         samplers = [r for r, _ in sample_rows]
         num_decode = len(decode_tables)
-        if not prefill_meta and self.graphs is not None and self.graphs.accepts(num_decode):
+        groups = (shared_prefix_groups(decode_tables, context_lens, bs, self.cascade_min_tokens)
+                  if self.cascade_min_tokens is not None and num_decode > 1 else [])
+        if not groups and not prefill_meta and self.graphs is not None and self.graphs.accepts(num_decode):
             # Decode only: replay the captured graph (every row samples).
             logits = self.graphs.run(ids, positions, slots, context_lens, decode_tables)
             for item in plan.items:
@@ -103,8 +135,9 @@ class ModelRunner:
         max_blocks = max((len(t) for t in decode_tables), default=0)
         flat_tables = [b for t in decode_tables for b in (*t, *([0] * (max_blocks - len(t))))]
         rows = [row for _, row in sample_rows]
+        cascade_parts, cascade_shape = self._cascade_host(groups, decode_tables, context_lens) if groups else ([], None)
         # Every index goes to the device in one copy.
-        parts = [ids, positions, slots, context_lens, flat_tables, prefill_blocks, rows]
+        parts = [ids, positions, slots, context_lens, flat_tables, prefill_blocks, rows, *cascade_parts]
         host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
         n = len(ids)
@@ -117,19 +150,80 @@ class ModelRunner:
         pblocks_t = dev[o : o + len(prefill_blocks)]
         o += len(prefill_blocks)
         rows_t = dev[o : o + len(rows)]
+        o += len(rows)
+        cascade = None
+        if cascade_shape is not None:
+            cascade = self._cascade_device(dev[o:], cascade_shape)
+            self.counters.cascade_steps += 1
         prefills = [
             PrefillSlice(start, take, past, pblocks_t[off : off + -(-(past + take) // bs)])
             for start, take, past, off in prefill_meta
         ]
         attn = PagedBatch(
             self.pool, [(item.request.table, item.tokens) for item in plan.items], slot_t, num_decode, tables_t,
-            ctx_t, prefills, self.scale, self.sparse,
+            ctx_t, prefills, self.scale, self.sparse, cascade,
         )
         hidden = self.model(input_ids, pos_t, attn)
         attn.commit()  # every table's length advances past the tokens just written
         if not samplers:
             return samplers, None
         return samplers, self.model.compute_logits(hidden.index_select(0, rows_t))
+
+    @staticmethod
+    def _cascade_host(
+        groups: list[tuple[list[int], int]], tables: list[list[int]], context_lens: list[int]
+    ) -> tuple[list[list[int]], tuple[int, int, int, int, int]]:
+        """The cascade layout as flat int lists (for the step's one copy) and
+        its shape ``(groups, prefix width, rows, suffix width, max members)``."""
+        num_rows = len(tables)
+        group_of = [-1] * num_rows
+        shared_of = [0] * num_rows
+        prefixes: list[list[int]] = []
+        members: list[list[int]] = []
+        for rows, shared in groups:
+            for r in rows:
+                group_of[r], shared_of[r] = len(prefixes), shared
+            prefixes.append(tables[rows[0]][:shared])
+            members.append(rows)
+        for r in range(num_rows):  # every other row: a group of its own, empty prefix
+            if group_of[r] < 0:
+                group_of[r] = len(prefixes)
+                prefixes.append([])
+                members.append([r])
+        width = max(1, max(len(p) for p in prefixes))
+        suffixes = [tables[r][shared_of[r]:] for r in range(num_rows)]
+        suffix_width = max(1, max(len(x) for x in suffixes))
+        prefix_flat = [b for p in prefixes for b in (*p, *([0] * (width - len(p))))]
+        suffix_flat = [b for x in suffixes for b in (*x, *([0] * (suffix_width - len(x))))]
+        starts, counts, order = [], [], []
+        for rows in members:
+            starts.append(len(order))
+            counts.append(len(rows))
+            order.extend(rows)
+        parts = [prefix_flat, [len(p) for p in prefixes], group_of, suffix_flat, shared_of, list(context_lens),
+                 starts, counts, order]
+        return parts, (len(prefixes), width, num_rows, suffix_width, max(counts))
+
+    def _cascade_device(self, dev: torch.Tensor, shape: tuple[int, int, int, int, int]) -> CascadeLayout:
+        groups, width, rows, suffix_width, max_members = shape
+        bs = self.block_size
+        o = 0
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal o
+            out = dev[o : o + n]
+            o += n
+            return out
+
+        prefix_tables = take(groups * width).view(groups, width).to(torch.int32)
+        prefix_lens = (take(groups) * bs).to(torch.int32)
+        seq_group = take(rows).to(torch.int32)
+        suffix_tables = take(rows * suffix_width).view(rows, suffix_width).to(torch.int32)
+        shared = take(rows)
+        suffix_lens = (take(rows) - shared * bs).to(torch.int32)
+        plan = SharedPrefixPlan(take(groups).to(torch.int32), take(groups).to(torch.int32), take(rows).to(torch.int32),
+                                max_members)
+        return CascadeLayout(prefix_tables, prefix_lens, seq_group, suffix_tables, suffix_lens, plan)
 
     def sample(self, requests: list[EngineRequest], logits: torch.Tensor | None) -> None:
         """Sample one token per request and hand it to its sequence; every

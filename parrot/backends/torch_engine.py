@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from parrot.kernels import SparseAttentionConfig
+from parrot.kernels import SparseAttentionConfig, triton_available
 from parrot.semantic_vars import EngineError, new_id
 
+from . import attention
 from .checkpoint import load_model
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream
@@ -73,6 +74,12 @@ class TorchEngineConfig:
     # Replay decode-only steps of up to this many sequences as CUDA graphs
     # (CUDA only; 0 turns graphs off).
     cuda_graph_max_batch: int = 64
+    # Cascade decode: decoding sequences that share at least
+    # ``cascade_min_prefix_tokens`` positions of prefix blocks read them once
+    # per step through the shared-prefix kernel (such steps run outside the
+    # CUDA graphs). None: on where the Triton kernel runs (CUDA with triton).
+    cascade_decode: bool | None = None
+    cascade_min_prefix_tokens: int = 256
     # MInference-style sparse prefill: a pattern config (a JSON file written
     # by ``parrot.kernels.pattern_search``, or the loaded config). A prompt
     # of at least its ``min_length`` tokens with nothing cached is prefilled
@@ -84,6 +91,8 @@ class TorchEngineConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_step_tokens < self.max_running:
             raise ValueError("max_step_tokens must be at least max_running (one decode token each)")
+        if self.cascade_min_prefix_tokens < 1:
+            raise ValueError(f"cascade_min_prefix_tokens must be >= 1, got {self.cascade_min_prefix_tokens}")
         if self.latency_reserve < 0:
             raise ValueError(f"latency_reserve must be >= 0, got {self.latency_reserve}")
         if self.latency_step_tokens is not None and self.latency_step_tokens < 1:
@@ -113,6 +122,7 @@ class EngineCounters:
     prefix_hits: int = 0  # hinted requests that started from a stored prefix
     prefix_misses: int = 0  # hinted requests that prefilled their prefix themselves
     prefix_tokens_saved: int = 0  # prefill tokens not computed: positions taken from the cache (hints and blocks)
+    cascade_steps: int = 0  # decode steps that read shared prefix blocks once per group
 
 
 class TorchEngine(Engine):
@@ -163,7 +173,11 @@ class TorchEngine(Engine):
             assert scratch is not None
             self.reserved_blocks = 1
             graphs = DecodeGraphs(model, self.pool, scratch, scale, self.config.cuda_graph_max_batch)
-        self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs)
+        cascade = self.config.cascade_decode
+        if cascade is None:
+            cascade = self.device.type == "cuda" and attention.ATTENTION_BACKEND == "auto" and triton_available()
+        self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs,
+                                  cascade_min_tokens=self.config.cascade_min_prefix_tokens if cascade else None)
         self._cond = threading.Condition()
         self.scheduler = EngineScheduler(
             self.kv, self.counters, self._cond, max_running=self.config.max_running,
