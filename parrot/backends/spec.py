@@ -8,7 +8,6 @@ the same recipes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,8 +21,9 @@ class EngineSpec:
     """How to build one engine.
 
     ``kind="torch"``: a :class:`~parrot.backends.torch_engine.TorchEngine` on
-    ``model`` (a local Hugging Face folder; default ``$PARROT_MODEL``, else
-    the embedded test model) and ``device`` (default: CUDA if visible, else
+    ``model`` (a local Hugging Face folder, a ``.gguf`` file or a model name;
+    default ``$PARROT_MODEL``, else the default model, see
+    :func:`~parrot.backends.models.resolve_model`) and ``device`` (default: CUDA if visible, else
     CPU); ``max_running`` bounds its batch.
 
     ``kind="remote"``: a :class:`~parrot.backends.remote_engine.RemoteEngine`
@@ -60,13 +60,11 @@ class EngineSpec:
                                 max_concurrency=self.max_running or 16, name=self.name)
         from .torch_engine import TorchEngine, TorchEngineConfig
 
-        model = self.model or os.environ.get("PARROT_MODEL")
-        if not model:
-            from .default_model import default_model_path
+        from .models import resolve_model
 
-            model = str(default_model_path())
+        folder = resolve_model(self.model)  # None: $PARROT_MODEL, else the default model
         config = TorchEngineConfig(max_running=self.max_running) if self.max_running else None
-        return TorchEngine.from_pretrained(os.path.expanduser(model), device=self.device, name=self.name, config=config)
+        return TorchEngine.from_pretrained(folder, device=self.device, name=self.name, config=config)
 
 
 __all__ = ["EngineKind", "EngineSpec"]

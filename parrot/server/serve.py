@@ -42,7 +42,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = None  # PARROT_MODEL; default: the embedded test model
+    model: str | None = None  # PARROT_MODEL; default: SmolLM2-135M-Instruct (see backends.models)
     device: str | None = None  # PARROT_DEVICE
     # PARROT_ENGINES: torch engines (in this process, or Ray actors with
     # ray_address); default 1, or 0 when remote engines are given.
@@ -141,11 +141,12 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
 
     specs = settings.engine_specs()
     torch_specs = [s for s in specs if s.kind == "torch"]
-    if torch_specs and not settings.model:
-        # Build (or find) the default model once here, not in every engine.
-        from parrot.dataflow import default_model_dir
+    if torch_specs and (not settings.model or settings.model.endswith(".gguf") or "/" not in settings.model):
+        # Fetch, convert or build the model once here, not in every engine
+        # (a folder path is left to the engines: on Ray it is their node's).
+        from parrot.backends.models import resolve_model
 
-        model = str(default_model_dir(progress=print))
+        model = str(resolve_model(settings.model, progress=print))
         torch_specs = [replace(s, model=model) for s in torch_specs]
     engines: list[Engine] = []
     if torch_specs and settings.ray_address:
