@@ -28,8 +28,9 @@ def _resolve_model(arg: str | None) -> Path:
 def _run_demo(args: argparse.Namespace) -> int:
     import parrot as P
     from parrot import workflows
-    from parrot.backends.torch_engine import TorchEngine
+    from parrot.backends.spec import EngineSpec
     from parrot.dataflow import LocalRuntime
+    from parrot.semantic_vars import EngineError
 
     started = time.perf_counter()
     model_dir = _resolve_model(args.model)
@@ -38,7 +39,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if model_dir.name.startswith(DEFAULT_MODEL_NAME):
         _say("  (the embedded test model: seeded random weights, so its text is not meaningful)")
-    engine = TorchEngine.from_pretrained(model_dir, device=args.device, name="engine-0")
+    try:
+        engine = EngineSpec(name="engine-0", model=str(model_dir), device=args.device,
+                            kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len).build()
+    except (ValueError, EngineError) as exc:  # a bad PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN, or sizes that do not fit
+        raise SystemExit(f"parrot demo: {exc}")
     _say(f"engine: {engine.device}, {engine.dtype}, loaded in {time.perf_counter() - started:.1f} s")
     runtime = LocalRuntime([engine], request_level=args.request_level)
     if args.request_level:
@@ -91,6 +96,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_env(
             host=args.host, port=args.port, model=args.model, device=args.device, engines=args.engines,
+            kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
         )
@@ -179,8 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: $PARROT_MODEL, else smollm2-135m-instruct)",
         )
 
+    def add_size_args(p: argparse.ArgumentParser) -> None:
+        from parrot.backends.spec import parse_bytes
+
+        def size(text: str) -> int:
+            try:
+                return parse_bytes(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        p.add_argument("--kv-cache-bytes", type=size, default=None, metavar="SIZE",
+                       help="KV pool per torch engine, e.g. 512MiB or 2GiB (default: $PARROT_KV_CACHE_BYTES, else "
+                            "80%% of free GPU memory, or on CPU enough for one full-context request)")
+        p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="longest context a request may reach (default: $PARROT_MAX_MODEL_LEN, else the model's)")
+
     demo = sub.add_parser("demo", help="run a chain-summary and a map-reduce workflow in-process")
     add_model_args(demo)
+    add_size_args(demo)
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     demo.add_argument(
         "--request-level",
@@ -192,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the multi-tenant HTTP service")
     add_model_args(serve)
+    add_size_args(serve)
     serve.add_argument("--host", default=os.environ.get("PARROT_HOST", "127.0.0.1"),
                        help="address to bind (default: $PARROT_HOST or 127.0.0.1; 0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PARROT_PORT", "8000")),

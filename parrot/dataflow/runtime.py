@@ -577,10 +577,11 @@ def default_model_dir(progress=None) -> Path:
 
 
 def default_local_runtime() -> LocalRuntime:
-    """One torch engine on ``$PARROT_MODEL`` or the embedded default model;
+    """One torch engine on ``$PARROT_MODEL`` or the default model;
     ``PARROT_REQUEST_LEVEL=1`` selects the request-level baseline."""
-    from parrot.backends.torch_engine import TorchEngine
+    from parrot.backends.spec import EngineSpec
 
     request_level = os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false")
-    engine = TorchEngine.from_pretrained(default_model_dir(), name="engine-0")
+    # The spec reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
+    engine = EngineSpec(name="engine-0", model=str(default_model_dir())).build()
     return LocalRuntime([engine], request_level=request_level)
