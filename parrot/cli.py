@@ -65,14 +65,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         chain_s = time.perf_counter() - t0
 
-        _say(f"\n== map-reduce summary: {len(chunks)} maps, one reduce ==")
+        _say(f"\n== map-reduce summary: {len(chunks)} maps, one reduce, a title ==")
         t0 = time.perf_counter()
         with P.Session(runtime) as session:
             partial, merged = workflows.map_reduce_summary(chunks)
-            _say(f"  declared {len(partial) + 1} calls in {1000 * (time.perf_counter() - t0):.1f} ms")
+            headline = workflows.make_title(merged)
+            _say(f"  declared {len(partial) + 2} calls in {1000 * (time.perf_counter() - t0):.1f} ms")
             for i, var in enumerate(partial):
                 show(f"map {i}", var, t0, "throughput")
             show("reduce", merged, t0, "latency")
+            show("title", headline, t0, "latency")
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         map_reduce_s = time.perf_counter() - t0
 

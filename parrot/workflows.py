@@ -33,19 +33,28 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-@semantic_function(max_tokens=24, stop=["\n"])
+#: The system text every summarizing step shares (its KV is computed once).
+EDITOR = "You are a concise editor. Answer with one plain sentence."
+
+
+@semantic_function(max_tokens=40, stop=["\n"], system=EDITOR)
 def summarize_chunk(chunk: Input, summary: Output):
-    """Summarize the passage in one sentence.
-    Passage: {{input:chunk}}
-    Summary: {{output:summary}}"""
+    """Summarize this passage in one sentence.
+    Passage: {{input:chunk}}{{output:summary}}"""
 
 
-@semantic_function(max_tokens=24, stop=["\n"])
+@semantic_function(max_tokens=48, stop=["\n"], system=EDITOR)
 def refine_summary(previous: Input, chunk: Input, summary: Output):
     """Here is a summary of a document so far, and its next passage.
     Summary so far: {{input:previous}}
     Next passage: {{input:chunk}}
-    Updated summary in one sentence: {{output:summary}}"""
+    Write one sentence that summarizes both.{{output:summary}}"""
+
+
+@semantic_function(max_tokens=16, stop=["\n"], chat=True)
+def make_title(summary: Input, title: Output):
+    """What is a good title for this summary?
+    {{input:summary}}{{output:title}}"""
 
 
 def chain_summary(chunks: Sequence[str]) -> list[SemanticVariable]:
@@ -59,11 +68,12 @@ def chain_summary(chunks: Sequence[str]) -> list[SemanticVariable]:
     return steps
 
 
-def reducer(n: int, *, max_tokens: int = 32) -> SemanticFunction:
+def reducer(n: int, *, max_tokens: int = 64) -> SemanticFunction:
     """A function that merges ``n`` partial summaries into one."""
     parts = "\n".join(f"- {{{{input:part{i}}}}}" for i in range(n))
-    template = f"Combine these notes into one summary.\n{parts}\nCombined summary: {{{{output:summary}}}}"
-    return SemanticFunction(template, name=f"reduce_{n}", defaults=summarize_chunk.output_sampling["summary"].merged(max_tokens=max_tokens))
+    template = f"Combine these notes into a summary of two sentences.\n{parts}{{{{output:summary}}}}"
+    return SemanticFunction(template, name=f"reduce_{n}", system=EDITOR,
+                            defaults=summarize_chunk.output_sampling["summary"].merged(max_tokens=max_tokens))
 
 
 def map_reduce_summary(chunks: Sequence[str]) -> tuple[list[SemanticVariable], SemanticVariable]:

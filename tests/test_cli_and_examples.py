@@ -24,9 +24,9 @@ def test_parrot_demo_runs_both_workflows(default_model_dir):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "== chain summary: 4 chunks" in out
-    assert "== map-reduce summary: 4 maps, one reduce ==" in out
-    assert out.count("[done on engine-0") == 9
-    assert "ran 9 calls" in out
+    assert "== map-reduce summary: 4 maps, one reduce, a title ==" in out
+    assert out.count("[done on engine-0") == 10
+    assert "ran 10 calls" in out
     assert "not meaningful" in out
 
 

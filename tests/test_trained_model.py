@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import parrot as P
+
 from parrot.backends import Fill, Gen, GenerationRequest
 from parrot.backends.gguf_checkpoint import _unpermute
 from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
@@ -70,3 +72,52 @@ def test_greedy_tokens_equal_transformers_generate(trained_model_dir, trained_en
 
         results, _ = asyncio.run(generate())
         assert list(results[0].token_ids) == expected[:cut], question
+
+
+@pytest.fixture(scope="module")
+def trained_runtime(trained_engine):
+    from parrot.dataflow import LocalRuntime
+
+    runtime = LocalRuntime([trained_engine])
+    yield runtime
+    runtime.portal.call(runtime.shutdown())
+
+
+@pytest.mark.trained
+def test_a_chat_function_knows_the_capital_of_france(trained_runtime):
+
+    @P.semantic_function(chat=True, max_tokens=24)
+    def ask(question: P.Input, answer: P.Output):
+        """{{input:question}}{{output:answer}}"""
+
+    with P.Session(trained_runtime):
+        answer = ask("What is the capital of France?").get()
+    assert "Paris" in answer
+
+
+@pytest.mark.trained
+def test_a_plain_template_ending_in_a_space_still_answers(trained_runtime):
+
+    # "Answer: " must not end the prompt in a lone space token; the value
+    # has no leading space either.
+    fn = P.SemanticFunction("Q: What is the capital of France?\nA: The capital of France is {{output:city}}",
+                            defaults=SamplingConfig(max_tokens=4, stop=("\n", ".")))
+    with P.Session(trained_runtime):
+        city = fn().get()
+    assert city.startswith("Paris")
+
+
+@pytest.mark.trained
+def test_chain_summary_keeps_a_planted_fact(trained_runtime):
+    from parrot import workflows
+
+    chunks = [
+        "The Kestrel Bay harbor bridge was closed in March because engineers found a crack in its north pillar.",
+        "During the closure, ferries carried about four thousand commuters a day across the bay.",
+        "The bridge reopened in April after the pillar was repaired with steel bands.",
+    ]
+    with P.Session(trained_runtime):
+        steps = workflows.chain_summary(chunks)
+        final = steps[-1].get(perf="latency")
+    assert final.strip()
+    assert "pillar" in final.lower() or "crack" in final.lower(), final  # the planted fact of the first chunk

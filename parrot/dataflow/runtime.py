@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,7 +46,7 @@ from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
 from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
-from .program import build_request
+from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
 from .store import MemoryStore, Record, StateStore, Write
 
@@ -459,7 +459,14 @@ class LocalRuntime(Runtime):
         """Release each output of ``call`` as ``stream`` yields it."""
         names = [step.name for step in request.program if isinstance(step, Gen)]
         streamed: dict[str, int] = {}  # characters of each output this run produced so far
+        # Outputs whose prompt space the model writes back: listeners and the
+        # value get the text without it (see program.space_led_outputs).
+        lead = set(space_led_outputs(call.template))
         async for event in stream:
+            if isinstance(event, TokenDelta) and names[event.gen_index] in lead and event.text:
+                lead.discard(names[event.gen_index])
+                if event.text.startswith(" "):
+                    event = dc_replace(event, text=event.text[1:])
             if isinstance(event, TokenDelta) and self._listeners:
                 out_id = call.outputs[names[event.gen_index]]
                 # A re-run after its engine died repeats what the dead engine
@@ -477,7 +484,7 @@ class LocalRuntime(Runtime):
                 # consumers start while this call is still generating.
                 out_id = call.outputs[event.name]
                 if not self.graph.variables[out_id].is_set:  # set before a restart
-                    await self._set(out_id, event.text)
+                    await self._set(out_id, output_value(call.template, event.name, event.text))
             elif isinstance(event, RequestFinished):
                 call.prefill_tokens = event.stats.prefill_tokens
                 call.generated_tokens = event.stats.generated_tokens
