@@ -197,7 +197,10 @@ def build_folder(gguf_path: Path, dest: Path) -> None:
     from gguf import GGUFReader
     from safetensors.torch import save_file
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as exc:  # the reader's own errors: bad magic, truncated file, unknown version
+        raise GGUFError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
     config = hf_config(reader)
     dest.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(gguf_path, reader, dest)
