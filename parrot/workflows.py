@@ -67,7 +67,7 @@ def chain_summary(chunks: Sequence[str]) -> list[SemanticVariable]:
     return steps
 
 
-def reducer(n: int, *, max_tokens: int = 48) -> SemanticFunction:
+def reducer(n: int, *, max_tokens: int = 32) -> SemanticFunction:
     """A function that merges ``n`` partial summaries into one."""
     parts = "\n".join(f"- {{{{input:part{i}}}}}" for i in range(n))
     template = f"Here are notes about one topic:\n{parts}\n\nDescribe the topic in one sentence.{{{{output:summary}}}}"
