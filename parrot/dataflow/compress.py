@@ -10,7 +10,7 @@ value. The variables themselves keep their original values.
 Scoring uses Parrot's own forward (:mod:`parrot.compression`): by default the
 model of the runtime's first torch engine (weights shared, not copied: the
 scores come from the weights that will read the prompt), else the model
-folder ``$PARROT_MODEL`` or the embedded default.
+``$PARROT_MODEL`` or the default model.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ Token-level reuse that templates cannot declare is the engine's business.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -92,6 +93,8 @@ class PrefixIndex:
         if call.function.public_prefix and segments and not isinstance(segments[0], Placeholder):
             public_head = len(segments[0].text)
         digest = hashlib.sha256((PUBLIC_NAMESPACE if public_head else namespace).encode() + b"\0")
+        if call.function.chat:  # the same text in another chat frame is another prompt
+            digest.update(b"chat\0" + json.dumps(call.function.chat_messages()).encode() + b"\0")
         start = 0
         found: list[PrefixBoundary] = []
         for end in ends:

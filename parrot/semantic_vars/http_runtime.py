@@ -168,6 +168,12 @@ def function_body(spec: FunctionSpec) -> dict[str, Any]:
     }
     if spec.input_compression:
         body["compress"] = dict(spec.input_compression)
+    if spec.chat:
+        body["chat"] = True
+        if spec.system:
+            body["system"] = spec.system
+        if spec.history:
+            body["history"] = [list(turn) for turn in spec.history]
     return body
 
 

@@ -47,6 +47,11 @@ class FunctionBody(Strict):
         description="input name -> fraction of its tokens to keep, in (0, 1] (or '30%', '3x'); "
         "like {{input:NAME|compress=0.3}} in the template, which wins",
     )
+    chat: bool = Field(default=False, description="a chat exchange rendered with the model's chat template: "
+                       "the template up to its first output is the user's turn, the outputs the assistant's")
+    system: str | None = Field(default=None, max_length=1_000_000, description="the system message (implies chat)")
+    history: list[tuple[str, str]] = Field(default_factory=list, max_length=10_000,
+                                           description="earlier chat turns as [role, content] pairs (implies chat)")
 
 
 class FunctionCreated(BaseModel):

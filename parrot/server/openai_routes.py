@@ -6,8 +6,8 @@ Every request is one Parrot call in a session of its own, submitted through
 the scheduler and prefix sharing are the same as on the native API. The call's
 function is the fixed template ``{{input:prompt}}{{output:completion}}`` and
 the prompt travels as a constant input: user text never becomes template text
-(it may contain ``{{``). For chat, the prompt is the served model's own chat
-template applied to the messages.
+(it may contain ``{{``). A chat request is a chat call: the served model's own
+chat template frames the earlier messages and the last user message.
 
 Errors keep Parrot's body, ``{"error": {"type", "message", "field",
 "position"}}``, which OpenAI's clients read (``error.message``) unchanged.
@@ -183,8 +183,8 @@ def _context_limit(service: ParrotService) -> int | None:
     return min(known) if known else None
 
 
-def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
-    """The model's chat template applied to ``messages``, ready to prompt with."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """``messages`` as plain ``{"role", "content"}`` dicts, checked (422 naming the field)."""
     plain: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
         where = f"messages.{i}"
@@ -206,6 +206,12 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
             content = msg.content
         role = "system" if msg.role == "developer" else msg.role  # OpenAI's newer name for system
         plain.append({"role": role, "content": content})
+    return plain
+
+
+def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> str:
+    """The model's chat template applied to ``plain`` messages, as text (for a
+    conversation that does not end with a user turn)."""
     tokenizer = service.runtime.engines[0].tokenizer
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is None:
@@ -223,12 +229,14 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
 
 
 def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
-              default_max_tokens: int | None) -> SamplingBody:
+              default_max_tokens: int | None, n_prompt: int | None = None) -> SamplingBody:
     """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-    n_prompt = len(service.runtime.engines[0].tokenizer.encode(prompt, add_bos=True))
+    if n_prompt is None:  # BOS as the prompt gets it (build_request: when the tokenizer adds one)
+        tokenizer = service.runtime.engines[0].tokenizer
+        n_prompt = len(tokenizer.encode(prompt, add_bos=getattr(tokenizer, "prompt_bos", True)))
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
@@ -320,8 +328,10 @@ class CallRun:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str) -> CallRun:
-    """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
+async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str,
+                     history: list[tuple[str, str]] | None = None) -> CallRun:
+    """Open a session for ``tenant`` and submit one call generating after ``prompt``;
+    with ``history``, a chat call: ``prompt`` is the user's turn after those turns."""
     call_id, var_id = new_id("call"), new_id("var")
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -337,7 +347,8 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
     try:
         body = CallBody(
             call_id=call_id,
-            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling),
+            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling, chat=history is not None,
+                                  history=history or []),
             constants={"prompt": prompt},
             outputs={"completion": var_id},
         )
@@ -461,10 +472,25 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
     _unsupported("modalities", body.modalities, lambda v: list(v) == ["text"], "only text is supported")
     for name in ("audio", "prediction", "web_search_options"):
         _unsupported(name, getattr(body, name), lambda v: False, f"{name} is not supported")
-    prompt = chat_prompt(service, body.messages)
+    plain = chat_messages(body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
-    run = await start_call(service, tenant, prompt, sampling, "openai.chat")
+    tokenizer = service.runtime.engines[0].tokenizer
+    if plain and plain[-1]["role"] == "user" and hasattr(tokenizer, "chat_frame"):
+        # A chat call: the model's template frames the turns, and no message's
+        # text is ever read as special tokens or template text.
+        history = [(m["role"], m["content"]) for m in plain[:-1]]
+        prompt = plain[-1]["content"]
+        try:
+            head, tail = tokenizer.chat_frame(plain[:-1])
+        except ValueError as exc:
+            raise InvalidArgumentError("messages", str(exc)) from exc
+        n_prompt = len(head) + len(tokenizer.encode(prompt.rstrip())) + len(tail)
+        sampling = _sampling(service, body, prompt, "messages", max_tokens, None, n_prompt)  # default: the rest
+        run = await start_call(service, tenant, prompt, sampling, "openai.chat", history)
+    else:
+        prompt = chat_prompt(service, plain)
+        sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
+        run = await start_call(service, tenant, prompt, sampling, "openai.chat")
     rid, created = f"chatcmpl-{run.call_id}", int(time.time())
 
     if body.stream:

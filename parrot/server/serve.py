@@ -42,8 +42,10 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = None  # PARROT_MODEL; default: the embedded test model
+    model: str | None = None  # PARROT_MODEL; default: SmolLM2-135M-Instruct (see backends.models)
     device: str | None = None  # PARROT_DEVICE
+    kv_cache_bytes: int | None = None  # PARROT_KV_CACHE_BYTES (e.g. 512MiB): each torch engine's KV pool
+    max_model_len: int | None = None  # PARROT_MAX_MODEL_LEN: longest context (default: the model's)
     # PARROT_ENGINES: torch engines (in this process, or Ray actors with
     # ray_address); default 1, or 0 when remote engines are given.
     engines: int | None = None
@@ -73,8 +75,11 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerSettings":
+        from parrot.backends.spec import engine_sizes_from_env
+
         env = os.environ
         settings = cls(
+            **engine_sizes_from_env(),
             model=env.get("PARROT_MODEL"),
             device=env.get("PARROT_DEVICE"),
             engines=int(env["PARROT_ENGINES"]) if env.get("PARROT_ENGINES") else None,
@@ -123,7 +128,8 @@ class ServerSettings:
 
     def engine_specs(self) -> list[EngineSpec]:
         """One picklable recipe per engine these settings ask for."""
-        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device)
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device,
+                            kv_cache_bytes=self.kv_cache_bytes, max_model_len=self.max_model_len)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
@@ -141,11 +147,12 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
 
     specs = settings.engine_specs()
     torch_specs = [s for s in specs if s.kind == "torch"]
-    if torch_specs and not settings.model:
-        # Build (or find) the default model once here, not in every engine.
-        from parrot.dataflow import default_model_dir
+    if torch_specs and (not settings.model or settings.model.endswith(".gguf") or "/" not in settings.model):
+        # Fetch, convert or build the model once here, not in every engine
+        # (a folder path is left to the engines: on Ray it is their node's).
+        from parrot.backends.models import resolve_model
 
-        model = str(default_model_dir(progress=print))
+        model = str(resolve_model(settings.model, progress=print))
         torch_specs = [replace(s, model=model) for s in torch_specs]
     engines: list[Engine] = []
     if torch_specs and settings.ray_address:

@@ -61,6 +61,9 @@ def function_spec(body: FunctionBody) -> FunctionSpec:
         defaults=defaults,
         output_options={k: sampling_options(v) for k, v in body.output_sampling.items()},
         compress=body.compress,
+        chat=body.chat,
+        system=body.system,
+        history=body.history,
     )
     return fn.spec
 
