@@ -1,7 +1,9 @@
 """Request and response bodies of the HTTP API (pydantic).
 
 Every request model forbids unknown fields, so a typo is a 422 naming the
-field rather than a silently ignored option.
+field rather than a silently ignored option, and is strict about types
+(``"10"`` is not an integer, ``true`` is not a number). Sampling bounds come
+from :mod:`parrot.semantic_vars.sampling`, the one place they are defined.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from parrot.semantic_vars.sampling import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SEED_MAX, SEED_MIN, TEMPERATURE_MAX
+
 Perf = Literal["latency", "throughput"]
 ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorDetail(BaseModel):
@@ -30,11 +34,11 @@ class ErrorBody(BaseModel):
 
 
 class SamplingBody(Strict):
-    max_tokens: int | None = Field(default=None, ge=1, le=65536)
-    temperature: float | None = Field(default=None, ge=0, le=100)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX, description="0 is greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: list[str] | None = Field(default=None, max_length=16)
-    seed: int | None = None
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
 
 class FunctionBody(Strict):

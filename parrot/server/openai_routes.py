@@ -49,7 +49,6 @@ from .tenancy import Tenant
 log = logging.getLogger(__name__)
 
 TEMPLATE = "{{input:prompt}}{{output:completion}}"
-MAX_STOP_STRINGS = 16
 #: When the models were "created", as OpenAI's model objects say: this process's start.
 STARTED = int(time.time())
 
@@ -67,7 +66,9 @@ class ModelNotFoundError(UnknownVariableError):
 class _Body(BaseModel):
     # Unknown fields are a 422 naming them: an option we do not know is an
     # option we cannot honour. Known ones we cannot honour are checked below.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "10" is not an integer. Sampling ranges are checked by
+    # SamplingConfig, the one place they are defined.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
@@ -226,8 +227,6 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field
               default_max_tokens: int | None) -> SamplingBody:
     """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     n_prompt = len(service.runtime.engines[0].tokenizer.encode(prompt, add_bos=True))
     limit = _context_limit(service)
     if limit is not None:
