@@ -41,6 +41,7 @@ from parrot.semantic_vars import (
     check_perf,
     new_id,
 )
+from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
@@ -246,6 +247,10 @@ class LocalRuntime(Runtime):
     async def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None) -> None:
         self.client_requests["create_variable"] += 1
         self._session(session_id)
+        check_unicode("var_id", var_id)
+        check_unicode("name", name)
+        if value is not None:
+            check_unicode("value", value)
         var = self.graph.add_variable(var_id, name, session_id, value)
         try:
             await self.store.write([("variable", var_id, variable_record(var))])
@@ -256,6 +261,7 @@ class LocalRuntime(Runtime):
     async def set_variable(self, session_id: str, var_id: str, value: str) -> None:
         self.client_requests["set"] += 1
         self._session(session_id)
+        check_unicode("value", value)
         var = self.graph.variable(var_id)
         if var.producer is not None:
             raise VariableAlreadySetError(f"variable {var.name!r} is the output of call {var.producer}; it cannot be set")
@@ -313,6 +319,12 @@ class LocalRuntime(Runtime):
         """Add a batch of calls: all of them, or (on any error) none."""
         self.client_requests["submit"] += 1
         state = self._session(session_id)
+        for i, spec in enumerate(calls):  # text no store or tokenizer takes: refused before any change
+            check_unicode(f"calls.{i}.call_id", spec.call_id)
+            check_unicode(f"calls.{i}.function.template", spec.function.template)
+            check_unicode_mapping(f"calls.{i}.constants", spec.constants)
+            check_unicode_mapping(f"calls.{i}.inputs", spec.inputs)
+            check_unicode_mapping(f"calls.{i}.outputs", spec.outputs)
         added: list[CallNode] = []
         try:
             for i, spec in enumerate(calls):
@@ -489,31 +501,52 @@ class LocalRuntime(Runtime):
     async def restore(self) -> int:
         """Rebuild sessions, variables and calls from the store (after a
         restart) and re-queue every call that had not finished. Returns the
-        number of calls re-queued."""
+        number of calls re-queued.
+
+        A record that cannot be read back (malformed, or from an older
+        version) is logged and skipped, with whatever depends on it (a call
+        whose session or input is gone); it never stops the service."""
         for record in await self.store.load("session"):
-            self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"])
+            try:
+                self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"])
+            except Exception:
+                _skipped("session", record)
         variables = await self.store.load("variable")
         for record in variables:
-            if record["producer"] is None and not record["constant"]:
-                self.graph.add_variable(record["id"], record["name"], record["session_id"], record["value"])
-        values = {r["id"]: r["value"] for r in variables}
+            try:
+                if record["session_id"] not in self.sessions:
+                    raise UnknownSessionError(f"unknown session {record['session_id']!r}")
+                if record["producer"] is None and not record["constant"]:
+                    self.graph.add_variable(record["id"], record["name"], record["session_id"], record["value"])
+            except Exception:
+                _skipped("variable", record)
+        values = {r.get("id"): r.get("value") for r in variables}
         for record in await self.store.load("call"):
-            spec = call_spec_from_record(record, values)
-            node = self.graph.add_call(record["session_id"], spec)
-            # Outputs released before the restart stay released, even if the
-            # call later failed: calls that read them may have finished.
-            for out_id in node.outputs.values():
-                if values.get(out_id) is not None:
-                    self.graph.set_value(out_id, values[out_id])
-            if record["state"] not in FINAL_STATES:
-                self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
-            self.analyzer.on_call_added(node)
-            if record["state"] in ("failed", "cancelled"):
-                self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
-                node.state = record["state"]
+            node = None
+            try:
+                if record["session_id"] not in self.sessions:
+                    raise UnknownSessionError(f"unknown session {record['session_id']!r}")
+                spec = call_spec_from_record(record, values)
+                node = self.graph.add_call(record["session_id"], spec)
+                # Outputs released before the restart stay released, even if the
+                # call later failed: calls that read them may have finished.
+                for out_id in node.outputs.values():
+                    if values.get(out_id) is not None:
+                        self.graph.set_value(out_id, values[out_id])
+                if record["state"] not in FINAL_STATES:
+                    self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
+                self.analyzer.on_call_added(node)
+                if record["state"] in ("failed", "cancelled"):
+                    self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
+                    node.state = record["state"]
+            except Exception:
+                _skipped("call", record)
+                if node is not None and node.id in self.graph.calls:
+                    self.prefixes.forget(node)
+                    self.graph.remove_call(node.id)
         for record in variables:
-            var = self.graph.variables.get(record["id"])
-            if var is not None and record["value"] is not None and not var.is_set and var.error is None:
+            var = self.graph.variables.get(record.get("id"))
+            if var is not None and record.get("value") is not None and not var.is_set and var.error is None:
                 self.graph.set_value(var.id, record["value"])
         requeued = 0
         for node in self.graph.calls.values():
@@ -541,6 +574,12 @@ class LocalRuntime(Runtime):
 
 
 # -- records: what the store keeps ------------------------------------------
+def _skipped(kind: str, record: Any) -> None:
+    """Log a record restore could not use (it stays in the store, untouched)."""
+    record_id = record.get("id") if isinstance(record, dict) else None
+    log.exception("restore: skipped the unreadable %s record %r", kind, record_id)
+
+
 def session_record(state: SessionState) -> Record:
     return {"id": state.id, "namespace": state.namespace, "open": state.open}
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import SamplingConfigError
+from .validation import unicode_problem
 
 # The accepted ranges, in one place: the HTTP models and the OpenAI routes
 # derive their bounds from these names.
@@ -65,6 +66,8 @@ class SamplingConfig:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingConfigError("stop", f"stop strings must be non-empty strings, got {s!r}")
+            if unicode_problem(s) is not None:
+                raise SamplingConfigError("stop", f"a stop string {unicode_problem(s)}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingConfigError("seed", f"must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:

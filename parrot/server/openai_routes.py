@@ -42,7 +42,7 @@ from parrot.semantic_vars.sampling import MAX_TOKENS_LIMIT
 
 from .deps import ERRORS, service_of, tenant_of
 from .errors import error_body
-from .models import CallBody, FunctionBody, SamplingBody
+from .models import CallBody, FunctionBody, SamplingBody, UserText
 from .service import ParrotService
 from .tenancy import Tenant
 
@@ -77,11 +77,11 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Body):
-    model: str = Field(min_length=1)
+    model: UserText = Field(min_length=1)
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, description="default 1 (OpenAI's default); 0 is greedy")
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: UserText | list[UserText] | None = None
     seed: int | None = None
     n: int | None = Field(default=None, description="only 1")
     stream: bool | None = False
@@ -89,11 +89,11 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(default=None, description="only 0")
     presence_penalty: float | None = Field(default=None, description="only 0")
     logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
-    user: str | None = Field(default=None, description="accepted, ignored")
+    user: UserText | None = Field(default=None, description="accepted, ignored")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
+    prompt: UserText | list[UserText] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
     echo: bool | None = False
     suffix: str | None = Field(default=None, description="not supported")
     best_of: int | None = Field(default=None, description="only 1")
@@ -102,14 +102,14 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: UserText
+    text: UserText | None = None
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = Field(default=None, description="accepted, ignored")
+    role: UserText
+    content: UserText | list[ContentPart] | None = None
+    name: UserText | None = Field(default=None, description="accepted, ignored")
     # What a client echoes back when it appends a response message to its history.
     refusal: Any = None
     annotations: Any = None

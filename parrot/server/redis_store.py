@@ -28,6 +28,7 @@ would not survive that round trip instead of letting ``set_value`` corrupt them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterable
@@ -42,6 +43,8 @@ from redis.exceptions import WatchError
 
 from parrot.dataflow.store import KINDS, Record, StateStore, Write
 from parrot.semantic_vars import ParrotError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RedisStore", "StoreUnavailableError", "redact_url"]
 
@@ -274,7 +277,20 @@ class RedisStore(StateStore):
                 pipe.zrange(self.order_key(kind), 0, -1)
                 pipe.hgetall(self.records_key(kind))
                 order, records = await pipe.execute()
-        return [json.loads(records[record_id]) for record_id in order if record_id in records]
+        out: list[Record] = []
+        for record_id in order:
+            if record_id not in records:
+                continue
+            try:
+                record = json.loads(records[record_id])
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                # A damaged record must not stop the service starting: skip it, leave it for a person.
+                log.error("redis: skipped the unreadable %s record %r", kind, record_id)
+                continue
+            out.append(record)
+        return out
 
     async def close(self) -> None:
         await self.client.aclose()

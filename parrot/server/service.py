@@ -84,12 +84,23 @@ class ParrotService:
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         """Load tenants, keys and functions, and restore the runtime."""
+        # A record that cannot be read back is logged and skipped: one bad
+        # record must not keep the service from starting.
         for r in await self.store.load("tenant"):
-            self.tenants[r["id"]] = Tenant.from_record(r)
+            try:
+                self.tenants[r["id"]] = Tenant.from_record(r)
+            except Exception:
+                log.exception("restore: skipped the unreadable tenant record %r", r.get("id"))
         for r in await self.store.load("key"):
-            self.key_owner[r["id"]] = r["tenant_id"]
+            if r.get("tenant_id") in self.tenants and isinstance(r.get("id"), str):
+                self.key_owner[r["id"]] = r["tenant_id"]
+            else:
+                log.error("restore: skipped a key record of unknown tenant %r", r.get("tenant_id"))
         for r in await self.store.load("function"):
-            self.functions[r["id"]] = (r["tenant_id"], FunctionSpec.from_dict(r["spec"]))
+            try:
+                self.functions[r["id"]] = (r["tenant_id"], FunctionSpec.from_dict(r["spec"]))
+            except Exception:
+                log.exception("restore: skipped the unreadable function record %r", r.get("id"))
         requeued = await self.runtime.restore()
         for call in self.runtime.graph.calls.values():
             owner = self.runtime.sessions[call.session_id].namespace
