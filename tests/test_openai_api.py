@@ -63,7 +63,7 @@ def test_completion_streamed_equals_non_streamed(client, model, tokenizer):
     assert len({c.id for c in chunks}) == 1
 
 
-def test_chat_completion_streamed_equals_non_streamed(client, model, tokenizer):
+def test_chat_completion_streamed_equals_non_streamed(client, model, tokenizer, live_server, key):
     r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
     assert r.object == "chat.completion"
     msg = r.choices[0].message
@@ -81,10 +81,16 @@ def test_chat_completion_streamed_equals_non_streamed(client, model, tokenizer):
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
-    # Chat is exactly a completion of the templated prompt (BOS is the engine's).
+    # Chat is exactly a native call whose template is the templated prompt
+    # (BOS is the engine's): template text is read with its control tokens.
     prompt = tokenizer.apply_chat_template(MESSAGES).removeprefix("<s>")
-    plain = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
-    assert plain.choices[0].text == msg.content
+    with live_server.client(key) as c:
+        sid = c.post("/api/v1/sessions").json()["session_id"]
+        r = c.post(f"/api/v1/sessions/{sid}/calls", json={"calls": [
+            {"function": {"template": prompt + "{{output:a|max_tokens=12}}"}, "outputs": {"a": "var-chat-native"}}]})
+        assert r.status_code == 201, r.text
+        native = c.get(f"/api/v1/sessions/{sid}/variables/var-chat-native", params={"timeout": 60}).json()
+    assert native["value"] == msg.content
 
 
 def test_stop_strings_and_lengths(client, model):

@@ -132,7 +132,9 @@ class TokenizerLike(Protocol):
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids; ``special=True`` reads control tokens written in the
+        text (a template's own text), the default reads them as plain text."""
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 

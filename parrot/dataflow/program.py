@@ -8,6 +8,32 @@ from parrot.backends.engine import Fill, Gen, GenerationRequest, PrefixHint, Tok
 from parrot.semantic_vars import FunctionSpec, Placeholder, Template
 
 
+def segment_ids(seg: object, text: str, tokenizer: TokenizerLike, *, add_bos: bool) -> list[int]:
+    """Tokens of one template segment. The template's own text is read with
+    its control tokens (``<|user|>``, ``</s>``); a value (an input, a
+    constant, an earlier output) is user text, read as plain characters, so
+    a user cannot forge a turn or an end of sequence."""
+    return tokenizer.encode(text, add_bos=add_bos, special=not isinstance(seg, Placeholder))
+
+
+def prompt_token_count(template: Template, values: Mapping[str, str], tokenizer: TokenizerLike) -> int:
+    """Tokens of the prompt text ``template`` makes of ``values``, BOS
+    included, tokenized as :func:`build_request` does: every text segment
+    and input value before the last output (the text after it is never
+    sent). Generated outputs and inputs without a value are not counted."""
+    segments = template.segments
+    last = max((i for i, seg in enumerate(segments) if isinstance(seg, Placeholder) and seg.kind == "output"),
+               default=len(segments))
+    count = 0
+    for seg in segments[:last]:
+        if isinstance(seg, Placeholder) and seg.kind == "output":
+            continue
+        text = values.get(seg.name) if isinstance(seg, Placeholder) else seg.text
+        if text:
+            count += len(segment_ids(seg, text, tokenizer, add_bos=count == 0))
+    return count
+
+
 def build_request(
     function: FunctionSpec,
     template: Template,
@@ -21,7 +47,8 @@ def build_request(
     """Text and inputs up to each output become a Fill, each output a Gen.
 
     Each template segment (literal text, an input's value) is tokenized on
-    its own, so the tokens of any segment boundary are an exact prefix of the
+    its own (see :func:`segment_ids`: only the template's text may hold
+    control tokens), so the tokens of any segment boundary are an exact prefix of the
     program whether or not a prefix hint is given: hinted and unhinted runs
     see the same tokens. ``prefix`` is ``(key, char_end)`` of a shared
     boundary (see :mod:`parrot.dataflow.prefix`); it becomes the request's
@@ -53,7 +80,7 @@ def build_request(
             text = seg.text
         if not text:
             continue
-        ids = tokenizer.encode(text, add_bos=not program and not pending)
+        ids = segment_ids(seg, text, tokenizer, add_bos=not program and not pending)
         pending.extend(ids)
         if not first_gen_seen:
             chars += len(text)

@@ -3,11 +3,13 @@
 
 Every request is one Parrot call in a session of its own, submitted through
 :meth:`ParrotService.submit_calls`, so API keys, quotas, prompt-size limits,
-the scheduler and prefix sharing are the same as on the native API. The call's
-function is the fixed template ``{{input:prompt}}{{output:completion}}`` and
-the prompt travels as a constant input: user text never becomes template text
-(it may contain ``{{``). For chat, the prompt is the served model's own chat
-template applied to the messages.
+the scheduler and prefix sharing are the same as on the native API. User
+text never becomes template text (it may contain ``{{``, or control tokens
+such as ``<|system|>`` or ``</s>``): it travels in constant inputs, which are
+tokenized as plain text. A completion's function is
+``{{input:prompt}}{{output:completion}}``. For chat, the served model's own
+chat template is applied to the messages; its markup (with its control
+tokens) becomes the template's text and each message's content a constant.
 
 Errors keep Parrot's body, ``{"error": {"type", "message", "field",
 "position"}}``, which OpenAI's clients read (``error.message``) unchanged.
@@ -30,11 +32,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parrot.dataflow.graph import FINAL_STATES
+from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars import (
     CallFailedError,
     InvalidArgumentError,
     ParrotError,
     SamplingConfig,
+    Template,
     UnknownVariableError,
     new_id,
 )
@@ -48,7 +52,7 @@ from .tenancy import Tenant
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "{{input:prompt}}{{output:completion}}"
+OUTPUT = "{{output:completion}}"
 #: When the models were "created", as OpenAI's model objects say: this process's start.
 STARTED = int(time.time())
 
@@ -157,6 +161,21 @@ def _check_common(body: _Sampling) -> None:
     _unsupported("logit_bias", body.logit_bias, lambda v: not v, "logit_bias is not supported")
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What a request asks the model to continue: ``template`` (a Parrot
+    template up to the output; its text is read with control tokens) and the
+    user text it splices in, by input name (read as plain text)."""
+
+    template: str
+    constants: dict[str, str]
+
+    @classmethod
+    def of_text(cls, text: str) -> "Prompt":
+        """A completion's prompt: all of it user text."""
+        return cls("{{input:prompt}}", {"prompt": text})
+
+
 # -- the served model ---------------------------------------------------------
 def served_models(service: ParrotService) -> list[str]:
     """Ids of the models the engines serve: each model folder's name."""
@@ -184,9 +203,13 @@ def _context_limit(service: ParrotService) -> int | None:
     return min(known) if known else None
 
 
-def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
-    """The model's chat template applied to ``messages``, ready to prompt with."""
+def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> Prompt:
+    """The model's chat template applied to ``messages``, ready to prompt with:
+    the template's markup is the prompt's text, each message's content a
+    constant (user text: its ``<|system|>`` or ``</s>`` are plain characters)."""
     plain: list[dict[str, str]] = []
+    contents: list[str] = []
+    marker = f"\x00{new_id('content')}:"  # a string no message holds; a template passes it through
     for i, msg in enumerate(messages):
         where = f"messages.{i}"
         for name in ("tool_calls", "function_call", "audio"):
@@ -206,7 +229,8 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
         else:
             content = msg.content
         role = "system" if msg.role == "developer" else msg.role  # OpenAI's newer name for system
-        plain.append({"role": role, "content": content})
+        plain.append({"role": role, "content": f"{marker}{i}\x00"})
+        contents.append(content)
     tokenizer = service.runtime.engines[0].tokenizer
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is None:
@@ -220,14 +244,44 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
     bos = getattr(getattr(tokenizer, "hf", None), "bos_token", None)
     if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
         text = text[len(bos):]
-    return text
+    return _split_markers(text, marker, contents)
 
 
-def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
+def _split_markers(text: str, marker: str, contents: list[str]) -> Prompt:
+    """``text`` with each ``marker + i + NUL`` replaced by an input bound to
+    ``contents[i]``; markup holding braces is passed as a constant too (a
+    template cannot spell ``{{``)."""
+    pieces = text.split(marker)
+    template: list[str] = []
+    constants: dict[str, str] = {}
+
+    def markup(piece: str) -> None:
+        if "{" in piece or "}" in piece:
+            name = f"markup{len(constants)}"
+            constants[name] = piece
+            template.append(f"{{{{input:{name}}}}}")
+        elif piece:
+            template.append(piece)
+
+    markup(pieces[0])
+    for piece in pieces[1:]:
+        index, nul, rest = piece.partition("\x00")
+        if not nul or not index.isdigit() or int(index) >= len(contents):
+            raise InvalidArgumentError("messages", "the model's chat template changed the message content")
+        name = f"message{index}"
+        if name in constants:
+            raise InvalidArgumentError("messages", "the model's chat template repeats a message")
+        constants[name] = contents[int(index)]
+        template.append(f"{{{{input:{name}}}}}")
+        markup(rest)
+    return Prompt("".join(template), constants)
+
+
+def _sampling(service: ParrotService, body: _Sampling, prompt: Prompt, prompt_field: str, max_tokens: int | None,
               default_max_tokens: int | None) -> SamplingBody:
     """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    n_prompt = len(service.runtime.engines[0].tokenizer.encode(prompt, add_bos=True))
+    n_prompt = prompt_token_count(Template(prompt.template + OUTPUT), prompt.constants, service.runtime.engines[0].tokenizer)
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
@@ -319,7 +373,7 @@ class CallRun:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str) -> CallRun:
+async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sampling: SamplingBody, name: str) -> CallRun:
     """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
     call_id, var_id = new_id("call"), new_id("var")
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -336,8 +390,8 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
     try:
         body = CallBody(
             call_id=call_id,
-            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling),
-            constants={"prompt": prompt},
+            function=FunctionBody(name=name, template=prompt.template + OUTPUT, sampling=sampling),
+            constants=prompt.constants,
             outputs={"completion": var_id},
         )
         await service.submit_calls(tenant, session_id, [body])
@@ -425,8 +479,8 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         prompt = prompt[0]
     if not prompt:
         raise InvalidArgumentError("prompt", "the prompt is empty")
-    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16)  # 16: OpenAI's default
-    run = await start_call(service, tenant, prompt, sampling, "openai.completion")
+    sampling = _sampling(service, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16)  # 16: OpenAI's default
+    run = await start_call(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion")
     rid, created = f"cmpl-{run.call_id}", int(time.time())
     echo = prompt if body.echo else ""
 

@@ -15,6 +15,8 @@ from typing import Any, AsyncIterator
 from parrot.dataflow import LocalRuntime
 from parrot.dataflow.graph import FINAL_STATES
 from parrot.dataflow.prefix import PUBLIC_NAMESPACE
+from parrot.dataflow.program import prompt_token_count
+from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
@@ -339,8 +341,7 @@ class ParrotService:
         tokenizer = self.runtime.engines[0].tokenizer
         for i, spec in enumerate(specs):
             # What is known now: the template's text and the constant inputs.
-            known = spec.function.template + "".join(spec.constants.values())
-            n = len(tokenizer.encode(known))
+            n = prompt_token_count(parse_template(spec.function.template), spec.constants, tokenizer)
             if n > limit:
                 raise PromptTooLongError(
                     f"the prompt has at least {n} tokens; this tenant's limit is {limit}", field=f"calls.{i}"
