@@ -10,9 +10,10 @@ waits where it reads a value (a long-poll ``GET``).
 Error answers come back as the SDK's typed exceptions, chosen by the
 ``error.type`` of the server's JSON body, so ``except P.TemplateError`` (or
 ``P.CallFailedError``, ``P.VariableAlreadySetError``, ...) works unchanged.
-The service-only errors have SDK twins defined here with the server's names:
-:class:`AuthenticationError` (401), :class:`QuotaExceededError` (429, with
-``retry_after``) and :class:`PromptTooLongError` (413). A server that cannot
+The service's own errors are the same classes (defined in
+:mod:`parrot.semantic_vars.errors`): :class:`AuthenticationError` (401),
+:class:`QuotaExceededError` (429, with ``retry_after``) and
+:class:`PromptTooLongError` (413). A server that cannot
 be reached raises :class:`ParrotConnectionError` naming the URL.
 
 ``httpx`` is imported only when a runtime is built, so ``import parrot``
@@ -27,11 +28,15 @@ from typing import Any, Mapping, NoReturn, Sequence
 from urllib.parse import quote
 
 from .errors import (
+    AuthenticationError,
     CallFailedError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
     ParrotError,
+    PromptTooLongError,
+    QuotaExceededError,
     SamplingConfigError,
     SessionClosedError,
     TemplateError,
@@ -50,28 +55,6 @@ CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 #: The server's limit on calls per submit request (``CallsSubmit.calls``).
 MAX_CALLS_PER_REQUEST = 10_000
-
-
-class AuthenticationError(ParrotError):
-    """The server refused the API key (HTTP 401): none was given, or no tenant has it."""
-
-
-class QuotaExceededError(ParrotError):
-    """The tenant is over one of its quotas (HTTP 429). ``field`` names the
-    quota; ``retry_after`` is in seconds."""
-
-    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.field = field
-        self.retry_after = retry_after
-
-
-class PromptTooLongError(ParrotError):
-    """A prompt is longer than the tenant's ``max_prompt_tokens`` (HTTP 413)."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class ParrotConnectionError(ParrotError, ConnectionError):
@@ -128,6 +111,8 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
     position = detail.get("position")
     if kind == "TemplateError":
         return _with_message(TemplateError, message, position=position, template=None, field=field)
+    if kind == "ContextLengthError":
+        return _with_message(ContextLengthError, message, field=field or "request")
     if kind in ("SamplingConfigError", "InvalidArgumentError", "ValidationError"):
         # A pydantic answer about a sampling option (``calls.0.function.sampling.top_p``).
         sampling = kind == "SamplingConfigError" or (

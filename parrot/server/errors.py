@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot.semantic_vars import (
     CallFailedError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
@@ -30,6 +31,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (CallFailedError, 409),
     (PromptTooLongError, 413),
     (QuotaExceededError, 429),
+    (ContextLengthError, 400),  # as OpenAI answers a prompt longer than the model's context
     (TemplateError, 422),
     (InvalidArgumentError, 422),  # includes SamplingConfigError
     (DataflowCycleError, 422),

@@ -35,6 +35,7 @@ from parrot.dataflow.graph import FINAL_STATES
 from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars import (
     CallFailedError,
+    ContextLengthError,
     InvalidArgumentError,
     ParrotError,
     SamplingConfig,
@@ -285,11 +286,11 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: Prompt, prompt_fi
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
-            raise InvalidArgumentError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
+            raise ContextLengthError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
         if max_tokens is None and default_max_tokens is None:
             default_max_tokens = min(limit - n_prompt, MAX_TOKENS_LIMIT)
         if max_tokens is not None and n_prompt + max_tokens > limit:
-            raise InvalidArgumentError(
+            raise ContextLengthError(
                 "max_tokens",
                 f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}; the model has {limit} positions",
             )

@@ -13,28 +13,11 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from parrot.semantic_vars import ParrotError
+# The errors live with the others in semantic_vars, so the SDK raises the same classes.
+from parrot.semantic_vars import AuthenticationError, PromptTooLongError, QuotaExceededError
 
-
-class AuthenticationError(ParrotError):
-    """No API key, or one that no tenant has."""
-
-
-class QuotaExceededError(ParrotError):
-    """A tenant is over one of its quotas; ``retry_after`` is in seconds."""
-
-    def __init__(self, message: str, *, field: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.field = field
-        self.retry_after = retry_after
-
-
-class PromptTooLongError(ParrotError):
-    """A prompt is longer than the tenant's ``max_prompt_tokens``."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["AuthenticationError", "PromptTooLongError", "QuotaExceededError", "QuotaMeter", "Quotas", "Tenant",
+           "hash_key", "new_api_key"]
 
 
 def hash_key(api_key: str) -> str:
