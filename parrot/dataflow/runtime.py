@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from parrot.backends.engine import (
     Engine,
+    Fill,
     Gen,
     GenerationRequest,
     GenResult,
@@ -34,6 +35,7 @@ from parrot.semantic_vars import (
     ParrotError,
     Perf,
     Portal,
+    PromptTooLongError,
     Runtime,
     SessionClosedError,
     UnknownSessionError,
@@ -121,6 +123,10 @@ class LocalRuntime(Runtime):
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
         self.compression = InputCompression(self.engines, compressor)
+        #: Most prompt tokens a call of a namespace (a tenant) may send,
+        #: checked when its prompt is built, so text that arrives through
+        #: variables counts; a call over it fails with PromptTooLongError.
+        self.prompt_limits: dict[str, int] = {}
 
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -441,6 +447,8 @@ class LocalRuntime(Runtime):
                 # the call's own in the request-level baseline (no reuse at all).
                 session = self.sessions.get(call.session_id)
                 request.namespace = call.id if self.request_level or session is None else session.namespace
+                if session is not None and session.namespace in self.prompt_limits:
+                    self._check_prompt_limit(request, self.prompt_limits[session.namespace])
                 stream = engine.submit(request)
                 await self._consume(call, request, stream)
             call.state = "done"
@@ -466,6 +474,13 @@ class LocalRuntime(Runtime):
             self._tasks.pop(call.id, None)
             self.prefixes.forget(call)
             self._request_pass()  # its engine slot is free again
+
+    @staticmethod
+    def _check_prompt_limit(request: GenerationRequest, limit: int) -> None:
+        tokens = sum(len(step.token_ids) for step in request.program if isinstance(step, Fill))
+        if tokens > limit:
+            raise PromptTooLongError(f"the prompt has {tokens} tokens; this tenant's limit is {limit}",
+                                     field="max_prompt_tokens")
 
     async def _consume(self, call: CallNode, request: GenerationRequest, stream: RequestStream) -> None:
         """Release each output of ``call`` as ``stream`` yields it."""

@@ -278,9 +278,14 @@ def _split_markers(text: str, marker: str, contents: list[str]) -> Prompt:
     return Prompt("".join(template), constants)
 
 
-def _sampling(service: ParrotService, body: _Sampling, prompt: Prompt, prompt_field: str, max_tokens: int | None,
-              default_max_tokens: int | None) -> SamplingBody:
-    """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
+def _sampling(service: ParrotService, tenant: Tenant, body: _Sampling, prompt: Prompt, prompt_field: str,
+              max_tokens: int | None, default_max_tokens: int | None) -> SamplingBody:
+    """Validated sampling options for ``prompt`` (422 naming the field otherwise).
+
+    Without ``max_tokens`` (and no ``default_max_tokens``) a request may use
+    the rest of the model's context, but no more than its tenant's
+    ``tokens_per_minute`` leaves after the prompt: the quota reserves this
+    worst case."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     n_prompt = prompt_token_count(Template(prompt.template + OUTPUT), prompt.constants, service.runtime.engines[0].tokenizer)
     limit = _context_limit(service)
@@ -289,6 +294,9 @@ def _sampling(service: ParrotService, body: _Sampling, prompt: Prompt, prompt_fi
             raise ContextLengthError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
         if max_tokens is None and default_max_tokens is None:
             default_max_tokens = min(limit - n_prompt, MAX_TOKENS_LIMIT)
+            per_minute = tenant.quotas.tokens_per_minute
+            if per_minute is not None:
+                default_max_tokens = max(1, min(default_max_tokens, per_minute - n_prompt))
         if max_tokens is not None and n_prompt + max_tokens > limit:
             raise ContextLengthError(
                 "max_tokens",
@@ -480,7 +488,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         prompt = prompt[0]
     if not prompt:
         raise InvalidArgumentError("prompt", "the prompt is empty")
-    sampling = _sampling(service, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16)  # 16: OpenAI's default
+    sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16)  # 16: OpenAI's default
     run = await start_call(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion")
     rid, created = f"cmpl-{run.call_id}", int(time.time())
     echo = prompt if body.echo else ""
@@ -516,7 +524,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         _unsupported(name, getattr(body, name), lambda v: False, f"{name} is not supported")
     prompt = chat_prompt(service, body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
+    sampling = _sampling(service, tenant, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
     run = await start_call(service, tenant, prompt, sampling, "openai.chat")
     rid, created = f"chatcmpl-{run.call_id}", int(time.time())
 
