@@ -315,6 +315,11 @@ class Engine(ABC):
         unreachable server); the scheduler then places calls elsewhere."""
         return True
 
+    def gone(self) -> bool:
+        """True once the engine will never take requests again (an actor with
+        no restarts left, a closed engine). The default: never."""
+        return False
+
     def close(self) -> None:
         """Release threads and memory. The default does nothing."""
 

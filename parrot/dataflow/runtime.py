@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: How often a pass is retried while every engine reports unhealthy.
 HEALTH_RETRY_S = 0.25
+#: How long ready calls wait for an engine while none is healthy before they
+#: fail (at once when every engine is gone for good).
+ENGINE_WAIT_S = 300.0
 
 
 @dataclass
@@ -96,6 +99,7 @@ class LocalRuntime(Runtime):
         portal: Portal | None = None,
         compressor: Any = None,
         keep_closed_sessions: int | None = 1000,
+        engine_wait_s: float = ENGINE_WAIT_S,
     ) -> None:
         super().__init__(portal)
         if keep_closed_sessions is not None and keep_closed_sessions < 0:
@@ -103,6 +107,11 @@ class LocalRuntime(Runtime):
         # A long-running service forgets the oldest closed sessions beyond
         # this many (graph and store), so memory stays bounded; None keeps all.
         self.keep_closed_sessions = keep_closed_sessions
+        if not engine_wait_s > 0:
+            raise ValueError(f"engine_wait_s must be > 0, got {engine_wait_s}")
+        self.engine_wait_s = engine_wait_s
+        self._no_engine_since: float | None = None  # when the last healthy engine went
+        self._background: set[asyncio.Task[None]] = set()
         self._closed: deque[str] = deque()
         if not engines:
             raise ValueError("a runtime needs at least one engine")
@@ -412,10 +421,9 @@ class LocalRuntime(Runtime):
             call.prefix_key = hint.key if hint else None
         engines = [e for e in self.engines if e.healthy()]
         if not engines:
-            # Calls wait for an engine to come back (a restarted actor, a
-            # reachable server again); nothing else would wake them.
-            asyncio.get_running_loop().call_later(HEALTH_RETRY_S, self._request_pass)
+            self._no_engine_ready_calls()
             return
+        self._no_engine_since = None
         for call, engine in self.scheduler.schedule(list(self._ready.values()), self.graph, engines):
             del self._ready[call.id]
             call.state = "running"
@@ -423,6 +431,35 @@ class LocalRuntime(Runtime):
             call.started_at = time.monotonic()
             self._call_event(call)
             self._tasks[call.id] = asyncio.get_running_loop().create_task(self._run(call, engine), name=call.id)
+
+    def _no_engine_ready_calls(self) -> None:
+        """No engine is healthy: ready calls wait for one to come back (a
+        restarted actor, a reachable server again), but not forever. When
+        every engine is gone for good, or none came back within
+        ``engine_wait_s``, they fail with an error that says so."""
+        now = time.monotonic()
+        if self._no_engine_since is None:
+            self._no_engine_since = now
+        if all(e.gone() for e in self.engines):
+            reason = f"no engine can run it: all {len(self.engines)} engines are gone for good"
+        elif now - self._no_engine_since >= self.engine_wait_s:
+            reason = f"no engine can run it: none has been healthy for {self.engine_wait_s:g} s"
+        else:
+            # Nothing else would wake the waiting calls.
+            asyncio.get_running_loop().call_later(HEALTH_RETRY_S, self._request_pass)
+            return
+        waiting = list(self._ready.values())
+        self._ready.clear()
+        log.error("failing %d ready calls: %s", len(waiting), reason)
+
+        async def fail_all() -> None:
+            for call in waiting:
+                if call.state == "ready":
+                    await self._failed(call, self.graph.fail_call(call.id, f"EngineUnavailableError: {reason}"))
+
+        task = asyncio.get_running_loop().create_task(fail_all(), name="fail-ready-calls")
+        self._background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
 
     async def _run(self, call: CallNode, engine: Engine) -> None:
         stream = None

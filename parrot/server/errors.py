@@ -20,6 +20,8 @@ from parrot.semantic_vars import (
     VariableAlreadySetError,
 )
 
+from parrot.dataflow.store import StoreUnavailableError
+
 from .tenancy import AuthenticationError, PromptTooLongError, QuotaExceededError
 
 # Most specific first: the first class that matches decides the status.
@@ -35,6 +37,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (TemplateError, 422),
     (InvalidArgumentError, 422),  # includes SamplingConfigError
     (DataflowCycleError, 422),
+    (StoreUnavailableError, 503),  # the state store is down: try again, nothing was changed
     (EngineError, 400),
     (ParrotError, 400),
 ]
@@ -49,6 +52,8 @@ def parrot_error_response(exc: ParrotError) -> JSONResponse:
     headers = {}
     if isinstance(exc, QuotaExceededError):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, StoreUnavailableError):
+        headers["Retry-After"] = "1"
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
     body = error_body(

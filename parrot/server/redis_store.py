@@ -41,8 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from parrot.dataflow.store import KINDS, Record, StateStore, Write
-from parrot.semantic_vars import ParrotError
+from parrot.dataflow.store import KINDS, Record, StateStore, StoreUnavailableError, Write
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +68,6 @@ local encoded = cjson.encode(record)
 redis.call('HSET', KEYS[1], ARGV[1], encoded)
 return 1
 """
-
-
-class StoreUnavailableError(ParrotError, ConnectionError):
-    """The state store cannot be reached (or refused the connection).
-
-    ``url`` is the store's address with any password masked."""
-
-    def __init__(self, url: str, message: str) -> None:
-        self.url = url
-        super().__init__(message)
 
 
 def redact_url(url: str) -> str:
