@@ -354,13 +354,12 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def describe_context(engines: Sequence[Any], *, model_path: str | Path, weights: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Device, library versions, model shape and engine settings for the JSON report."""
+def host_context(device: Any) -> dict[str, Any]:
+    """The device, library versions and commit a figure was measured with."""
     import torch
     import transformers
 
-    engine = engines[0]
-    device = engine.device
+    device = torch.device(device)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -383,6 +382,15 @@ def describe_context(engines: Sequence[Any], *, model_path: str | Path, weights:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(dirty) if dirty is not None else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def describe_context(engines: Sequence[Any], *, model_path: str | Path, weights: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Device, library versions, model shape and engine settings for the JSON report."""
+    engine = engines[0]
+    return {
+        **host_context(engine.device),
         "model_path": str(model_path),
         "weights": weights,
         "model_config": asdict(engine.model.config),
@@ -390,7 +398,6 @@ def describe_context(engines: Sequence[Any], *, model_path: str | Path, weights:
         "dtype": str(engine.dtype).replace("torch.", ""),
         "engines": len(engines),
         "engine_config": asdict(engine.config),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
 

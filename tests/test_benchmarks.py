@@ -100,8 +100,25 @@ def test_orchestration_reports_per_call_cost_by_size(tmp_path):
     assert rows[0]["growth_vs_previous"] is None and rows[1]["growth_vs_previous"] is not None
 
 
+def test_mixed_serving_runs_both_clients_against_one_server(tmp_path, default_model_dir):
+    from benchmarks import mixed_serving
+
+    out = tmp_path / "mixed.json"
+    data = mixed_serving.main(["--model", str(default_model_dir), "--rounds", "1", "--apps", "2", "--maps", "2",
+                               "--chunk-tokens", "40", "--output-tokens", "3", "--chat-tokens", "3",
+                               "--chat-rate", "4", "--json", str(out)])
+    assert json.loads(out.read_text())["speedup_jct"] == data["speedup_jct"] > 0
+    runs = data["runs"]
+    assert [(r["round"], r["mode"]) for r in runs] == [(0, "parrot"), (0, "request-level"),
+                                                      (1, "request-level"), (1, "parrot")]
+    # The Parrot runs read where each map waited from the server's DAG.
+    assert all(r["map_placement_s_max"] is not None for r in runs if r["mode"] == "parrot")
+    assert data["device"] == "cpu" and data["model_config"]["model_type"]
+
+
 @pytest.mark.parametrize(
-    "module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model", "benchmarks.kernels"]
+    "module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model", "benchmarks.kernels",
+               "benchmarks.mixed_serving"]
 )
 def test_help(module, capsys):
     import importlib

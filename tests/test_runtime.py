@@ -159,6 +159,86 @@ def test_calls_spread_over_two_engines(default_model_dir):
         runtime.portal.call(runtime.shutdown())
 
 
+def test_a_task_group_is_handed_to_the_engine_while_it_has_room(default_model_dir):
+    """Issue 21's shape in small: latency work ahead of a map-reduce group
+    fills the engine's batch; the group's maps still go to the engine (into
+    its queue) in the same pass, instead of waiting in the runtime's ready
+    queue until a running call finishes."""
+    from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+
+    engine = TorchEngine.from_pretrained(default_model_dir, device="cpu", name="small",
+                                         config=TorchEngineConfig(max_running=2))
+    runtime = LocalRuntime([engine])
+    try:
+        with P.Session(runtime) as s:
+            chat = P.SemanticFunction("{{input:q}}\nAnswer: {{output:a|max_tokens=16}}", name="chat")
+            chats = [chat(f"chat question {i}") for i in range(3)]
+            partial, merged = workflows.map_reduce_summary(["one", "two", "three", "four"])
+            merged.get(perf="latency")
+            for c in chats:
+                c.get()
+        calls = runtime.graph.session_calls(s.id)
+        chat_calls = [c for c in calls if c.function.name == "chat"]
+        maps = [c for c in calls if c.group is not None]
+        assert len(chat_calls) == 3 and len(maps) == 4
+        first_finish = min(c.finished_at for c in chat_calls)
+        # Queue times from the DAG: every map left the runtime's ready queue
+        # before any call had finished, i.e. while the engine had room.
+        assert all(m.started_at < first_finish for m in maps)
+        # The engine admitted the latency-critical reduce as soon as its
+        # inputs existed, and objectives reached it with the requests.
+        reduce = runtime.graph.calls[runtime.graph.variables[merged.id].producer]
+        assert reduce.objective == "latency" and all(m.objective == "throughput" for m in maps)
+        assert all(c.state == "done" for c in calls)
+    finally:
+        runtime.portal.call(runtime.shutdown())
+
+
+def test_engine_admits_latency_work_before_queued_throughput_work(default_model_dir):
+    """With one place in the batch, a latency request queued after throughput
+    requests is admitted before them; greedy text does not depend on order."""
+    from parrot.backends.engine import Fill, Gen, GenerationRequest
+    from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+    from parrot.semantic_vars import SamplingConfig
+
+    engine = TorchEngine.from_pretrained(default_model_dir, device="cpu", name="one-seat",
+                                         config=TorchEngineConfig(max_running=1))
+
+    def request(text: str, objective) -> GenerationRequest:
+        ids = tuple(engine.tokenizer.encode(text, add_bos=True))
+        return GenerationRequest([Fill(ids), Gen(SamplingConfig(max_tokens=8))], objective=objective)
+
+    async def run() -> tuple[list[str], list[str]]:
+        first = engine.submit(request("the running one", "latency"))
+        queued = [engine.submit(request(f"throughput job {i}", "throughput")) for i in range(3)]
+        urgent = engine.submit(request("the urgent one", "latency"))
+        streams = [first, *queued, urgent]
+        finished = [await s.results() for s in streams]
+        order = sorted(range(len(streams)), key=lambda i: finished[i][1].started_at)
+        return [["first", "t0", "t1", "t2", "urgent"][i] for i in order], [r[0][0].text for r in finished]
+
+    try:
+        order, texts = asyncio.run(run())
+        assert order == ["first", "urgent", "t0", "t1", "t2"]
+        alone = asyncio.run(_texts_alone(engine, ["the running one", "throughput job 0", "throughput job 1",
+                                                  "throughput job 2", "the urgent one"]))
+        assert texts == alone
+    finally:
+        engine.close()
+
+
+async def _texts_alone(engine, prompts):
+    from parrot.backends.engine import Fill, Gen, GenerationRequest
+    from parrot.semantic_vars import SamplingConfig
+
+    out = []
+    for text in prompts:
+        ids = tuple(engine.tokenizer.encode(text, add_bos=True))
+        results, _ = await engine.submit(GenerationRequest([Fill(ids), Gen(SamplingConfig(max_tokens=8))])).results()
+        out.append(results[0].text)
+    return out
+
+
 def test_default_session_uses_the_embedded_model():
     with P.Session() as s:
         out = summarize("the default runtime needs no arguments")
@@ -300,3 +380,29 @@ def test_forgetting_a_session_drops_its_task_groups(default_engine):
         merged.get()
         assert runtime.graph.groups  # the two maps formed a task group
     assert s.id not in runtime.sessions and not runtime.graph.groups and not runtime.graph.calls
+
+
+class _SlowSubmitRuntime(LocalRuntime):
+    """A runtime whose submissions take a round trip, as over HTTP: the
+    submitting coroutine yields to the loop before the calls exist."""
+
+    async def submit_calls(self, session_id, calls):
+        await asyncio.sleep(0)  # a yield point standing for the network, not a wait for anything
+        await super().submit_calls(session_id, calls)
+
+
+def test_concurrent_async_reads_wait_for_the_batch_they_read(default_engine):
+    """Several aget() at once: the first sends the batch, the others must not
+    ask for their variables before the runtime has the calls."""
+    runtime = _SlowSubmitRuntime([default_engine])
+
+    async def app() -> list[str]:
+        async with P.Session(runtime):
+            maps = [summarize(c) for c in ("one", "two", "three")]
+            merged = workflows.reducer(3, max_tokens=4)(*maps)
+            return await asyncio.gather(*(m.aget(perf="throughput") for m in maps), merged.aget(perf="latency"))
+
+    # On the runtime's own loop, so the readers interleave with the submission.
+    values = runtime.portal.call(app())
+    assert len(values) == 4 and all(isinstance(v, str) for v in values)
+    assert runtime.client_requests["submit"] == 1

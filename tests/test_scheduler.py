@@ -170,7 +170,7 @@ def test_latency_calls_are_spread_by_load(two_engines):
     assert [e.name for _, e in placed] == ["e0", "e1", "e0", "e1"]
 
 
-def test_a_task_group_goes_to_one_engine_and_is_held_until_complete(two_engines):
+def test_a_task_group_goes_to_one_engine_and_partial_groups_go_last(two_engines):
     p = Program()
     p.graph.add_variable("late", "late", S)
     p.call("m0", constants={"x": "chunk 0"})
@@ -180,13 +180,50 @@ def test_a_task_group_goes_to_one_engine_and_is_held_until_complete(two_engines)
     p.call("chat", constants={"x": "a latency call of another app"})
     sched = AppScheduler()
     first = sched.schedule(p.ready(), p.graph, two_engines)
-    assert [c.id for c, _ in first] == ["chat"]  # m0, m1 wait for their sibling
+    # Work-conserving: the engines have room, so the ready members of a group
+    # still waiting for a sibling run too, but after everything else.
+    assert [c.id for c, _ in first] == ["chat", "m0", "m1"]
+    assert first[1][1] is first[2][1]
     for c, _ in first:
         c.state = "running"
     p.graph.set_value("late", "chunk 2")
     second = sched.schedule([c for c in p.ready()], p.graph, two_engines)
-    assert sorted(c.id for c, _ in second) == ["m0", "m1", "m2"]
-    assert len({e.name for _, e in second}) == 1
+    assert [c.id for c, _ in second] == ["m2"]
+
+
+def test_ready_work_waits_only_when_every_engine_is_full(two_engines):
+    # Idle engines of max_running=4 with no queue beyond the batch: room for
+    # 4 each. Latency calls take their places first, then whole task groups.
+    p = Program()
+    for i in range(6):
+        p.call(f"q{i}", constants={"x": f"unrelated question number {i}"})
+    for i in range(3):
+        p.call(f"m{i}", constants={"x": f"chunk {i}"})
+    p.call("r", TRIPLE, inputs={"a": "m0.y", "b": "m1.y", "c": "m2.y"})
+    placed = AppScheduler(queue_depth=0).schedule(p.ready(), p.graph, two_engines)
+    ids = [c.id for c, _ in placed]
+    assert ids == [f"q{i}" for i in range(6)] + ["m0", "m1", "m2"]  # the group goes whole, past the room
+    assert len({e.name for c, e in placed if c.id.startswith("m")}) == 1
+    # With every place taken, nothing more goes this pass.
+    p2 = Program()
+    for i in range(9):
+        p2.call(f"q{i}", constants={"x": f"unrelated question number {i}"})
+    assert len(AppScheduler(queue_depth=0).schedule(p2.ready(), p2.graph, two_engines)) == 8
+
+
+def test_engine_room_counts_the_queue_and_its_memory():
+    from parrot.backends.engine import EngineCapacity
+
+    idle = EngineCapacity(max_running=4, running=0, waiting=0)
+    assert idle.room() == 8 and idle.room(queue_depth=0) == 4
+    busy = EngineCapacity(max_running=4, running=4, waiting=3)
+    assert busy.room() == 1 and busy.room(queue_depth=0) == 0
+    # An empty queue always takes one more: the batch is refilled at the next step.
+    assert EngineCapacity(max_running=4, running=4, waiting=0).room(queue_depth=0) == 1
+    # Queued prompts that already need all free KV: more would only wait there.
+    full = EngineCapacity(max_running=4, running=2, waiting=1, free_kv_tokens=512, waiting_tokens=600)
+    assert full.room() == 0
+    assert EngineCapacity(max_running=4, running=2, waiting=1, free_kv_tokens=4096, waiting_tokens=600).room() == 5
 
 
 def test_held_group_is_released_when_engines_would_idle(two_engines):

@@ -189,3 +189,4 @@ def test_connect_and_the_default_runtime_read_the_environment(live_server, key, 
 def test_import_parrot_imports_no_http_library():
     code = "import sys, parrot; assert not {'httpx', 'fastapi'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+

@@ -23,9 +23,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence
 
-from parrot.semantic_vars import EngineError, SamplingConfig, new_id
+from parrot.semantic_vars import EngineError, Perf, SamplingConfig, new_id
 
 FinishReason = Literal["stop", "eos", "length"]
+
+#: Admission rank of a request by its objective: latency-critical work first,
+#: then requests nobody annotated (plain OpenAI requests), then throughput work.
+OBJECTIVE_RANK: dict[Perf | None, int] = {"latency": 0, None: 1, "throughput": 2}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,13 @@ class GenerationRequest:
     # Whose cached KV blocks this request may reuse (the tenant): token
     # blocks are only shared between requests of the same namespace.
     namespace: str = ""
+    # The call's deduced objective (None: nobody said). Engines admit by it
+    # (see OBJECTIVE_RANK); within a rank, first come first served.
+    objective: Perf | None = None
+
+    @property
+    def rank(self) -> int:
+        return OBJECTIVE_RANK[self.objective]
 
     @property
     def num_gens(self) -> int:
@@ -122,10 +133,32 @@ class EngineCapacity:
     free_blocks: int | None = None  # KV blocks an allocation may take (empty or only cached)
     total_blocks: int | None = None  # KV blocks in the pool
     cached_blocks: int | None = None  # KV blocks findable by the prefix cache (held or free)
+    waiting_tokens: int | None = None  # context tokens of the queued requests, still to be prefilled
 
     @property
     def free_slots(self) -> int:
+        """Places in the running batch not yet claimed by running or queued requests."""
         return max(0, self.max_running - self.running - self.waiting)
+
+    def room(self, queue_depth: int | None = None) -> int:
+        """How many more requests this engine can usefully be given now.
+
+        Work-conserving: the engine keeps a queue of up to ``queue_depth``
+        requests (default: one full batch) beyond its batch, so a finished
+        sequence is replaced at the engine's next step without waiting for
+        the caller to place more work. Memory bounds it: once the queued
+        prompts alone need more KV than is free, more work would only wait
+        in the engine's queue, where the caller can no longer reorder or
+        move it. An engine with an empty queue always has room for one.
+        """
+        depth = self.max_running if queue_depth is None else queue_depth
+        room = self.max_running + depth - self.running - self.waiting
+        if (self.waiting and self.waiting_tokens is not None and self.free_kv_tokens is not None
+                and self.waiting_tokens >= self.free_kv_tokens):
+            room = 0
+        if self.waiting == 0:
+            room = max(room, 1)
+        return max(0, room)
 
 
 class TokenizerLike(Protocol):
@@ -326,6 +359,6 @@ class Engine(ABC):
 
 __all__ = [
     "Engine", "EngineCapacity", "EngineError", "EngineEvent", "Fill", "FinishReason", "Gen", "GenResult",
-    "GenerationRequest", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta",
+    "GenerationRequest", "OBJECTIVE_RANK", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta",
     "TokenizerLike",
 ]

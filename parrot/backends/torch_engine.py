@@ -4,13 +4,16 @@ over a paged KV cache.
 A worker thread runs steps. Each step builds one flat batch from every
 running sequence: one token for each sequence that is decoding, then chunks
 of pending prompt tokens (chunked prefill) up to a token budget, so a long
-prompt never stalls the decoders. New requests join between steps.
+prompt never stalls the decoders. New requests join between steps, by the
+objective their request carries (:mod:`parrot.backends.admission`):
+latency-critical first, then unannotated requests, then throughput work.
 
 Memory. The KV cache is a pool of fixed-size blocks sized once at start
 (:class:`~parrot.backends.kv_cache.PagedKVPool`); each sequence holds a
 block table (:class:`~parrot.backends.block_manager.BlockTable`). When a
 step needs blocks and none is free, the engine first drops unpinned hinted
-prefixes, then *preempts* the most recently admitted running request: its
+prefixes, then *preempts* the most recently admitted running request of the
+worst objective rank (throughput work before latency-critical work): its
 blocks are released and it goes back to the head of the queue; when it runs
 again its whole context (prompt and tokens generated so far) is recomputed,
 so greedy outputs are the same as if it had never stopped.
@@ -42,7 +45,6 @@ are preempted or are cancelled.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -54,6 +56,7 @@ import torch
 from parrot.kernels import SparseAttentionConfig
 from parrot.semantic_vars import EngineError, new_id
 
+from .admission import AdmissionQueue
 from .block_manager import BlockManager, BlockTable
 from .checkpoint import load_model
 from .cuda_graphs import DecodeGraphs
@@ -153,6 +156,16 @@ class _Running:
         self.preempted = 0  # times sent back to the queue
 
     @property
+    def rank(self) -> int:
+        """Admission rank by the request's objective (lower is admitted first)."""
+        return self.seq.request.rank
+
+    @property
+    def queued_tokens(self) -> int:
+        """Context positions its admission will have to compute (at most)."""
+        return len(self.seq.tokens) - self.table.length
+
+    @property
     def table(self) -> BlockTable:
         return self.seq.kv  # type: ignore[return-value]
 
@@ -214,7 +227,7 @@ class TorchEngine(Engine):
         self._prefix: PrefixCache | None = PrefixCache(self._blocks) if self.config.prefix_cache else None
         self._computing: dict[str, _Running] = {}  # key -> the request prefilling that prefix
         self._parked: dict[str, list[_Running]] = {}  # key -> requests waiting for it
-        self._waiting: collections.deque[_Running] = collections.deque()
+        self._waiting: AdmissionQueue[_Running] = AdmissionQueue()
         self._running: list[_Running] = []
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
@@ -286,7 +299,7 @@ class TorchEngine(Engine):
                 raise EngineError(f"engine {self.name} is closed")
             running = _Running(seq, stream, self.device, prefix)
             seq.before_finish = lambda: self._release(running)
-            self._waiting.append(running)
+            self._waiting.push(running)
             self._cond.notify()
         return stream
 
@@ -301,6 +314,7 @@ class TorchEngine(Engine):
                 self.config.max_running, running, len(self._waiting),
                 free_kv_tokens=blocks.num_free * blocks.block_size, cached_prefixes=cached,
                 free_blocks=blocks.num_free, total_blocks=blocks.num_blocks, cached_blocks=blocks.num_cached,
+                waiting_tokens=self._waiting.tokens,
             )
 
     def stats(self) -> dict[str, int]:
@@ -356,7 +370,7 @@ class TorchEngine(Engine):
                     return
                 self._drop_cancelled()
                 while self._waiting and len(self._running) < self.config.max_running:
-                    admitted = self._waiting.popleft()
+                    admitted = self._waiting.pop()
                     if admitted.seq.stats.started_at is None:
                         admitted.seq.stats.started_at = time.monotonic()
                     self._running.append(admitted)
@@ -386,9 +400,9 @@ class TorchEngine(Engine):
         if not self._cancelled:
             return
         keep = lambda r: r.seq.request.request_id not in self._cancelled  # noqa: E731
-        dropped = [r for r in [*self._running, *self._waiting] if not keep(r)]
+        dropped = [r for r in self._running if not keep(r)]
         self._running = [r for r in self._running if keep(r)]
-        self._waiting = collections.deque(r for r in self._waiting if keep(r))
+        dropped += self._waiting.remove_if(lambda r: not keep(r))
         self.counters.requests_cancelled += len(dropped)
         self._cancelled.clear()
         for r in dropped:
@@ -511,15 +525,19 @@ class TorchEngine(Engine):
             self._running.remove(victim)
             self._forget(victim)
             victim.preempted += 1
-            self._waiting.appendleft(victim)
+            self._waiting.push_front(victim)
         self.counters.preemptions += 1
 
     def _newest_holder(self, skip: set[int]) -> _Running | None:
-        """The most recently admitted running request holding blocks, not in ``skip`` (ids)."""
-        for r in reversed(self._running):
+        """The preemption victim: among running requests holding blocks and
+        not in ``skip`` (ids), the most recently admitted of the worst
+        objective rank (throughput work gives way before latency work)."""
+        victim: _Running | None = None
+        for r in reversed(self._running):  # newest first; a later one wins only with a worse rank
             if id(r) not in skip and r.table.blocks and not r.seq.finished:
-                return r
-        return None
+                if victim is None or r.rank > victim.rank:
+                    victim = r
+        return victim
 
     def _plan(self, batch: list[_Running]) -> list[tuple[_Running, int, bool]]:
         """Choose ``(request, new tokens, decoding)`` for this step and make
@@ -527,8 +545,9 @@ class TorchEngine(Engine):
         budget = self.config.max_step_tokens
         plan: list[tuple[_Running, int, bool]] = []
         copies: list[tuple[int, int]] = []
-        # Decoders first (one token each, oldest first), then prefill chunks.
-        order = sorted(batch, key=lambda r: not r.seq.is_decoding)
+        # Decoders first (one token each, oldest first), then prefill chunks,
+        # latency-critical prompts before throughput ones.
+        order = sorted(batch, key=lambda r: (not r.seq.is_decoding, r.rank))
         planned: set[int] = set()
         for r in order:
             if r.parked or r.seq.finished or r not in self._running:
@@ -551,6 +570,8 @@ class TorchEngine(Engine):
                 # A decoder needs its block: preempt the newest request not
                 # already in this step, or this one when it is the newest.
                 victim = self._newest_holder(planned | {id(r)})
+                if victim is not None and victim.rank < r.rank:
+                    victim = None  # better-ranked work never makes room for worse
                 self._preempt(victim if victim is not None else r)
                 if victim is None:
                     break

@@ -17,11 +17,12 @@ gets stronger, so the total work over a program is linear in its size.
 
 from __future__ import annotations
 
-from typing import Literal
+from parrot.semantic_vars import Perf
 
 from .graph import CallNode, DataflowGraph, TaskGroup
 
-Objective = Literal["latency", "throughput"]
+#: A call's objective is what a read asked for: one type for both.
+Objective = Perf
 
 
 class ObjectiveAnalyzer:

@@ -486,6 +486,8 @@ class LocalRuntime(Runtime):
                 request.namespace = call.id if self.request_level or session is None else session.namespace
                 if session is not None and session.namespace in self.prompt_limits:
                     self._check_prompt_limit(request, self.prompt_limits[session.namespace])
+                # The engine admits by it; the request-level baseline knows none.
+                request.objective = None if self.request_level else call.objective
                 stream = engine.submit(request)
                 await self._consume(call, request, stream)
             call.state = "done"

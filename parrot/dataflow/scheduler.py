@@ -3,22 +3,32 @@
 A scheduler is given, in one pass, every call that is ready and not yet
 dispatched, and returns which of them go to which engine now; the rest wait
 for the next pass (the runtime runs one whenever a call becomes ready or
-finishes). Two policies ship:
+finishes).
+
+Both policies are *work-conserving*: ready work is handed to an engine as
+long as the engine can use it (:meth:`EngineCapacity.room`: its batch plus a
+queue of one more batch, bounded by free KV memory), so an engine never
+idles, nor waits for this process to refill its batch, while work is ready.
+What the DAG knows decides the *order* and the *batch shape*, never whether
+ready work runs.
 
 :class:`AppScheduler` (the default) uses what the DAG analysis found:
 
 1. latency-critical calls (and calls nobody annotated yet) go first, each to
-   the engine that holds its prefix, else the least loaded engine with a free
-   slot;
-2. a task group is released only when none of its members is still waiting
-   for inputs, and then all its ready members go together to one engine
-   (the one holding their shared prefix if any), so they batch;
-3. other throughput calls fill the remaining slots;
-4. work-conserving: if every engine would otherwise sit idle, held groups'
-   ready members are released anyway.
+   the engine that holds its prefix, else the engine with the most room;
+2. the ready members of a complete task group (none still waiting for its
+   inputs) go together to one engine, the one holding their shared prefix if
+   any, so they batch;
+3. other throughput calls next;
+4. last, the ready members of groups that still wait for a sibling's input.
+
+A call that finds no room is skipped, not the rest of the pass. Engines see
+each request's objective too and admit latency-critical work first
+(:mod:`parrot.backends.admission`), so handing work over early does not let
+throughput work overtake a chain.
 
 :class:`FifoScheduler` is the request-level baseline: every ready call, in
-the order it became ready, to the least loaded engine, no holding.
+the order it became ready, to the least loaded engine, at once.
 """
 
 from __future__ import annotations
@@ -40,20 +50,20 @@ class Scheduler(Protocol):
 
 
 @dataclass
-class _Slots:
-    """One pass's view of an engine's load, updated as calls are placed."""
+class _Room:
+    """One pass's view of an engine, updated as calls are placed."""
 
     engine: Engine
-    free: int
-    load: int
+    room: int  # requests it can usefully take now
+    load: int  # requests it runs or queues
     prefixes: frozenset[str]
 
 
-def _snapshot(engines: Sequence[Engine]) -> list[_Slots]:
+def _snapshot(engines: Sequence[Engine], queue_depth: int | None = None) -> list[_Room]:
     out = []
     for engine in engines:
         cap = engine.capacity()
-        out.append(_Slots(engine, cap.free_slots, cap.running + cap.waiting, cap.cached_prefixes))
+        out.append(_Room(engine, cap.room(queue_depth), cap.running + cap.waiting, cap.cached_prefixes))
     return out
 
 
@@ -61,80 +71,82 @@ class FifoScheduler:
     """Request-level baseline: first ready, first placed, least loaded engine."""
 
     def schedule(self, ready: Sequence[CallNode], graph: DataflowGraph, engines: Sequence[Engine]) -> list[Assignment]:
-        slots = _snapshot(engines)
+        rooms = _snapshot(engines)
         out: list[Assignment] = []
         for call in sorted(ready, key=lambda c: c.ready_at or 0.0):
-            best = min(slots, key=lambda s: s.load)
+            best = min(rooms, key=lambda s: s.load)
             best.load += 1
             out.append((call, best.engine))
         return out
 
 
 class AppScheduler:
-    """The app-centric default policy (see the module docstring)."""
+    """The app-centric default policy (see the module docstring).
 
-    def __init__(self) -> None:
+    ``queue_depth`` is how many requests beyond its batch an engine may be
+    given to queue (None: one batch, ``max_running``).
+    """
+
+    def __init__(self, queue_depth: int | None = None) -> None:
+        if queue_depth is not None and queue_depth < 0:
+            raise ValueError(f"queue_depth must be >= 0 or None, got {queue_depth}")
+        self.queue_depth = queue_depth
         #: Where each prefix key was last sent: the engine most likely to hold it.
         self.affinity: dict[str, Engine] = {}
 
-    def _pick(self, slots: list[_Slots], key: str | None, need: int) -> _Slots | None:
-        """Affinity first (if it has room), else the least loaded engine with room."""
-        with_room = [s for s in slots if s.free >= 1]
+    def _pick(self, rooms: list[_Room], key: str | None) -> _Room | None:
+        """The prefix's holder if it has room, else the engine with the most room."""
+        with_room = [s for s in rooms if s.room >= 1]
         if not with_room:
             return None
         if key is not None:
             holders = [s for s in with_room if key in s.prefixes or self.affinity.get(key) is s.engine]
             if holders:
                 return min(holders, key=lambda s: s.load)
-        roomy = [s for s in with_room if s.free >= need] or with_room
-        return min(roomy, key=lambda s: (s.load, -s.free))
+        return min(with_room, key=lambda s: (s.load, -s.room))
 
-    def _place(self, slots: list[_Slots], calls: list[CallNode], out: list[Assignment]) -> bool:
-        key = calls[0].prefix_key
-        target = self._pick(slots, key, len(calls))
+    def _place(self, rooms: list[_Room], calls: list[CallNode], out: list[Assignment]) -> bool:
+        target = self._pick(rooms, calls[0].prefix_key)
         if target is None:
             return False
         for call in calls:
             out.append((call, target.engine))
             if call.prefix_key is not None:
                 self.affinity[call.prefix_key] = target.engine
-        # A group may overfill one engine: batching it together is the point.
-        target.free -= len(calls)
+        # A group may go past the engine's room: batching it together is the point.
+        target.room -= len(calls)
         target.load += len(calls)
         return True
 
+    @staticmethod
+    def _by_prefix(members: list[CallNode]) -> list[list[CallNode]]:
+        """Members sharing a prefix go together; different prefixes may split."""
+        by_key: dict[str | None, list[CallNode]] = {}
+        for m in members:
+            by_key.setdefault(m.prefix_key, []).append(m)
+        return list(by_key.values())
+
     def schedule(self, ready: Sequence[CallNode], graph: DataflowGraph, engines: Sequence[Engine]) -> list[Assignment]:
-        slots = _snapshot(engines)
+        rooms = _snapshot(engines, self.queue_depth)
         out: list[Assignment] = []
-        by_time = sorted(ready, key=lambda c: c.ready_at or 0.0)
         groups: dict[str, list[CallNode]] = {}
         latency: list[CallNode] = []
         throughput: list[CallNode] = []
-        for call in by_time:
+        for call in sorted(ready, key=lambda c: c.ready_at or 0.0):
             if call.group is not None:
                 groups.setdefault(call.group, []).append(call)
             elif call.objective == "throughput":
                 throughput.append(call)
             else:
                 latency.append(call)
-
-        for call in latency:
-            if not self._place(slots, [call], out):
-                return out  # no room anywhere; latency work keeps its place in line
-        held: list[list[CallNode]] = []
+        complete: list[list[CallNode]] = []
+        partial: list[list[CallNode]] = []
         for group_id, members in groups.items():
-            if any(graph.calls[m].state == "waiting" for m in graph.groups[group_id].members):
-                held.append(members)
-                continue
-            # Members sharing a prefix go together; different prefixes may split.
-            by_key: dict[str | None, list[CallNode]] = {}
-            for m in members:
-                by_key.setdefault(m.prefix_key, []).append(m)
-            for part in by_key.values():
-                self._place(slots, part, out)
-        for call in throughput:
-            self._place(slots, [call], out)
-        if not out and all(s.load == 0 for s in slots):
-            for members in held:
-                self._place(slots, members, out)
+            waiting = any(graph.calls[m].state == "waiting" for m in graph.groups[group_id].members)
+            (partial if waiting else complete).extend(self._by_prefix(members))
+        units = [[c] for c in latency] + complete + [[c] for c in throughput] + partial
+        for unit in units:
+            if not any(s.room >= 1 for s in rooms):
+                break  # every engine is full: the rest keeps its place in line
+            self._place(rooms, unit, out)
         return out

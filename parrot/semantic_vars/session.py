@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 from types import TracebackType
@@ -65,6 +66,9 @@ class Session:
         self._tokens: list[contextvars.Token["Session | None"]] = []
         self._buffer: list[CallSpec] = []
         self._buffer_lock = threading.Lock()
+        # Batches handed to the runtime by aflush() and not yet acknowledged:
+        # a concurrent aget() must not read a variable before its call exists.
+        self._submitting: list[asyncio.Future[None]] = []
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Session":
@@ -159,11 +163,17 @@ class Session:
             self.runtime.portal.call(self.runtime.submit_calls(self.id, calls))
 
     async def aflush(self) -> None:
-        """:meth:`flush` for async programs."""
+        """:meth:`flush` for async programs; returns once every batch sent
+        so far (also by concurrent readers of this session) has arrived."""
         calls = self._take_buffer()
         if calls:
             assert self.id is not None
-            await self.runtime.portal.call_async(self.runtime.submit_calls(self.id, calls))
+            self._submitting.append(asyncio.ensure_future(
+                self.runtime.portal.call_async(self.runtime.submit_calls(self.id, calls))))
+        self._submitting = [f for f in self._submitting if not f.done()]
+        if self._submitting:
+            # shield: a reader cancelled meanwhile must not cancel the batch.
+            await asyncio.shield(asyncio.gather(*self._submitting))
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, runtime={type(self.runtime).__name__})"

@@ -30,11 +30,15 @@ def _span(start: float | None, end: float | None) -> float | None:
 
 def call_timings(call: CallNode, t0: float) -> dict[str, float | None]:
     """The call's timestamps relative to ``t0``, and its phases in seconds:
-    queued (ready until an engine admitted it), prefill (admission to first
+    queued (ready until an engine admitted it), split into placement (ready
+    until the scheduler handed it to an engine) and engine queue (handed over
+    until the engine admitted it to its batch); prefill (admission to first
     token) and decode (first token to finish)."""
     out: dict[str, float | None] = {name: _since(getattr(call, name), t0) for name in TIMESTAMPS}
     admitted = call.engine_started_at or call.started_at
     out["queued_s"] = _span(call.ready_at, admitted)
+    out["placement_s"] = _span(call.ready_at, call.started_at)
+    out["engine_queue_s"] = _span(call.started_at, call.engine_started_at)
     out["prefill_s"] = _span(call.engine_started_at, call.first_token_at)
     out["decode_s"] = _span(call.first_token_at, call.finished_at)
     return out
