@@ -162,7 +162,7 @@ def test_restore_skips_records_it_cannot_read_and_starts(redis_url, default_engi
         assert old is None or isinstance(old, str)
         calls = set(service.runtime.graph.calls)
         await service.close_session(tenant, sid, cancel=True)
-        await service.stop()
+        await store.close()  # not service.stop(): that would close the shared engine
         return calls
 
     calls = asyncio.run(after())

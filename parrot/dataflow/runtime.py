@@ -70,6 +70,9 @@ class SessionState:
     namespace: str = "local"  # whose prefixes these calls may share (the tenant)
     open: bool = True
     opened_at: float = field(default_factory=time.monotonic)
+    # Lives only as long as its one client request (an OpenAI call): after a
+    # restart nobody waits for it, so restore cancels its calls and closes it.
+    ephemeral: bool = False
 
 
 class LocalRuntime(Runtime):
@@ -173,10 +176,12 @@ class LocalRuntime(Runtime):
             raise SessionClosedError(f"session {session_id} is closed")
         return state
 
-    async def open_session(self, *, namespace: str = "local") -> str:
-        """Open a session; ``namespace`` scopes prefix sharing (the tenant)."""
+    async def open_session(self, *, namespace: str = "local", ephemeral: bool = False) -> str:
+        """Open a session; ``namespace`` scopes prefix sharing (the tenant).
+        An ``ephemeral`` session serves one client request and does not
+        outlive a restart: restore cancels its unfinished calls and closes it."""
         session_id = new_id("session")
-        state = SessionState(session_id, namespace)
+        state = SessionState(session_id, namespace, ephemeral=ephemeral)
         await self.store.write([("session", session_id, session_record(state))])
         self.sessions[session_id] = state
         return session_id
@@ -562,7 +567,8 @@ class LocalRuntime(Runtime):
         whose session or input is gone); it never stops the service."""
         for record in await self.store.load("session"):
             try:
-                self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"])
+                self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"],
+                                                           ephemeral=bool(record.get("ephemeral", False)))
             except Exception:
                 _skipped("session", record)
         variables = await self.store.load("variable")
@@ -593,6 +599,8 @@ class LocalRuntime(Runtime):
                 if record["state"] in ("failed", "cancelled"):
                     self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
                     node.state = record["state"]
+                if record["state"] in FINAL_STATES:
+                    _restore_stats(node, record)
             except Exception:
                 _skipped("call", record)
                 if node is not None and node.id in self.graph.calls:
@@ -608,10 +616,14 @@ class LocalRuntime(Runtime):
                 continue
             if all(self.graph.variables[v].is_set for v in node.outputs.values()):
                 node.state = "done"
-            elif node.state == "ready":
+            elif node.state == "ready" and not self.sessions[node.session_id].ephemeral:
                 self._dispatch(node)
                 requeued += 1
-        self._closed.extend(sid for sid, state in self.sessions.items() if not state.open)
+        for session_id, state in list(self.sessions.items()):
+            if state.ephemeral and state.open:  # its client went with the old process
+                await self.close_session(session_id, cancel=True)
+        already = set(self._closed)
+        self._closed.extend(sid for sid, state in self.sessions.items() if not state.open and sid not in already)
         await self._forget_closed_sessions()
         return requeued
 
@@ -628,6 +640,16 @@ class LocalRuntime(Runtime):
 
 
 # -- records: what the store keeps ------------------------------------------
+def _restore_stats(node: CallNode, record: Record) -> None:
+    """What a call record says the engine did (records from older versions may lack it)."""
+    node.engine = record.get("engine")
+    tokens = record.get("tokens") or {}
+    node.prefill_tokens = int(tokens.get("prefill", 0))
+    node.cached_tokens = int(tokens.get("cached", 0))
+    node.generated_tokens = int(tokens.get("generated", 0))
+    node.finish_reasons = dict(record.get("finish_reasons") or {})
+
+
 def _skipped(kind: str, record: Any) -> None:
     """Log a record restore could not use (it stays in the store, untouched)."""
     record_id = record.get("id") if isinstance(record, dict) else None
@@ -635,7 +657,7 @@ def _skipped(kind: str, record: Any) -> None:
 
 
 def session_record(state: SessionState) -> Record:
-    return {"id": state.id, "namespace": state.namespace, "open": state.open}
+    return {"id": state.id, "namespace": state.namespace, "open": state.open, "ephemeral": state.ephemeral}
 
 
 def variable_record(var: VariableNode) -> Record:
@@ -646,7 +668,9 @@ def variable_record(var: VariableNode) -> Record:
 def call_record(call: CallNode) -> Record:
     return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
             "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
-            "engine": call.engine, "error": call.error, "compression": call.compression}
+            "engine": call.engine, "error": call.error, "compression": call.compression,
+            "tokens": {"prefill": call.prefill_tokens, "cached": call.cached_tokens, "generated": call.generated_tokens},
+            "finish_reasons": dict(call.finish_reasons)}
 
 
 def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:

@@ -393,7 +393,7 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sam
         elif event["type"] == "call_state" and event.get("call_id") == call_id and event["state"] in FINAL_STATES:
             queue.put_nowait(event)
 
-    session_id = await service.open_session(tenant)
+    session_id = await service.open_session(tenant, ephemeral=True)  # no one waits for it after a restart
     run = CallRun(service, tenant, session_id, call_id, var_id, sampling.max_tokens or SamplingConfig().max_tokens,
                   queue, service.runtime.subscribe(listener))
     try:

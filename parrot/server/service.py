@@ -191,8 +191,10 @@ class ParrotService:
             raise UnknownVariableError(f"{field}: unknown variable {var_id!r}", field=field)
 
     # -- sessions -----------------------------------------------------------
-    async def open_session(self, tenant: Tenant) -> str:
-        return await self.runtime.open_session(namespace=tenant.id)
+    async def open_session(self, tenant: Tenant, *, ephemeral: bool = False) -> str:
+        """Open a session of ``tenant``; ``ephemeral`` for one request's own
+        session (it is closed, its calls cancelled, after a restart)."""
+        return await self.runtime.open_session(namespace=tenant.id, ephemeral=ephemeral)
 
     def list_sessions(self, tenant: Tenant) -> list[tuple[str, bool, int]]:
         out = []
