@@ -22,7 +22,9 @@ and imports no service or HTTP library.
 """
 
 from parrot.semantic_vars import (
+    AuthenticationError,
     CallFailedError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     Input,
@@ -30,6 +32,9 @@ from parrot.semantic_vars import (
     NoActiveSessionError,
     Output,
     ParrotError,
+    ParrotTimeoutError,
+    PromptTooLongError,
+    QuotaExceededError,
     Runtime,
     SamplingConfig,
     SamplingConfigError,
@@ -83,6 +88,7 @@ def _default_runtime() -> Runtime:
 set_default_runtime_factory(_default_runtime)
 
 __all__ = [
+    "AuthenticationError", "ContextLengthError", "ParrotTimeoutError", "PromptTooLongError", "QuotaExceededError",
     "CallFailedError", "connect", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
     "NoActiveSessionError", "Output", "ParrotError", "Runtime", "SamplingConfig", "SamplingConfigError",
     "SemanticFunction", "SemanticVariable", "Session", "SessionClosedError", "TemplateError",

@@ -122,8 +122,11 @@ def _run_tenant_create(args: argparse.Namespace) -> int:
     for quota in ("max_concurrent_calls", "tokens_per_minute", "max_prompt_tokens"):
         if getattr(args, quota) is not None:
             body[quota] = getattr(args, quota)
-    r = httpx.post(f"{args.url.rstrip('/')}/admin/v1/tenants", json=body,
-                   headers={"Authorization": f"Bearer {args.admin_key}"}, timeout=30)
+    url = f"{args.url.rstrip('/')}/admin/v1/tenants"
+    try:
+        r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {args.admin_key}"}, timeout=30)
+    except httpx.HTTPError as exc:  # refused, unresolvable, timed out: one line, not a traceback
+        raise SystemExit(f"parrot tenant create: cannot reach the server at {args.url}: {exc or type(exc).__name__}")
     if r.status_code != 201:
         raise SystemExit(f"parrot tenant create: HTTP {r.status_code}: {r.text}")
     data = r.json()

@@ -220,13 +220,13 @@ def test_parrot_serve_with_ray_address_runs_engines_as_actors(cluster, default_m
             model=default_model_dir.name, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
         assert streamed == r.choices[0].text
         with server.admin() as admin:
-            assert admin.get("/readyz").json() == {"ready": True, "engines": {"engine-0": True}}
+            assert admin.get("/readyz").json() == {"ready": True, "engines": {"engine-0": True}, "store": True}
             ray.kill(engine.actor, no_restart=True)
             # A health check on the server's loop finds the actor gone; readiness follows.
             alive = asyncio.run_coroutine_threadsafe(engine.check_health(), engine._loop).result(timeout=60)
             assert alive is False and not engine.healthy()
             r = admin.get("/readyz")
-            assert r.status_code == 503 and r.json() == {"ready": False, "engines": {"engine-0": False}}
+            assert r.status_code == 503 and r.json() == {"ready": False, "engines": {"engine-0": False}, "store": True}
     finally:
         server.stop()
 

@@ -173,7 +173,7 @@ def test_parrot_serves_on_top_of_a_remote_engine(live_server, key, client, defau
         assert [type(e).__name__ for e in service.runtime.engines] == ["RemoteEngine"]
         with outer.admin() as admin:
             ready = admin.get("/readyz").json()
-        assert ready == {"ready": True, "engines": {"remote-0": True}}
+        assert ready == {"ready": True, "engines": {"remote-0": True}, "store": True}
         front = openai.OpenAI(base_url=outer.url + "/v1", api_key=outer.new_tenant("front"), max_retries=0, timeout=60)
         model = model_name(front)
         assert model == default_model_dir.name  # named after the remote engine's tokenizer folder

@@ -59,7 +59,7 @@ def test_greedy_tokens_equal_transformers_generate(trained_model_dir, trained_en
     model = AutoModelForCausalLM.from_pretrained(trained_model_dir, dtype=torch.float32).eval()
     for question in CHAT_PROMPTS:
         text = trained_engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
-        ids = trained_engine.tokenizer.encode(text)
+        ids = trained_engine.tokenizer.encode(text, special=True)  # the chat template's own markup
         assert ids == hf_tok(text, add_special_tokens=False).input_ids
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=16, do_sample=False, pad_token_id=hf_tok.pad_token_id)

@@ -165,7 +165,9 @@ class TokenizerLike(Protocol):
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids; ``special=True`` reads control tokens written in the
+        text (a template's own text), the default reads them as plain text."""
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 
@@ -345,6 +347,11 @@ class Engine(ABC):
         """False while the engine cannot take requests (a dead actor, an
         unreachable server); the scheduler then places calls elsewhere."""
         return True
+
+    def gone(self) -> bool:
+        """True once the engine will never take requests again (an actor with
+        no restarts left, a closed engine). The default: never."""
+        return False
 
     def close(self) -> None:
         """Release threads and memory. The default does nothing."""

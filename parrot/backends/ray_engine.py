@@ -144,6 +144,9 @@ class RayEngine(Engine):
     def healthy(self) -> bool:
         return self._healthy
 
+    def gone(self) -> bool:
+        return self.dead
+
     def close(self) -> None:
         """Stop the actor (the proxy's own tasks end with it)."""
         ray = _ray()

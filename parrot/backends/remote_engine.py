@@ -69,7 +69,8 @@ class ApproxTokenizer:
     approximate = True
     BYTES_PER_ID = 4
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        # ``special`` changes nothing here: the remote server tokenizes the text.
         ids: list[int] = []
         chunk = b""
         for ch in text:

@@ -36,10 +36,31 @@ class Tokenizer:
         cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
         self._backend = getattr(self.hf, "backend_tokenizer", None) if self.hf.is_fast and not cleanup else None
         self._frames: dict[tuple[tuple[str, str], ...], tuple[list[int], list[int]]] = {}
+        # A second Rust tokenizer that reads special tokens written in text as
+        # plain characters. Its own copy: the flag is state on the tokenizer,
+        # and toggling one shared copy per call would race between threads.
+        self._plain = None
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if self.hf.is_fast and backend is not None:
+            from tokenizers import Tokenizer as RustTokenizer
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one."""
-        ids: list[int] = self.hf.encode(text, add_special_tokens=False)
+            self._plain = RustTokenizer.from_str(backend.to_str())
+            self._plain.encode_special_tokens = True
+
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one.
+
+        By default every character is text: ``<s>`` or ``<|system|>`` written
+        in user text become ordinary tokens, so a user cannot forge control
+        tokens. ``special=True`` reads them as the control tokens they name;
+        only a template's own text is encoded so.
+        """
+        if special:
+            ids: list[int] = self.hf.encode(text, add_special_tokens=False)
+        elif self._plain is not None:
+            ids = self._plain.encode(text, add_special_tokens=False).ids
+        else:  # a slow tokenizer takes the option per call
+            ids = self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
         if add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids

@@ -100,7 +100,8 @@ class PrefixIndex:
         for end in ends:
             if public_head and start == public_head:
                 digest.update(b"\0" + namespace.encode() + b"\0")
-            digest.update(text[start:end].encode())
+            # surrogatepass: a record stored before text was validated still hashes.
+            digest.update(text[start:end].encode("utf-8", "surrogatepass"))
             start = end
             if end >= self.min_chars:
                 found.append(PrefixBoundary(digest.copy().hexdigest()[:32], end))

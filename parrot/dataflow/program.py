@@ -40,6 +40,26 @@ def output_value(template: Template, name: str, text: str) -> str:
     return text
 
 
+def segment_ids(seg: object, text: str, tokenizer: TokenizerLike, *, add_bos: bool) -> list[int]:
+    """Tokens of one template segment. The template's own text is read with
+    its control tokens (``<|user|>``, ``</s>``); a value (an input, a
+    constant, an earlier output) is user text, read as plain characters, so
+    a user cannot forge a turn or an end of sequence."""
+    return tokenizer.encode(text, add_bos=add_bos, special=not isinstance(seg, Placeholder))
+
+
+def prompt_token_count(function: FunctionSpec, values: Mapping[str, str], tokenizer: TokenizerLike) -> int:
+    """Prompt tokens of a call of ``function`` with ``values``, counted on the
+    request :func:`build_request` makes (chat frame, BOS, every Fill before
+    the last output; the text after it is never sent). Inputs without a value
+    count as empty; generated outputs count nothing."""
+    template = Template(function.template)
+    filled = {name: values.get(name) or "" for name in template.inputs}
+    program = build_request(function, template, filled, tokenizer, request_id="count").program
+    last = max((i for i, step in enumerate(program) if isinstance(step, Gen)), default=len(program))
+    return sum(len(step.token_ids) for step in program[:last] if isinstance(step, Fill))
+
+
 def build_request(
     function: FunctionSpec,
     template: Template,
@@ -53,7 +73,8 @@ def build_request(
     """Text and inputs up to each output become a Fill, each output a Gen.
 
     Each template segment (literal text, an input's value) is tokenized on
-    its own, so the tokens of any segment boundary are an exact prefix of the
+    its own (see :func:`segment_ids`: only the template's text may hold
+    control tokens), so the tokens of any segment boundary are an exact prefix of the
     program whether or not a prefix hint is given: hinted and unhinted runs
     see the same tokens. ``prefix`` is ``(key, char_end)`` of a shared
     boundary (see :mod:`parrot.dataflow.prefix`); it becomes the request's
@@ -132,7 +153,7 @@ def build_request(
             if following.kind == "input" or following.name in fixed:
                 carry = text[len(stripped):]
             text = stripped
-        ids = tokenizer.encode(text, add_bos=add_bos and not program and not pending) if text else []
+        ids = segment_ids(seg, text, tokenizer, add_bos=add_bos and not program and not pending) if text else []
         pending.extend(ids)
         if not first_gen_seen and length:
             chars += length

@@ -4,13 +4,18 @@ This package imports no other part of Parrot; every other layer imports it.
 """
 
 from .errors import (
+    AuthenticationError,
     CallFailedError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     EngineUnavailableError,
     InvalidArgumentError,
     NoActiveSessionError,
     ParrotError,
+    ParrotTimeoutError,
+    PromptTooLongError,
+    QuotaExceededError,
     SamplingConfigError,
     SessionClosedError,
     TemplateError,
@@ -27,6 +32,7 @@ from .template import Placeholder, Template, Text
 from .variable import SemanticVariable
 
 __all__ = [
+    "AuthenticationError", "ContextLengthError", "ParrotTimeoutError", "PromptTooLongError", "QuotaExceededError",
     "CallFailedError", "CallSpec", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
     "InvalidArgumentError", "NoActiveSessionError", "Output", "PERF_VALUES", "ParrotError", "Perf",
     "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",

@@ -83,3 +83,36 @@ class EngineError(ParrotError, RuntimeError):
 
 class EngineUnavailableError(EngineError):
     """The engine died or cannot be reached; the call may run on another one."""
+
+
+class ParrotTimeoutError(ParrotError, TimeoutError):
+    """A value did not arrive within the caller's timeout (the call may
+    still finish; read the variable again to wait longer). A
+    :class:`TimeoutError`, so code catching that still works."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt (with its ``max_tokens``) does not fit the model's context
+    (HTTP 400, as OpenAI answers it); ``field`` names the request field."""
+
+
+class AuthenticationError(ParrotError):
+    """No API key, or one that no tenant has (HTTP 401)."""
+
+
+class QuotaExceededError(ParrotError):
+    """A tenant is over one of its quotas (HTTP 429). ``field`` names the
+    quota; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.field = field
+        self.retry_after = retry_after
+
+
+class PromptTooLongError(ParrotError):
+    """A prompt is longer than the tenant's ``max_prompt_tokens`` (HTTP 413)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

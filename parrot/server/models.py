@@ -1,21 +1,37 @@
 """Request and response bodies of the HTTP API (pydantic).
 
 Every request model forbids unknown fields, so a typo is a 422 naming the
-field rather than a silently ignored option.
+field rather than a silently ignored option, and is strict about types
+(``"10"`` is not an integer, ``true`` is not a number). Sampling bounds come
+from :mod:`parrot.semantic_vars.sampling`, the one place they are defined.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from parrot.semantic_vars.sampling import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SEED_MAX, SEED_MIN, TEMPERATURE_MAX
+from parrot.semantic_vars.validation import unicode_problem
+
+
+def _valid_unicode(text: str) -> str:
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+#: A string from a request body; lone surrogates are a 422 naming the field.
+UserText = Annotated[str, AfterValidator(_valid_unicode)]
 
 Perf = Literal["latency", "throughput"]
 ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorDetail(BaseModel):
@@ -30,19 +46,19 @@ class ErrorBody(BaseModel):
 
 
 class SamplingBody(Strict):
-    max_tokens: int | None = Field(default=None, ge=1, le=65536)
-    temperature: float | None = Field(default=None, ge=0, le=100)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX, description="0 is greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: list[str] | None = Field(default=None, max_length=16)
-    seed: int | None = None
+    stop: list[UserText] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
 
 class FunctionBody(Strict):
-    name: str = Field(default="function", min_length=1, max_length=128)
-    template: str = Field(min_length=1, max_length=1_000_000)
+    name: UserText = Field(default="function", min_length=1, max_length=128)
+    template: UserText = Field(min_length=1, max_length=1_000_000)
     sampling: SamplingBody = Field(default_factory=SamplingBody, description="defaults for every output")
-    output_sampling: dict[str, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
-    compress: dict[str, float | str] = Field(
+    output_sampling: dict[UserText, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
+    compress: dict[UserText, float | UserText] = Field(
         default_factory=dict,
         description="input name -> fraction of its tokens to keep, in (0, 1] (or '30%', '3x'); "
         "like {{input:NAME|compress=0.3}} in the template, which wins",
@@ -82,12 +98,12 @@ class SessionClosed(BaseModel):
 
 class VariableCreate(Strict):
     var_id: str | None = ID
-    name: str = Field(default="var", min_length=1, max_length=128)
-    value: str | None = None
+    name: UserText = Field(default="var", min_length=1, max_length=128)
+    value: UserText | None = None
 
 
 class VariableSet(Strict):
-    value: str
+    value: UserText
 
 
 class VariableRef(BaseModel):
@@ -105,10 +121,10 @@ class VariableState(BaseModel):
 class CallBody(Strict):
     call_id: str | None = ID
     function: FunctionBody | None = None
-    function_id: str | None = None
-    inputs: dict[str, str] = Field(default_factory=dict, description="input name -> variable id")
-    constants: dict[str, str] = Field(default_factory=dict, description="input name -> text")
-    outputs: dict[str, str] | None = Field(default=None, description="output name -> variable id (new ids if omitted)")
+    function_id: UserText | None = None
+    inputs: dict[UserText, UserText] = Field(default_factory=dict, description="input name -> variable id")
+    constants: dict[UserText, UserText] = Field(default_factory=dict, description="input name -> text")
+    outputs: dict[UserText, UserText] | None = Field(default=None, description="output name -> variable id (new ids if omitted)")
 
 
 class CallsSubmit(Strict):
@@ -125,7 +141,7 @@ class CallsSubmitted(BaseModel):
 
 
 class TenantCreate(Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: UserText = Field(min_length=1, max_length=128)
     max_concurrent_calls: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     max_prompt_tokens: int | None = Field(default=None, ge=1)

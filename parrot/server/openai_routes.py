@@ -3,11 +3,16 @@
 
 Every request is one Parrot call in a session of its own, submitted through
 :meth:`ParrotService.submit_calls`, so API keys, quotas, prompt-size limits,
-the scheduler and prefix sharing are the same as on the native API. The call's
-function is the fixed template ``{{input:prompt}}{{output:completion}}`` and
-the prompt travels as a constant input: user text never becomes template text
-(it may contain ``{{``). A chat request is a chat call: the served model's own
-chat template frames the earlier messages and the last user message.
+the scheduler and prefix sharing are the same as on the native API. User
+text never becomes template text (it may contain ``{{``, or control tokens
+such as ``<|system|>`` or ``</s>``): it travels in constant inputs, which are
+tokenized as plain text. A completion's function is
+``{{input:prompt}}{{output:completion}}``. A chat request that ends with a
+user turn is a chat call: the served model's own chat template frames the
+earlier messages and the last user message (see ``Tokenizer.chat_frame``).
+Any other conversation gets the chat template applied to all its messages:
+its markup (with its control tokens) becomes the template's text and each
+message's content a constant.
 
 Errors keep Parrot's body, ``{"error": {"type", "message", "field",
 "position"}}``, which OpenAI's clients read (``error.message``) unchanged.
@@ -30,8 +35,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parrot.dataflow.graph import FINAL_STATES
+from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars import (
     CallFailedError,
+    ContextLengthError,
+    FunctionSpec,
     InvalidArgumentError,
     ParrotError,
     SamplingConfig,
@@ -42,14 +50,13 @@ from parrot.semantic_vars.sampling import MAX_TOKENS_LIMIT
 
 from .deps import ERRORS, service_of, tenant_of
 from .errors import error_body
-from .models import CallBody, FunctionBody, SamplingBody
+from .models import CallBody, FunctionBody, SamplingBody, UserText
 from .service import ParrotService
 from .tenancy import Tenant
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "{{input:prompt}}{{output:completion}}"
-MAX_STOP_STRINGS = 16
+OUTPUT = "{{output:completion}}"
 #: When the models were "created", as OpenAI's model objects say: this process's start.
 STARTED = int(time.time())
 
@@ -67,7 +74,9 @@ class ModelNotFoundError(UnknownVariableError):
 class _Body(BaseModel):
     # Unknown fields are a 422 naming them: an option we do not know is an
     # option we cannot honour. Known ones we cannot honour are checked below.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "10" is not an integer. Sampling ranges are checked by
+    # SamplingConfig, the one place they are defined.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
@@ -76,11 +85,11 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Body):
-    model: str = Field(min_length=1)
+    model: UserText = Field(min_length=1)
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, description="default 1 (OpenAI's default); 0 is greedy")
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: UserText | list[UserText] | None = None
     seed: int | None = None
     n: int | None = Field(default=None, description="only 1")
     stream: bool | None = False
@@ -88,11 +97,11 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(default=None, description="only 0")
     presence_penalty: float | None = Field(default=None, description="only 0")
     logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
-    user: str | None = Field(default=None, description="accepted, ignored")
+    user: UserText | None = Field(default=None, description="accepted, ignored")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
+    prompt: UserText | list[UserText] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
     echo: bool | None = False
     suffix: str | None = Field(default=None, description="not supported")
     best_of: int | None = Field(default=None, description="only 1")
@@ -101,14 +110,14 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: UserText
+    text: UserText | None = None
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = Field(default=None, description="accepted, ignored")
+    role: UserText
+    content: UserText | list[ContentPart] | None = None
+    name: UserText | None = Field(default=None, description="accepted, ignored")
     # What a client echoes back when it appends a response message to its history.
     refusal: Any = None
     annotations: Any = None
@@ -154,6 +163,29 @@ def _check_common(body: _Sampling) -> None:
     _unsupported("frequency_penalty", body.frequency_penalty, lambda v: v == 0, "penalties are not supported")
     _unsupported("presence_penalty", body.presence_penalty, lambda v: v == 0, "penalties are not supported")
     _unsupported("logit_bias", body.logit_bias, lambda v: not v, "logit_bias is not supported")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a request asks the model to continue: ``template`` (a Parrot
+    template up to the output; its text is read with control tokens) and the
+    user text it splices in, by input name (read as plain text)."""
+
+    template: str
+    constants: dict[str, str]
+    # A chat call's earlier turns ((role, content) pairs), framed with the
+    # user's turn by the model's chat template; None: a plain prompt.
+    history: tuple[tuple[str, str], ...] | None = None
+
+    @classmethod
+    def of_text(cls, text: str, history: tuple[tuple[str, str], ...] | None = None) -> "Prompt":
+        """A prompt that is all user text (a completion's, or a chat call's last user turn)."""
+        return cls("{{input:prompt}}", {"prompt": text}, history)
+
+    def function(self, name: str) -> FunctionSpec:
+        """The call's function (default sampling)."""
+        return FunctionSpec(name, self.template + OUTPUT, {"completion": SamplingConfig()},
+                            chat=self.history is not None, history=self.history or ())
 
 
 # -- the served model ---------------------------------------------------------
@@ -209,9 +241,18 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return plain
 
 
-def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> str:
-    """The model's chat template applied to ``plain`` messages, as text (for a
-    conversation that does not end with a user turn)."""
+def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> Prompt:
+    """The model's chat template applied to ``plain`` messages, ready to
+    prompt with (for a conversation that does not end with a user turn): the
+    template's markup is the prompt's text, each message's content a constant
+    (user text: its ``<|system|>`` or ``</s>`` are plain characters)."""
+    contents: list[str] = []
+    marker = f"\x00{new_id('content')}:"  # a string no message holds; a template passes it through
+    marked = []
+    for i, msg in enumerate(plain):
+        marked.append({"role": msg["role"], "content": f"{marker}{i}\x00"})
+        contents.append(msg["content"])
+    plain = marked
     tokenizer = service.runtime.engines[0].tokenizer
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is None:
@@ -225,26 +266,61 @@ def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> str:
     bos = getattr(getattr(tokenizer, "hf", None), "bos_token", None)
     if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
         text = text[len(bos):]
-    return text
+    return _split_markers(text, marker, contents)
 
 
-def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
-              default_max_tokens: int | None, n_prompt: int | None = None) -> SamplingBody:
-    """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
+def _split_markers(text: str, marker: str, contents: list[str]) -> Prompt:
+    """``text`` with each ``marker + i + NUL`` replaced by an input bound to
+    ``contents[i]``; markup holding braces is passed as a constant too (a
+    template cannot spell ``{{``)."""
+    pieces = text.split(marker)
+    template: list[str] = []
+    constants: dict[str, str] = {}
+
+    def markup(piece: str) -> None:
+        if "{" in piece or "}" in piece:
+            name = f"markup{len(constants)}"
+            constants[name] = piece
+            template.append(f"{{{{input:{name}}}}}")
+        elif piece:
+            template.append(piece)
+
+    markup(pieces[0])
+    for piece in pieces[1:]:
+        index, nul, rest = piece.partition("\x00")
+        if not nul or not index.isdigit() or int(index) >= len(contents):
+            raise InvalidArgumentError("messages", "the model's chat template changed the message content")
+        name = f"message{index}"
+        if name in constants:
+            raise InvalidArgumentError("messages", "the model's chat template repeats a message")
+        constants[name] = contents[int(index)]
+        template.append(f"{{{{input:{name}}}}}")
+        markup(rest)
+    return Prompt("".join(template), constants)
+
+
+def _sampling(service: ParrotService, tenant: Tenant, body: _Sampling, prompt: Prompt, prompt_field: str,
+              max_tokens: int | None, default_max_tokens: int | None) -> SamplingBody:
+    """Validated sampling options for ``prompt`` (422 naming the field otherwise).
+
+    Without ``max_tokens`` (and no ``default_max_tokens``) a request may use
+    the rest of the model's context, but no more than its tenant's
+    ``tokens_per_minute`` leaves after the prompt: the quota reserves this
+    worst case."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-    if n_prompt is None:  # BOS as the prompt gets it (build_request: when the tokenizer adds one)
-        tokenizer = service.runtime.engines[0].tokenizer
-        n_prompt = len(tokenizer.encode(prompt, add_bos=getattr(tokenizer, "prompt_bos", True)))
+    # Counted as the engine will get it (chat frame, BOS and all).
+    n_prompt = prompt_token_count(prompt.function("count"), prompt.constants, service.runtime.engines[0].tokenizer)
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
-            raise InvalidArgumentError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
+            raise ContextLengthError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
         if max_tokens is None and default_max_tokens is None:
             default_max_tokens = min(limit - n_prompt, MAX_TOKENS_LIMIT)
+            per_minute = tenant.quotas.tokens_per_minute
+            if per_minute is not None:
+                default_max_tokens = max(1, min(default_max_tokens, per_minute - n_prompt))
         if max_tokens is not None and n_prompt + max_tokens > limit:
-            raise InvalidArgumentError(
+            raise ContextLengthError(
                 "max_tokens",
                 f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}; the model has {limit} positions",
             )
@@ -328,10 +404,8 @@ class CallRun:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str,
-                     history: list[tuple[str, str]] | None = None) -> CallRun:
-    """Open a session for ``tenant`` and submit one call generating after ``prompt``;
-    with ``history``, a chat call: ``prompt`` is the user's turn after those turns."""
+async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sampling: SamplingBody, name: str) -> CallRun:
+    """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
     call_id, var_id = new_id("call"), new_id("var")
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -341,15 +415,15 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
         elif event["type"] == "call_state" and event.get("call_id") == call_id and event["state"] in FINAL_STATES:
             queue.put_nowait(event)
 
-    session_id = await service.open_session(tenant)
+    session_id = await service.open_session(tenant, ephemeral=True)  # no one waits for it after a restart
     run = CallRun(service, tenant, session_id, call_id, var_id, sampling.max_tokens or SamplingConfig().max_tokens,
                   queue, service.runtime.subscribe(listener))
     try:
         body = CallBody(
             call_id=call_id,
-            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling, chat=history is not None,
-                                  history=history or []),
-            constants={"prompt": prompt},
+            function=FunctionBody(name=name, template=prompt.template + OUTPUT, sampling=sampling,
+                                  chat=prompt.history is not None, history=list(prompt.history or ())),
+            constants=prompt.constants,
             outputs={"completion": var_id},
         )
         # No objective: one request says nothing about the application it
@@ -438,8 +512,8 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         prompt = prompt[0]
     if not prompt:
         raise InvalidArgumentError("prompt", "the prompt is empty")
-    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16)  # 16: OpenAI's default
-    run = await start_call(service, tenant, prompt, sampling, "openai.completion")
+    sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16)  # 16: OpenAI's default
+    run = await start_call(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion")
     rid, created = f"cmpl-{run.call_id}", int(time.time())
     echo = prompt if body.echo else ""
 
@@ -478,19 +552,16 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
     if plain and plain[-1]["role"] == "user" and hasattr(tokenizer, "chat_frame"):
         # A chat call: the model's template frames the turns, and no message's
         # text is ever read as special tokens or template text.
-        history = [(m["role"], m["content"]) for m in plain[:-1]]
-        prompt = plain[-1]["content"]
-        try:
-            head, tail = tokenizer.chat_frame(plain[:-1])
-        except ValueError as exc:
-            raise InvalidArgumentError("messages", str(exc)) from exc
-        n_prompt = len(head) + len(tokenizer.encode(prompt.rstrip())) + len(tail)
-        sampling = _sampling(service, body, prompt, "messages", max_tokens, None, n_prompt)  # default: the rest
-        run = await start_call(service, tenant, prompt, sampling, "openai.chat", history)
+        prompt = Prompt.of_text(plain[-1]["content"], history=tuple((m["role"], m["content"]) for m in plain[:-1]))
     else:
         prompt = chat_prompt(service, plain)
-        sampling = _sampling(service, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
-        run = await start_call(service, tenant, prompt, sampling, "openai.chat")
+    try:
+        sampling = _sampling(service, tenant, body, prompt, "messages", max_tokens, None)  # default: the rest of the context
+    except ValueError as exc:  # the chat template refused the turns
+        if isinstance(exc, ParrotError):
+            raise
+        raise InvalidArgumentError("messages", str(exc)) from exc
+    run = await start_call(service, tenant, prompt, sampling, "openai.chat")
     rid, created = f"chatcmpl-{run.call_id}", int(time.time())
 
     if body.stream:
