@@ -251,6 +251,7 @@ class ProcessEngine(Engine):
         self._args = (str(self.folder), config, device, dtype, self.name)
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # health changed
         self._streams: dict[str, RequestStream] = {}
         self._jobs: dict[int, concurrent.futures.Future[Any]] = {}
         self._job_ids = itertools.count()
@@ -319,6 +320,13 @@ class ProcessEngine(Engine):
         except (EngineError, concurrent.futures.TimeoutError):
             return {}
 
+    def wait_healthy(self, timeout_s: float | None = None) -> bool:
+        """Block until the engine takes requests (True) or never will again
+        (dead or closed: False); False too when ``timeout_s`` passes first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._healthy or self.dead or self._closing, timeout_s)
+            return self._healthy
+
     @property
     def runs_model_jobs(self) -> bool:
         return True
@@ -335,6 +343,7 @@ class ProcessEngine(Engine):
                 return
             self._closing = True
             self._healthy = False
+            self._changed.notify_all()
             child, reader = self._child, self._reader
         if child is None:
             return
@@ -384,6 +393,7 @@ class ProcessEngine(Engine):
                 return
             self._child = child
             self._healthy = True
+            self._changed.notify_all()
         threading.Thread(target=child.send_loop, name=f"parrot-{self.name}-send", daemon=True).start()
         self._reader = threading.Thread(target=self._read_loop, args=(child,), name=f"parrot-{self.name}-read",
                                         daemon=True)
@@ -442,6 +452,7 @@ class ProcessEngine(Engine):
             restart = not closing and self.restarts < self.max_restarts
             if not closing and not restart:
                 self.dead = True
+                self._changed.notify_all()
         child.conn.close()
         if closing:
             error: EngineError = EngineError(f"engine {self.name} was closed")
@@ -464,6 +475,7 @@ class ProcessEngine(Engine):
                 log.exception("engine process %s could not be restarted", self.name)
                 with self._lock:
                     self.dead = True
+                    self._changed.notify_all()
 
 
 __all__ = ["ProcessEngine"]

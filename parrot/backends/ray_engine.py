@@ -54,7 +54,8 @@ class EngineActor:
 
     def ready(self) -> dict[str, Any]:
         """What the proxy needs once: the tokenizer and the starting capacity."""
-        return {"tokenizer": self.engine.tokenizer, "capacity": self.engine.capacity(), "name": self.engine.name}
+        return {"tokenizer": self.engine.tokenizer, "capacity": self.engine.capacity(), "name": self.engine.name,
+                "model_id": self.engine.model_id, "max_model_len": self.engine.max_model_len}
 
     async def ping(self) -> bool:
         return self.engine.healthy()
@@ -85,9 +86,12 @@ class RayEngine(Engine):
     """An engine that lives in a Ray actor, seen from the service's process."""
 
     def __init__(self, actor: Any, *, name: str, tokenizer: TokenizerLike, capacity: EngineCapacity,
-                 probe_interval_s: float = 0.5) -> None:
+                 probe_interval_s: float = 0.5, model_id: str | None = None,
+                 max_model_len: int | None = None) -> None:
         self.actor = actor
         self.name = name
+        self._model_id = model_id or name
+        self._max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.probe_interval_s = probe_interval_s
         self._max_running = capacity.max_running
@@ -119,6 +123,14 @@ class RayEngine(Engine):
                              ready_timeout_s=ready_timeout_s, **actor_options)[0]
 
     # -- Engine API ---------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_model_len
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         if not self._healthy:
             raise EngineUnavailableError(f"engine actor {self.name} is not reachable")
@@ -300,7 +312,8 @@ def start_engines(
         for spec in specs
     ]
     infos = ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
-    return [RayEngine(a, name=s.name, tokenizer=i["tokenizer"], capacity=i["capacity"])
+    return [RayEngine(a, name=s.name, tokenizer=i["tokenizer"], capacity=i["capacity"], model_id=i["model_id"],
+                      max_model_len=i["max_model_len"])
             for a, s, i in zip(actors, specs, infos)]
 
 

@@ -131,6 +131,7 @@ class RemoteEngine(Engine):
         self.timeout_s = timeout_s
         self.probe_interval_s = probe_interval_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._model_id = self.name  # clients' name for the model: the tokenizer folder's when given
         if tokenizer is None:
             self.tokenizer: TokenizerLike = ApproxTokenizer()
             log.warning("remote engine %s: no tokenizer given; token counts are approximate (~4 bytes a token)",
@@ -139,6 +140,7 @@ class RemoteEngine(Engine):
             from .tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(tokenizer)
+            self._model_id = Path(tokenizer).name
         else:
             self.tokenizer = tokenizer
         #: False when counts come from :class:`ApproxTokenizer` rather than the model's tokenizer.
@@ -155,6 +157,10 @@ class RemoteEngine(Engine):
         self._probe: asyncio.Task[None] | None = None
 
     # -- Engine API -------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         stream = RequestStream(request, self.cancel)
         if not any(not isinstance(step, Fill) for step in request.program):

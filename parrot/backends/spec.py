@@ -30,6 +30,10 @@ class EngineSpec:
     on the OpenAI-compatible server at ``url``, serving ``remote_model``
     (default: the first it lists), with ``api_key``; ``tokenizer`` is a local
     folder for exact token counts; ``max_running`` is its concurrency.
+
+    ``process=True`` (torch only): the engine runs in a child process behind
+    a :class:`~parrot.backends.process_engine.ProcessEngine` proxy, so the
+    caller's Python work never shares a GIL with its step loop.
     """
 
     name: str
@@ -41,6 +45,7 @@ class EngineSpec:
     remote_model: str | None = None
     api_key: str | None = None
     tokenizer: str | None = None
+    process: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("torch", "remote"):
@@ -66,6 +71,10 @@ class EngineSpec:
 
             model = str(default_model_path())
         config = TorchEngineConfig(max_running=self.max_running) if self.max_running else None
+        if self.process:
+            from .process_engine import ProcessEngine
+
+            return ProcessEngine(os.path.expanduser(model), config=config, device=self.device, name=self.name)
         return TorchEngine.from_pretrained(os.path.expanduser(model), device=self.device, name=self.name, config=config)
 
 

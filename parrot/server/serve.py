@@ -61,6 +61,9 @@ class ServerSettings:
     engine_gpus: float = 0.0  # PARROT_ENGINE_GPUS: GPUs per engine actor (1: one engine per GPU)
     engine_cpus: float = 1.0  # PARROT_ENGINE_CPUS: CPUs per engine actor
     engine_restarts: int = 3  # PARROT_ENGINE_RESTARTS: times Ray restarts a dead engine actor
+    # PARROT_ENGINE_PROCESS (default on): each local torch engine runs in its
+    # own process behind a proxy; 0 keeps it in the API process.
+    engine_process: bool = True
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -86,6 +89,7 @@ class ServerSettings:
             engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
+            engine_process=_flag(env.get("PARROT_ENGINE_PROCESS", "1")),
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -123,7 +127,9 @@ class ServerSettings:
 
     def engine_specs(self) -> list[EngineSpec]:
         """One picklable recipe per engine these settings ask for."""
-        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device)
+        # Ray actors are processes of their own already.
+        process = self.engine_process and not self.ray_address
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
@@ -157,8 +163,8 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
             max_restarts=settings.engine_restarts,
         )
     else:
-        for spec in torch_specs:
-            engines.append(await asyncio.to_thread(spec.build))
+        # Engine processes load side by side.
+        engines += await asyncio.gather(*(asyncio.to_thread(spec.build) for spec in torch_specs))
     engines += [s.build() for s in specs if s.kind == "remote"]
     return engines
 
