@@ -76,7 +76,8 @@ async def run_clients(call: Callable[[int], Awaitable[None]], clients: int, per_
 class ServerProcess:
     """`parrot serve` in a child process on a free loopback port."""
 
-    def __init__(self, model_path: Any, device: str, admin_key: str, ready_timeout_s: float = 300) -> None:
+    def __init__(self, model_path: Any, device: str, admin_key: str, ready_timeout_s: float = 300,
+                 extra_args: Sequence[str] = ()) -> None:
         import httpx
 
         with socket.socket() as probe:
@@ -88,7 +89,7 @@ class ServerProcess:
         progress(f"parrot serve on {self.url}, its log: {self.log.name}")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "serve", "--model", str(model_path), "--device", device,
-             "--host", "127.0.0.1", "--port", str(port)], env=env,
+             "--host", "127.0.0.1", "--port", str(port), *extra_args], env=env,
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout_s
         while True:  # startup only: poll readiness until the model is loaded

@@ -64,6 +64,7 @@ class ServerSettings:
     # PARROT_ENGINE_PROCESS (default on): each local torch engine runs in its
     # own process behind a proxy; 0 keeps it in the API process.
     engine_process: bool = True
+    max_running: int | None = None  # PARROT_MAX_RUNNING: batch limit of each torch engine (default 32)
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -90,6 +91,7 @@ class ServerSettings:
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
             engine_process=_flag(env.get("PARROT_ENGINE_PROCESS", "1")),
+            max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -112,6 +114,8 @@ class ServerSettings:
             raise ValueError("engine_gpus and engine_cpus must be >= 0")
         if self.engine_restarts < -1:
             raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.remote_concurrency < 1:
             raise ValueError(f"remote_concurrency must be >= 1, got {self.remote_concurrency}")
         for url in self.remote_engines:
@@ -129,7 +133,8 @@ class ServerSettings:
         """One picklable recipe per engine these settings ask for."""
         # Ray actors are processes of their own already.
         process = self.engine_process and not self.ray_address
-        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process)
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process,
+                            max_running=self.max_running)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
