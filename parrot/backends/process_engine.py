@@ -123,14 +123,13 @@ def _child_main(conn: Any, folder: str, config: Any, device: str | None, dtype: 
     except BaseException as exc:
         conn.send(("failed", _portable(exc)))
         return
-    lock = threading.Lock()
-
-    def send(msg: tuple[Any, ...]) -> None:
-        with lock:
-            try:
-                conn.send(msg)
-            except (OSError, ValueError):
-                pass  # the API process is gone: recv() below sees the pipe close and ends this process
+    # The engine's thread only queues its messages: a sender thread pickles
+    # and writes them, so a step never waits on the pipe (or on the API
+    # process reading it); messages that piled up meanwhile go as one.
+    pending: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    send = pending.put
+    sender = threading.Thread(target=_send_loop, args=(conn, pending), name="parrot-send", daemon=True)
+    sender.start()
 
     def run_job(job_id: int, payload: bytes) -> None:
         try:
@@ -139,9 +138,10 @@ def _child_main(conn: Any, folder: str, config: Any, device: str | None, dtype: 
         except BaseException as exc:
             ok, value = False, _portable(exc)
         try:
-            send(("job", job_id, ok, value))
-        except Exception as exc:  # the result does not pickle
-            send(("job", job_id, False, EngineError(f"model job result cannot cross the process boundary: {exc}")))
+            pickle.dumps(value)
+        except Exception as exc:
+            ok, value = False, EngineError(f"model job result cannot cross the process boundary: {exc}")
+        send(("job", job_id, ok, value))
 
     outbox = _Outbox(engine, send)
     jobs = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="parrot-job")
@@ -167,8 +167,37 @@ def _child_main(conn: Any, folder: str, config: Any, device: str | None, dtype: 
                 elif kind == "close":
                     return
     finally:
-        engine.close()
+        engine.close()  # fails what is in flight: those errors go out first
+        pending.put(None)
+        sender.join(timeout=10)
         os._exit(0)  # do not wait for job threads: the API process is not waiting for them
+
+
+def _send_loop(conn: Any, pending: "queue.SimpleQueue[tuple[Any, ...] | None]") -> None:
+    """The child's sender: coalesce queued step messages, write them in order."""
+    while True:
+        batch = [pending.get()]
+        while True:
+            try:
+                batch.append(pending.get_nowait())
+            except queue.Empty:
+                break
+        stop = None in batch
+        out: list[tuple[Any, ...]] = []
+        for msg in batch:
+            if msg is None:
+                break
+            if msg[0] == "events" and out and out[-1][0] == "events":
+                out[-1] = ("events", out[-1][1] + msg[1], msg[2])  # the newer capacity wins
+            else:
+                out.append(msg)
+        try:
+            for msg in out:
+                conn.send(msg)
+        except (OSError, ValueError):
+            return  # the API process is gone: the main thread's recv() sees the pipe close
+        if stop:
+            return
 
 
 # -- the API process's side ---------------------------------------------------------
