@@ -60,6 +60,7 @@ from .engine import (
     batched_delivery,
     defer_flush,
 )
+from .proxy import ProxyEngine
 from .tokenizer import Tokenizer, read_generation_eos
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class _Outbox:
         self._send = send
         self._items: list[tuple[str, object]] = []
         self._lock = threading.Lock()
+        self._prefixes: frozenset[str] = frozenset()  # the cached prefix keys last sent
 
     def post(self, stream: RequestStream, item: object) -> None:
         if isinstance(item, BaseException):
@@ -108,8 +110,17 @@ class _Outbox:
     def flush(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        if items:
-            self._send(("events", items, self._engine.capacity()))
+            if items:
+                self._send(("events", items, *self._capacity()))
+
+    def _capacity(self) -> tuple[EngineCapacity, frozenset[str] | None]:
+        """The capacity, and its cached prefix keys only when they changed
+        since the last message (a long-running engine holds many)."""
+        cap = self._engine.capacity()
+        prefixes = cap.cached_prefixes
+        changed = prefixes != self._prefixes
+        self._prefixes = prefixes
+        return replace(cap, cached_prefixes=frozenset()), prefixes if changed else None
 
 
 def _child_main(conn: Any, folder: str, config: Any, device: str | None, dtype: torch.dtype | None,
@@ -159,7 +170,8 @@ def _child_main(conn: Any, folder: str, config: Any, device: str | None, dtype: 
                     try:
                         engine.submit(request, mailbox=outbox)
                     except Exception as exc:  # a bad program: this request fails, nothing else
-                        send(("events", [(request.request_id, _portable(exc))], engine.capacity()))
+                        stream = RequestStream(request, engine.cancel, mailbox=outbox)
+                        stream.fail(exc)
                 elif kind == "cancel":
                     engine.cancel(command[1])
                 elif kind == "job":
@@ -188,7 +200,9 @@ def _send_loop(conn: Any, pending: "queue.SimpleQueue[tuple[Any, ...] | None]") 
             if msg is None:
                 break
             if msg[0] == "events" and out and out[-1][0] == "events":
-                out[-1] = ("events", out[-1][1] + msg[1], msg[2])  # the newer capacity wins
+                # The newer capacity wins; prefixes too, unless they did not change since the older.
+                prefixes = msg[3] if msg[3] is not None else out[-1][3]
+                out[-1] = ("events", out[-1][1] + msg[1], msg[2], prefixes)
             else:
                 out.append(msg)
         try:
@@ -250,7 +264,7 @@ class _Child:
         self.process.join(timeout=10)
 
 
-class ProcessEngine(Engine):
+class ProcessEngine(ProxyEngine):
     """A :class:`~parrot.backends.torch_engine.TorchEngine` on ``model`` (a
     local Hugging Face folder) running in a child process; see the module
     docstring. ``config``, ``device`` and ``dtype`` are the torch engine's;
@@ -271,6 +285,7 @@ class ProcessEngine(Engine):
     ) -> None:
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        super().__init__(healthy=False)  # until the child has loaded
         self.folder = Path(model)
         self.name = name or new_id("engine")
         self.max_restarts = max_restarts
@@ -284,7 +299,6 @@ class ProcessEngine(Engine):
         self._streams: dict[str, RequestStream] = {}
         self._jobs: dict[int, concurrent.futures.Future[Any]] = {}
         self._job_ids = itertools.count()
-        self._healthy = False
         self._closing = False
         self._child: _Child | None = None
         self._reader: threading.Thread | None = None
@@ -334,13 +348,11 @@ class ProcessEngine(Engine):
         return replace(snap, running=running, waiting=in_flight - running)
 
     def cancel(self, request_id: str) -> None:
+        # No task here: the request lives in the child, which is told.
         with self._lock:
             if self._streams.pop(request_id, None) is None or self._child is None:
                 return
             self._child.outbox.put(("cancel", request_id))
-
-    def healthy(self) -> bool:
-        return self._healthy
 
     def stats(self) -> dict[str, int]:
         """The child engine's counters (a round trip; empty while it is down)."""
@@ -416,6 +428,7 @@ class ProcessEngine(Engine):
         self._max_model_len = int(info["max_model_len"])
         with self._lock:
             self._snapshot: EngineCapacity = info["capacity"]
+            self._prefixes = frozenset()  # a new child starts with an empty cache
             if self._closing:
                 child.outbox.put(("close",))
                 child.outbox.put(None)
@@ -443,10 +456,12 @@ class ProcessEngine(Engine):
     def _handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "events":
-            _, items, snapshot = msg
+            _, items, snapshot, prefixes = msg
             out: list[tuple[RequestStream, object]] = []
             with self._lock:
-                self._snapshot = snapshot
+                if prefixes is not None:
+                    self._prefixes = prefixes
+                self._snapshot = replace(snapshot, cached_prefixes=self._prefixes)
                 for request_id, item in items:
                     stream = self._streams.get(request_id)
                     if stream is None:

@@ -32,7 +32,6 @@ from typing import Any, AsyncIterator
 from parrot.semantic_vars import EngineError, EngineUnavailableError
 
 from .engine import (
-    Engine,
     EngineCapacity,
     EngineEvent,
     GenerationRequest,
@@ -40,6 +39,7 @@ from .engine import (
     RequestStream,
     TokenizerLike,
 )
+from .proxy import ProxyEngine
 from .spec import EngineSpec
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,13 @@ def _ray():
     return ray
 
 
-class RayEngine(Engine):
+class RayEngine(ProxyEngine):
     """An engine that lives in a Ray actor, seen from the service's process."""
 
     def __init__(self, actor: Any, *, name: str, tokenizer: TokenizerLike, capacity: EngineCapacity,
                  probe_interval_s: float = 0.5, model_id: str | None = None,
                  max_model_len: int | None = None) -> None:
+        super().__init__()
         self.actor = actor
         self.name = name
         self._model_id = model_id or name
@@ -98,11 +99,8 @@ class RayEngine(Engine):
         self._cached = capacity.cached_prefixes
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._healthy = True
         self.dead = False  # True once Ray says the actor will not come back
         self.failures = 0  # times the actor died under a request
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._health_event: asyncio.Event | None = None
 
@@ -135,11 +133,9 @@ class RayEngine(Engine):
         if not self._healthy:
             raise EngineUnavailableError(f"engine actor {self.name} is not reachable")
         stream = RequestStream(request, self.cancel)
-        self._loop = asyncio.get_running_loop()
         with self._lock:
             self._in_flight += 1
-        task = self._loop.create_task(self._pump(request, stream), name=f"ray:{request.request_id}")
-        self._tasks[request.request_id] = task
+        self._spawn(request.request_id, self._pump(request, stream))
         return stream
 
     def capacity(self) -> EngineCapacity:
@@ -147,14 +143,6 @@ class RayEngine(Engine):
             # Requests in flight are counted here (exact for this process);
             # cached prefixes are the actor's own report after its last request.
             return EngineCapacity(self._max_running, self._in_flight, 0, cached_prefixes=self._cached)
-
-    def cancel(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(task.cancel)
-
-    def healthy(self) -> bool:
-        return self._healthy
 
     def close(self) -> None:
         """Stop the actor (the proxy's own tasks end with it)."""
@@ -212,7 +200,6 @@ class RayEngine(Engine):
             stream.fail(EngineError(f"engine actor {self.name}: {type(exc).__name__}: {exc}"))
         finally:
             release()
-            self._tasks.pop(request.request_id, None)
 
     async def refresh(self) -> EngineCapacity:
         """Ask the actor for its capacity now (cached prefixes included)."""
