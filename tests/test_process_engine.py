@@ -282,3 +282,25 @@ def test_child_exits_when_the_api_process_dies(default_model_dir):
     finally:
         api.kill()
         api.wait()
+
+
+def test_parrot_serve_runs_torch_engines_in_their_own_process_by_default(monkeypatch, default_model_dir):
+    from parrot.cli import build_parser
+    from parrot.server.serve import ServerSettings
+
+    monkeypatch.delenv("PARROT_ENGINE_PROCESS", raising=False)
+    assert [s.process for s in ServerSettings.from_env(engines=2).engine_specs()] == [True, True]
+    assert not ServerSettings.from_env(ray_address="local").engine_specs()[0].process  # actors are processes already
+    monkeypatch.setenv("PARROT_ENGINE_PROCESS", "0")
+    assert not ServerSettings.from_env().engine_specs()[0].process
+    monkeypatch.delenv("PARROT_ENGINE_PROCESS")
+    args = build_parser().parse_args(["serve", "--engine-in-process", "--max-running", "7"])
+    assert args.engine_in_process and args.max_running == 7
+    with pytest.raises(ValueError, match="max_running"):
+        ServerSettings.from_env(max_running=0)
+    spec = ServerSettings.from_env(model=str(default_model_dir), device="cpu", max_running=5).engine_specs()[0]
+    engine = spec.build()
+    try:
+        assert isinstance(engine, ProcessEngine) and engine.capacity().max_running == 5
+    finally:
+        engine.close()
