@@ -6,8 +6,7 @@
 At each concurrency C, C clients at once each send one `/v1/completions`
 request (a distinct prompt of about ``--prompt-tokens`` tokens, greedy,
 ``--output-tokens`` tokens out) and wait for its answer. Three paths run the
-same requests, one after the other (each alone on the device, so they share
-nothing but the machine):
+same requests:
 
 * ``engine``: the torch engine in the benchmark's process, the requests
   submitted to it directly (the baseline: no HTTP, no dataflow runtime);
@@ -21,6 +20,11 @@ output tokens), request p50/p99, and each served path's tokens/s as a
 fraction of the engine's. Outputs are compared with the engine's (greedy:
 the same text on every path).
 
+On CPU the paths take turns burst by burst (all open at once, so a machine
+shared with other work slows each alike); on CUDA each path runs alone on
+the device, one after the other (``--interleave`` / ``--no-interleave``).
+The best of ``--repeats`` bursts is kept.
+
 Defaults are CI-sized on CPU (1/4/16 clients, 64+16 tokens) and the
 issue's shape on CUDA (1/16/64/256 clients, 512+128 tokens).
 """
@@ -29,10 +33,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from benchmarks.harness import describe_context, progress, resolve_model, write_json
 from benchmarks.http_service import ServerProcess, percentile
@@ -124,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a cached checkpoint of this shape with seeded random bf16 weights")
     parser.add_argument("--random-model-dir", help="where --random-model checkpoints are cached")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="all paths open at once, taking turns burst by burst (default: on CPU; "
+                             "on CUDA each path runs alone on the device)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -154,45 +162,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"{path:>10} {level:>4} clients: {figures['tokens_per_s']:.1f} tok/s, "
                  f"{figures['ms_per_token_p50']:.2f} ms/token")
 
-    if "engine" in args.paths:
+    # A path is opened (engine loaded or server started), run at every
+    # level, and closed. Interleaved (the CPU default), all paths are open at
+    # once and take turns burst by burst, so a machine shared with other work
+    # slows each alike; sequential (the CUDA default), each path has the
+    # device to itself (KV pools are sized from free memory).
+    interleave = (not cuda) if args.interleave is None else args.interleave
+    runs: dict[tuple[str, int], list[tuple[dict[str, float], list[str]]]] = {}
+    Burst = Callable[[Sequence[str]], Awaitable[tuple[dict[str, float], list[str]]]]
+
+    def open_engine(stack: contextlib.ExitStack) -> Burst:
+        nonlocal context
         engine = TorchEngine.from_pretrained(model_path, device=args.device, name="bench-engine",
                                              config=TorchEngineConfig(max_running=max_running))
-        try:
-            context = describe_context([engine], model_path=model_path, weights=weights)
 
-            async def run_engine() -> None:
-                await engine_burst(engine, prompts[:2], output_tokens)  # warm-up
-                for level in clients:
-                    record("engine", level, [await engine_burst(engine, prompts[:level], output_tokens)
-                                             for _ in range(args.repeats)])
-
-            asyncio.run(run_engine())
-        finally:
+        def close() -> None:
             engine.close()
-            del engine
             if cuda:
                 torch.cuda.empty_cache()  # the served paths size their KV pools from free memory
 
-    for path in ("process", "in_process"):
-        if path not in args.paths:
-            continue
+        stack.callback(close)
+        context = context or describe_context([engine], model_path=model_path, weights=weights)
+        return lambda batch: engine_burst(engine, batch, output_tokens)
+
+    def open_server(path: str, stack: contextlib.ExitStack) -> Burst:
         extra = ["--max-running", str(max_running)] + (["--engine-in-process"] if path == "in_process" else [])
         admin_key = "pa-bench"
         server = ServerProcess(model_path, args.device, admin_key, ready_timeout_s=1800, extra_args=extra)
-        try:
-            key = httpx.post(server.url + "/admin/v1/tenants", json={"name": "bench"},
-                             headers={"Authorization": f"Bearer {admin_key}"}).json()["api_key"]
-            model = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["id"]
+        stack.callback(server.stop)
+        key = httpx.post(server.url + "/admin/v1/tenants", json={"name": "bench"},
+                         headers={"Authorization": f"Bearer {admin_key}"}).json()["api_key"]
+        model = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["id"]
+        return lambda batch: http_burst(server.url, key, model, batch, output_tokens)
 
-            async def run_http() -> None:
-                await http_burst(server.url, key, model, prompts[:2], output_tokens)  # warm-up
-                for level in clients:
-                    record(path, level, [await http_burst(server.url, key, model, prompts[:level], output_tokens)
-                                         for _ in range(args.repeats)])
+    def open_path(path: str, stack: contextlib.ExitStack) -> Burst:
+        return open_engine(stack) if path == "engine" else open_server(path, stack)
 
-            asyncio.run(run_http())
-        finally:
-            server.stop()
+    async def run(paths: Sequence[str], bursts: dict[str, Any]) -> None:
+        for path in paths:
+            await bursts[path](prompts[:2])  # warm-up
+        for level in clients:
+            for _ in range(args.repeats):
+                for path in paths:
+                    runs.setdefault((path, level), []).append(await bursts[path](prompts[:level]))
+            for path in paths:
+                record(path, level, runs[(path, level)])
+
+    if interleave:
+        with contextlib.ExitStack() as stack:
+            bursts = {path: open_path(path, stack) for path in args.paths}
+            asyncio.run(run(args.paths, bursts))
+    else:
+        for path in args.paths:
+            with contextlib.ExitStack() as stack:
+                burst = open_path(path, stack)
+                asyncio.run(run([path], {path: burst}))
 
     rows = []
     for level in clients:
@@ -217,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.json, {
             "benchmark": "served_engine", "rows": rows,
             "settings": {"clients": clients, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-                         "max_running": max_running, "repeats": args.repeats, "paths": args.paths},
+                         "max_running": max_running, "repeats": args.repeats, "paths": args.paths,
+                         "interleaved": interleave},
             "context": context or {"device": args.device, "model_path": str(model_path), "weights": weights},
         })
     return 0
