@@ -149,9 +149,14 @@ def test_bad_programs_fail_their_stream_only(process_engine):
 
     async def main():
         bad = process_engine.submit(GenerationRequest([Fill(tuple([5] * (limit + 1))), Gen(greedy(3))]))
+        unpicklable = GenerationRequest([Fill((1, 2)), Gen(greedy(2))])
+        unpicklable.note = lambda: None  # a field that cannot cross a process boundary
+        stuck = process_engine.submit(unpicklable)
         good = process_engine.submit(GenerationRequest([Fill((1, 2, 3)), Gen(greedy(2))]))
         with pytest.raises(EngineError, match="exceeds"):
             await asyncio.wait_for(bad.results(), BOUND_S)
+        with pytest.raises(EngineError, match="cannot cross"):
+            await asyncio.wait_for(stuck.results(), BOUND_S)
         results, _ = await asyncio.wait_for(good.results(), BOUND_S)
         return results
 

@@ -38,6 +38,7 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -218,7 +219,9 @@ def _send_loop(conn: Any, pending: "queue.SimpleQueue[tuple[Any, ...] | None]") 
 class _Child:
     """One engine process, its pipe and the queue its sender thread drains."""
 
-    def __init__(self, ctx: Any, args: tuple[Any, ...], name: str) -> None:
+    def __init__(self, ctx: Any, args: tuple[Any, ...], name: str,
+                 undeliverable: Callable[[tuple[Any, ...], Exception], None]) -> None:
+        self.undeliverable = undeliverable  # called with a command that does not pickle
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_child_main, args=(child_conn, *args), name=f"parrot-{name}", daemon=True)
         self.process.start()
@@ -255,6 +258,14 @@ class _Child:
                     self.conn.send(commands)
                 except (OSError, ValueError):
                     return  # the child is gone; the reader sees it and reports
+                except Exception:  # one of them does not pickle: send the others, fail that one
+                    for command in commands:
+                        try:
+                            self.conn.send([command])
+                        except (OSError, ValueError):
+                            return
+                        except Exception as exc:
+                            self.undeliverable(command, exc)
             if len(commands) < len(batch):
                 return
 
@@ -302,7 +313,7 @@ class ProcessEngine(ProxyEngine):
         self._closing = False
         self._child: _Child | None = None
         self._reader: threading.Thread | None = None
-        child = _Child(self._ctx, self._args, self.name)
+        child = _Child(self._ctx, self._args, self.name, self._undeliverable)
         try:
             # The tokenizer loads here while the child loads the weights.
             from .checkpoint import read_model_config
@@ -390,10 +401,11 @@ class ProcessEngine(ProxyEngine):
             return
         child.outbox.put(("close",))
         child.outbox.put(None)
-        child.process.join(timeout=30)
-        if child.process.is_alive():
+        # Only the reader thread reaps the child (two threads joining one
+        # process race: the loser sees no exit code). Here: wait for the exit.
+        if not multiprocessing.connection.wait([child.process.sentinel], timeout=30):
             log.warning("engine process %s (pid %s) did not stop in 30 s; killing it", self.name, child.pid)
-            child.kill()
+            child.process.kill()
         if reader is not None and reader is not threading.current_thread():
             reader.join(timeout=30)
 
@@ -421,6 +433,16 @@ class ProcessEngine(ProxyEngine):
         finally:
             with self._lock:
                 self._jobs.pop(job_id, None)
+
+    def _undeliverable(self, command: tuple[Any, ...], exc: Exception) -> None:
+        """A submit that could not be pickled fails its own stream."""
+        if command[0] != "submit":
+            return
+        with self._lock:
+            stream = self._streams.pop(command[1].request_id, None)
+        if stream is not None:
+            stream.fail(EngineError(f"the request cannot cross to engine process {self.name}: "
+                                    f"{type(exc).__name__}: {exc}"))
 
     def _attach(self, child: _Child) -> None:
         """Wait for ``child`` to load, then route requests to it."""
@@ -514,7 +536,7 @@ class ProcessEngine(ProxyEngine):
         if restart:
             self.restarts += 1
             try:
-                self._attach(_Child(self._ctx, self._args, self.name))
+                self._attach(_Child(self._ctx, self._args, self.name, self._undeliverable))
             except Exception:
                 log.exception("engine process %s could not be restarted", self.name)
                 with self._lock:
