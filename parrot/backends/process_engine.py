@@ -34,6 +34,7 @@ SIGINT and exits when its pipe closes, so it never outlives the API process;
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -44,6 +45,7 @@ import pickle
 import queue
 import signal
 import threading
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -216,6 +218,17 @@ def _send_loop(conn: Any, pending: "queue.SimpleQueue[tuple[Any, ...] | None]") 
 
 
 # -- the API process's side ---------------------------------------------------------
+_open_engines: "weakref.WeakSet[ProcessEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """At exit, close engines nobody closed: before multiprocessing terminates
+    their children, which the proxies would otherwise take for deaths and
+    restart."""
+    for engine in list(_open_engines):
+        engine.close()
+
 class _Child:
     """One engine process, its pipe and the queue its sender thread drains."""
 
@@ -324,6 +337,7 @@ class ProcessEngine(ProxyEngine):
         except BaseException:
             child.kill()
             raise
+        _open_engines.add(self)
 
     # -- Engine API ---------------------------------------------------------
     @property
