@@ -101,6 +101,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
+            engine_process=False if args.engine_in_process else None, max_running=args.max_running,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "$PARROT_REMOTE_ENGINES, comma-separated; key in $PARROT_REMOTE_API_KEY)")
     serve.add_argument("--remote-model", default=None,
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
+    serve.add_argument("--max-running", type=int, default=None, metavar="N",
+                       help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
+    serve.add_argument("--engine-in-process", action="store_true",
+                       help="run the torch engines in the API process (default: each in its own process; "
+                            "$PARROT_ENGINE_PROCESS=0 does the same)")
     serve.set_defaults(func=_run_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants of a running service")

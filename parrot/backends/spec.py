@@ -31,6 +31,10 @@ class EngineSpec:
     on the OpenAI-compatible server at ``url``, serving ``remote_model``
     (default: the first it lists), with ``api_key``; ``tokenizer`` is a local
     folder for exact token counts; ``max_running`` is its concurrency.
+
+    ``process=True`` (torch only): the engine runs in a child process behind
+    a :class:`~parrot.backends.process_engine.ProcessEngine` proxy, so the
+    caller's Python work never shares a GIL with its step loop.
     """
 
     name: str
@@ -44,6 +48,7 @@ class EngineSpec:
     tokenizer: str | None = None
     kv_cache_bytes: int | None = None  # torch: KV pool size (default: $PARROT_KV_CACHE_BYTES, else the engine's)
     max_model_len: int | None = None  # torch: longest context (default: $PARROT_MAX_MODEL_LEN, else the model's)
+    process: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("torch", "remote"):
@@ -74,6 +79,10 @@ class EngineSpec:
         options = {"max_running": self.max_running, "kv_cache_bytes": self.kv_cache_bytes or sizes["kv_cache_bytes"],
                    "max_model_len": self.max_model_len or sizes["max_model_len"]}
         config = TorchEngineConfig(**{k: v for k, v in options.items() if v is not None})
+        if self.process:
+            from .process_engine import ProcessEngine
+
+            return ProcessEngine(str(folder), config=config, device=self.device, name=self.name)
         return TorchEngine.from_pretrained(folder, device=self.device, name=self.name, config=config)
 
 

@@ -32,7 +32,7 @@ from parrot.semantic_vars import EngineError, new_id
 
 from .checkpoint import load_model
 from .cuda_graphs import DecodeGraphs
-from .engine import Engine, EngineCapacity, GenerationRequest, RequestStream
+from .engine import Engine, EngineCapacity, GenerationRequest, Mailbox, RequestStream
 from .engine_request import EngineRequest
 from .engine_scheduler import EngineScheduler
 from .kv_cache import PagedKVPool, attention_scale
@@ -148,7 +148,7 @@ class TorchEngine(Engine):
         self.device, self.dtype = first.device, first.dtype
         self.counters = EngineCounters()
         c = model.config
-        self.max_model_len = self.config.max_model_len or c.max_position_embeddings
+        self._max_model_len = self.config.max_model_len or c.max_position_embeddings
         if self.max_model_len > c.max_position_embeddings:
             raise EngineError(
                 f"max_model_len={self.max_model_len} exceeds the model's {c.max_position_embeddings} positions"
@@ -237,7 +237,7 @@ class TorchEngine(Engine):
             log.warning("max_model_len capped from %d to %d tokens: the CPU KV pool (%d MiB) holds no more; "
                         "set kv_cache_bytes (--kv-cache-bytes, PARROT_KV_CACHE_BYTES) for longer contexts",
                         self.max_model_len, capped, _CPU_KV_CACHE_MAX_BYTES >> 20)
-            self.max_model_len = capped
+            self._max_model_len = capped
             return num_blocks
         if num_blocks < needed:
             raise EngineError(
@@ -248,8 +248,10 @@ class TorchEngine(Engine):
         return num_blocks
 
     # -- Engine API -----------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        stream = RequestStream(request, self.cancel)
+    def submit(self, request: GenerationRequest, *, mailbox: Mailbox | None = None) -> RequestStream:
+        """Queue ``request``. Its events go to the calling loop, or to
+        ``mailbox`` when given (an engine process's outbox: no loop needed)."""
+        stream = RequestStream(request, self.cancel, mailbox=mailbox)
         seq = Sequence(request, self.kv.new_table(), self.tokenizer, stream.push, self.max_model_len)  # validates the program now
         if len(seq.tokens) > self.max_model_len:
             raise EngineError(f"prompt of {len(seq.tokens)} tokens exceeds the model's {self.max_model_len} positions")
@@ -284,6 +286,24 @@ class TorchEngine(Engine):
                 free_blocks=blocks.num_free, total_blocks=blocks.num_blocks, cached_blocks=blocks.num_cached,
                 waiting_tokens=self.scheduler.waiting.tokens,
             )
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest context a request may reach (``config.max_model_len``, else the model's positions)."""
+        return self._max_model_len
+
+    @property
+    def model_id(self) -> str:
+        """The model folder's name."""
+        return self.tokenizer.path.name
+
+    @property
+    def runs_model_jobs(self) -> bool:
+        return True
+
+    def run_model_job(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Runs ``fn(self, *args)`` in the calling thread (the weights are here)."""
+        return fn(self, *args)
 
     def stats(self) -> dict[str, int]:
         """Counters and pool figures in one flat dict (for metrics and benchmarks)."""

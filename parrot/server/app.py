@@ -206,7 +206,9 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
     @app.get("/metrics", tags=["health"])
     async def metrics(request: Request) -> Response:
         """Prometheus metrics."""
-        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Off the loop: an engine in another process answers its stats by a round trip.
+        body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     mount_ui(app)
     return app

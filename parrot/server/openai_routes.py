@@ -193,8 +193,7 @@ def served_models(service: ParrotService) -> list[str]:
     """Ids of the models the engines serve: each model folder's name."""
     ids: list[str] = []
     for engine in service.runtime.engines:
-        path = getattr(engine.tokenizer, "path", None)
-        name = path.name if path is not None else engine.name
+        name = engine.model_id
         if name not in ids:
             ids.append(name)
     return ids
@@ -207,11 +206,7 @@ def _check_model(service: ParrotService, model: str) -> None:
 
 
 def _context_limit(service: ParrotService) -> int | None:
-    limits = [
-        getattr(getattr(getattr(e, "model", None), "config", None), "max_position_embeddings", None)
-        for e in service.runtime.engines
-    ]
-    known = [x for x in limits if isinstance(x, int)]
+    known = [e.max_model_len for e in service.runtime.engines if e.max_model_len is not None]
     return min(known) if known else None
 
 

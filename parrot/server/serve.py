@@ -63,6 +63,10 @@ class ServerSettings:
     engine_gpus: float = 0.0  # PARROT_ENGINE_GPUS: GPUs per engine actor (1: one engine per GPU)
     engine_cpus: float = 1.0  # PARROT_ENGINE_CPUS: CPUs per engine actor
     engine_restarts: int = 3  # PARROT_ENGINE_RESTARTS: times Ray restarts a dead engine actor
+    # PARROT_ENGINE_PROCESS (default on): each local torch engine runs in its
+    # own process behind a proxy; 0 keeps it in the API process.
+    engine_process: bool = True
+    max_running: int | None = None  # PARROT_MAX_RUNNING: batch limit of each torch engine (default 32)
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -91,6 +95,8 @@ class ServerSettings:
             engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
+            engine_process=_flag(env.get("PARROT_ENGINE_PROCESS", "1")),
+            max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -113,6 +119,8 @@ class ServerSettings:
             raise ValueError("engine_gpus and engine_cpus must be >= 0")
         if self.engine_restarts < -1:
             raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.remote_concurrency < 1:
             raise ValueError(f"remote_concurrency must be >= 1, got {self.remote_concurrency}")
         for url in self.remote_engines:
@@ -128,8 +136,11 @@ class ServerSettings:
 
     def engine_specs(self) -> list[EngineSpec]:
         """One picklable recipe per engine these settings ask for."""
-        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device,
-                            kv_cache_bytes=self.kv_cache_bytes, max_model_len=self.max_model_len)
+        # Ray actors are processes of their own already.
+        process = self.engine_process and not self.ray_address
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process,
+                            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
+                            max_model_len=self.max_model_len)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
@@ -164,8 +175,8 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
             max_restarts=settings.engine_restarts,
         )
     else:
-        for spec in torch_specs:
-            engines.append(await asyncio.to_thread(spec.build))
+        # Engine processes load side by side.
+        engines += await asyncio.gather(*(asyncio.to_thread(spec.build) for spec in torch_specs))
     engines += [s.build() for s in specs if s.kind == "remote"]
     return engines
 
