@@ -76,7 +76,7 @@ async def engine_burst(engine: Any, prompts: Sequence[str], output_tokens: int) 
     from parrot.semantic_vars import SamplingConfig
 
     sampling = SamplingConfig(max_tokens=output_tokens, temperature=0.0)
-    requests = [GenerationRequest([Fill(tuple(engine.tokenizer.encode(p, add_bos=True))), Gen(sampling)])
+    requests = [GenerationRequest([Fill(tuple(engine.tokenizer.encode(p, add_bos=engine.tokenizer.prompt_bos))), Gen(sampling)])
                 for p in prompts]
 
     async def one(request: Any) -> tuple[float, int, str]:
