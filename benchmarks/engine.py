@@ -187,6 +187,35 @@ def bench_ttft(model, tok, cfg: dict[str, Any], prefix_len: int, suffix_len: int
     return out
 
 
+def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suffix_len: int, gen: int) -> dict:
+    """Decode step time of ``n`` sequences after one shared (hinted, cached)
+    prefix: cascade decode (the prefix read once per step) vs the paged path
+    (read once per sequence, inside CUDA graphs), side by side."""
+    rng = torch.Generator().manual_seed(4)
+    prefix = prompt(rng, prefix_len)
+    suffixes = [prompt(rng, suffix_len) for _ in range(n)]
+    hint = PrefixHint("bench-shared", prefix_len)
+    out: dict[str, Any] = {"sequences": n, "prefix_tokens": prefix_len, "suffix_tokens": suffix_len, "new_tokens": gen}
+    for label, cascade in (("cascade", True), ("paged", False)):
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(
+            max_running=n, max_step_tokens=max(8192, n * (suffix_len + 1)), cascade_decode=cascade, **cfg))
+        try:
+            reqs = lambda tokens: [request(prefix + s, tokens, hint) for s in suffixes]  # noqa: E731
+            run_all(engine, reqs(4))  # warm-up: caches the prefix, captures graphs
+            prefill_s = min(run_all(engine, reqs(1))[0] for _ in range(2))
+            full_s = min(run_all(engine, reqs(gen))[0] for _ in range(2))
+            out[f"{label}_step_ms"] = (full_s - prefill_s) / (gen - 1) * 1e3
+            out[f"{label}_cascade_steps"] = engine.counters.cascade_steps
+        finally:
+            engine.close()
+            del engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out["speedup"] = out["paged_step_ms"] / out["cascade_step_ms"]
+    say(f"decode of {n} sequences after a shared {prefix_len}-token prefix: cascade {out['cascade_step_ms']:.2f} ms/step"
+        f" vs paged {out['paged_step_ms']:.2f} ms ({out['speedup']:.2f}x)")
+    return out
+
+
 def bench_vs_hf(model, hf, tok, cfg: dict[str, Any], batches: list[int], prompt_len: int, gen: int) -> list[dict]:
     rows = []
     rng = torch.Generator().manual_seed(4)
@@ -229,12 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-gib", type=float, default=12.0, help="KV pool of each engine")
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke run)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--parts", default="decode,prefill,ttft,cascade,hf",
+                        help="comma-separated: decode, prefill, ttft, cascade, hf")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"decode", "prefill", "ttft", "cascade", "hf"}
+    if unknown:
+        parser.error(f"unknown --parts {sorted(unknown)}")
     device = torch.device(args.device)
     from parrot.backends.default_model import default_model_path
 
-    model, hf, hf_config = build_models(args.shape, device, with_hf=not args.no_hf)
+    model, hf, hf_config = build_models(args.shape, device, with_hf=not args.no_hf and "hf" in parts)
     tok = Tokenizer(default_model_path())
     tok.eos_token_ids = frozenset()  # random weights: never stop early
     cfg = {"kv_cache_bytes": int(args.kv_gib * 2**30), "max_model_len": min(16384, model.config.max_position_embeddings)}
@@ -255,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    result["decode"] = bench_decode(model, tok, cfg, bw, [1, 8] if q else [1, 8, 64], 64 if q else 512, 8 if q else 64)
-    result["prefill"] = bench_prefill(model, tok, cfg, 256 if q else 8192, peak)
-    result["ttft_prefix_cache"] = bench_ttft(model, tok, cfg, 256 if q else 4096, 32, 2 if q else 5)
+    if "decode" in parts:
+        result["decode"] = bench_decode(model, tok, cfg, bw, [1, 8] if q else [1, 8, 64], 64 if q else 512, 8 if q else 64)
+    if "prefill" in parts:
+        result["prefill"] = bench_prefill(model, tok, cfg, 256 if q else 8192, peak)
+    if "ttft" in parts:
+        result["ttft_prefix_cache"] = bench_ttft(model, tok, cfg, 256 if q else 4096, 32, 2 if q else 5)
+    if "cascade" in parts:
+        result["cascade_decode"] = bench_cascade(model, tok, cfg, 4 if q else 64, 256 if q else 4096, 16,
+                                                 8 if q else 32)
     if hf is not None:
         result["vs_transformers"] = bench_vs_hf(model, hf, tok, cfg, [1, 8] if q else [1, 8, 64], 32 if q else 512,
                                                 8 if q else 128)

@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of each path")
     parser.add_argument("--model", help="local HF folder (default: the embedded tiny test model)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine-in-process", action="store_true",
+                        help="serve with `parrot serve --engine-in-process` (default: the engine in its own process)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -128,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_path, weights = resolve_model(args)
     engine = TorchEngine.from_pretrained(model_path, device=args.device, name="inproc-0")
     admin_key = "pa-bench"
-    server = ServerProcess(model_path, args.device, admin_key)
+    server = ServerProcess(model_path, args.device, admin_key,
+                           extra_args=["--engine-in-process"] if args.engine_in_process else [])
     key = httpx.post(server.url + "/admin/v1/tenants", json={"name": "bench"},
                      headers={"Authorization": f"Bearer {admin_key}"}).json()["api_key"]
     rows: list[dict[str, Any]] = []
@@ -179,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['added_p50_ms']:>8.1f}ms {r['in_process_p99_ms']:>10.1f}ms {r['http_p99_ms']:>8.1f}ms {r['added_p99_ms']:>8.1f}ms")
     if args.json:
         write_json(args.json, {"benchmark": "http_service", "rows": rows,
+                               "engine": "in the API process" if args.engine_in_process else "in its own process",
                                "context": describe_context([engine], model_path=model_path, weights=weights)})
     return 0
 

@@ -170,7 +170,7 @@ async def request_level_app(client: Any, model: str, chunks: list[str], args: ar
 async def one_run(mode: str, round_no: int, work: Workload, url: str, key: str, args: argparse.Namespace) -> RunResult:
     import httpx
 
-    import parrot as P
+    from parrot.semantic_vars.http_runtime import HttpRuntime
 
     # A fresh loopback connection per request (see benchmarks.http_service).
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
@@ -183,9 +183,13 @@ async def one_run(mode: str, round_no: int, work: Workload, url: str, key: str, 
         engine_queue: list[float] = []
         t0 = time.perf_counter()
         if mode == "parrot":
-            runtime = P.connect(url, api_key=key)
-            jct = await asyncio.gather(*(parrot_app(runtime, client, chunks, args, placement, engine_queue)
-                                         for chunks in work.apps))
+            # Not P.connect(): that would also make it the process's default runtime.
+            runtime = HttpRuntime(url, api_key=key)
+            try:
+                jct = await asyncio.gather(*(parrot_app(runtime, client, chunks, args, placement, engine_queue)
+                                             for chunks in work.apps))
+            finally:
+                runtime.close()
         else:
             jct = await asyncio.gather(*(request_level_app(client, work.model, chunks, args) for chunks in work.apps))
         wall = time.perf_counter() - t0

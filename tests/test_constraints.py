@@ -213,3 +213,32 @@ def test_penalties_and_logit_bias_move_the_logits():
     with pytest.raises(P.SamplingConfigError) as e:
         SamplingConfig(frequency_penalty=3)
     assert e.value.field == "frequency_penalty"
+
+
+def test_preempted_constrained_requests_keep_their_place_in_the_grammar(tiny_llama_dir):
+    """Six constrained requests in a pool that holds about one: decoders
+    preempt the newest, which resume later. Each matcher lives on its
+    request, so a resumed request continues its grammar where it stopped and
+    every output equals the one from an engine that never preempts."""
+    from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+
+    sampling = SamplingConfig(max_tokens=34, constraint=Constraint.regex(r"[a-z]{30}"))
+    prompts = ["Blocks of keys", "Values in fixed-size blocks for every token", "Requests that share a prompt",
+               "A prefix", "Their blocks instead of computing", "Engines keep them"]
+    roomy = TorchEngine.from_pretrained(tiny_llama_dir, device="cpu")
+    try:
+        expected = _run(roomy, [_request(roomy, p, sampling) for p in prompts])
+        c = roomy.model.config
+        per_block = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * roomy.config.block_size
+    finally:
+        roomy.close()
+    small = TorchEngine.from_pretrained(tiny_llama_dir, device="cpu", config=TorchEngineConfig(
+        max_model_len=64, kv_cache_bytes=per_block * 6, prefix_cache=False))
+    try:
+        got = _run(small, [_request(small, p, sampling) for p in prompts])
+        assert small.counters.preemptions > 0
+    finally:
+        small.close()
+    for (want, _), (res, _) in zip(expected, got):
+        assert re.fullmatch(r"[a-z]{30}", res[0].text), res[0].text
+        assert res[0].token_ids == want[0].token_ids

@@ -68,7 +68,7 @@ def test_call_detail_fills_the_prompt(live_server, key, finished):
     inputs = [s for s in detail["prompt"] if s["kind"] == "input"]
     assert [s["name"] for s in inputs] == [f"part{i}" for i in range(len(CHUNKS))]
     assert all(isinstance(s["value"], str) for s in inputs)  # the maps' outputs, filled in
-    assert detail["prompt"][0] == {"kind": "text", "text": "Combine these notes into one summary.\n- "}
+    assert detail["prompt"][0] == {"kind": "text", "text": "Here are notes about one topic:\n- "}
     assert detail["prompt"][-1]["kind"] == "output" and detail["prompt"][-1]["value"] == merged
     chunk = next(s for s in map_detail["prompt"] if s["kind"] == "input")
     assert chunk["value"] in CHUNKS and chunk["constant"] is True

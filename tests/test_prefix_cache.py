@@ -91,7 +91,7 @@ def assert_no_refs(engine: TorchEngine) -> None:
     assert store is not None
     for key in store.keys():
         assert store.refcount(key) == 0, key
-    assert not engine._computing and not engine._parked
+    assert not engine.kv.computing and not engine.kv.parked
     assert engine.capacity().running == 0 and engine.capacity().waiting == 0
     # The only block references left are the stored entries' own.
     blocks = engine.block_manager

@@ -185,3 +185,41 @@ def test_bad_programs_raise_engine_errors(default_engine):
     limit = default_engine.model.config.max_position_embeddings
     with pytest.raises(EngineError, match="exceeds"):
         asyncio.run(submit([Fill(tuple([5] * (limit + 1))), Gen(greedy(3))]))
+
+
+def test_shared_prefix_groups_find_rows_that_share_leading_blocks():
+    from parrot.backends.model_runner import shared_prefix_groups
+
+    tables = [[7, 8, 9, 20], [7, 8, 9, 21], [7, 8, 30], [40, 41]]
+    # Rows 0-2 share blocks 7, 8 (row 2's new token sits in block 30, so 9 is not common).
+    assert shared_prefix_groups(tables, [60, 60, 40, 20], 16, 16) == [([0, 1, 2], 2)]
+    assert shared_prefix_groups(tables, [60, 60, 40, 20], 16, 64) == []  # below the threshold
+    # A block that holds a row's new token is never part of the shared prefix.
+    assert shared_prefix_groups([[5, 6], [5, 6]], [20, 20], 16, 16) == [([0, 1], 1)]
+
+
+def test_cascade_decode_gives_the_same_greedy_text(tiny_llama_dir):
+    """Sequences sharing a long prefix decode through the shared-prefix path
+    (the reference twin on CPU) to the same greedy tokens as the paged path;
+    unrelated sequences in the same batch are untouched."""
+    from parrot.backends import PrefixHint
+
+    shared = tuple(range(5, 5 + 90))
+    prompts = [shared + (100 + i, 200 + i, 300 + i) for i in range(4)] + [tuple(range(400, 430))]
+
+    def texts(cascade: bool) -> tuple[list[tuple[int, ...]], int]:
+        engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cpu", config=TorchEngineConfig(
+            cascade_decode=cascade, cascade_min_prefix_tokens=32))
+        try:
+            hint = PrefixHint("shared", len(shared))
+            requests = [GenerationRequest([Fill(p), Gen(greedy(12))], prefix_hint=hint if i < 4 else None)
+                        for i, p in enumerate(prompts)]
+            out = run(engine, *requests)
+            assert (engine.counters.cascade_steps > 0) == cascade
+            return [r[0][0].token_ids for r in out], engine.counters.prefix_hits
+        finally:
+            engine.close()
+
+    with_cascade, hits = texts(True)
+    assert hits == 3  # the four share the prefix's blocks, so the cascade path ran
+    assert with_cascade == texts(False)[0]

@@ -100,6 +100,32 @@ def paged_decode_attention(
     return out.reshape(batch, q_heads, dim)
 
 
+def shared_prefix_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    prefix_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_group: torch.Tensor,
+    suffix_tables: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    scale: float,
+    plan: kernels.SharedPrefixPlan,
+) -> torch.Tensor:
+    """Decode attention where each row sees its group's shared prefix, then
+    its own blocks (cascade decode; see ``parrot.kernels.shared_prefix_decode_attention``).
+
+    On CUDA the Triton kernel reads each group's prefix once for all its
+    rows; elsewhere (or with ``PARROT_ATTENTION=torch``) the reference twin
+    computes the same result part by part.
+    """
+    triton = _TRITON and query.is_cuda and query.dtype in _TRITON_DTYPES
+    return kernels.shared_prefix_decode_attention(
+        query, key_cache, value_cache, prefix_tables, prefix_lens, seq_group, suffix_tables, suffix_lens, scale,
+        plan=plan, backend="triton" if triton else "reference",
+    )
+
+
 def paged_prefill_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -146,4 +172,7 @@ def sparse_prefill(
     return kernels.sparse_prefill_attention(query, key, value, patterns, scale)
 
 
-__all__ = ["ATTENTION_BACKEND", "paged_decode_attention", "paged_prefill_attention", "sdpa", "sparse_prefill", "write_kv"]
+__all__ = [
+    "ATTENTION_BACKEND", "paged_decode_attention", "paged_prefill_attention", "sdpa", "shared_prefix_decode_attention",
+    "sparse_prefill", "write_kv",
+]

@@ -171,18 +171,19 @@ def check(constraint: Constraint, tokenizer: Any) -> None:
 
 
 class GrammarStates:
-    """Matchers of the running constrained generations of one engine.
+    """The grammar compiler of one engine and the matchers of its running
+    constrained generations.
 
-    Keyed by the engine's per-request object (weakly: a request that leaves
-    the engine drops its matchers) and the Gen's index in its program, so
-    a preempted request keeps its place in the grammar (its tokens are kept).
+    A matcher is kept on the engine's request object (its ``grammar``
+    attribute, with the Gen's index in its program), so it lives exactly as
+    long as the request and a preempted request keeps its place in the
+    grammar (its tokens are kept).
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._compiler: GrammarCompiler | None = None
-        self._states: "weakref.WeakKeyDictionary[object, tuple[int, RowGrammar]]" = weakref.WeakKeyDictionary()
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -196,17 +197,19 @@ class GrammarStates:
             if c is not None:
                 self.compiler.compile(c)
 
-    def matchers(self, rows: Sequence[tuple[object, int, Constraint | None]]) -> list[RowGrammar | None]:
-        """The matcher of each ``(owner, gen_index, constraint)`` row (None: unconstrained)."""
-        out: list[Any] = []
-        for owner, gen_index, constraint in rows:
+    def matchers(self, requests: Sequence[Any]) -> list[RowGrammar | None]:
+        """The matcher of each request's current Gen (None: unconstrained).
+        A request is anything with ``seq`` (its sequence) and a ``grammar``
+        slot (the torch engine's ``EngineRequest``)."""
+        out: list[RowGrammar | None] = []
+        for r in requests:
+            constraint = r.seq.current_gen.sampling.constraint
             if constraint is None:
                 out.append(None)
                 continue
-            state = self._states.get(owner)
-            if state is None or state[0] != gen_index:
-                state = (gen_index, self.compiler.matcher(constraint))
-                self._states[owner] = state
+            state = r.grammar
+            if state is None or state[0] != r.seq.gen_index:
+                state = r.grammar = (r.seq.gen_index, self.compiler.matcher(constraint))
             out.append(state[1])
         return out
 

@@ -21,11 +21,12 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence, TypeVar
 
 from parrot.semantic_vars import EngineError, Perf, SamplingConfig, new_id
 
 FinishReason = Literal["stop", "eos", "length"]
+_T = TypeVar("_T")
 
 #: Admission rank of a request by its objective: latency-critical work first,
 #: then requests nobody annotated (plain OpenAI requests), then throughput work.
@@ -178,22 +179,40 @@ class TokenizerLike(Protocol):
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids; ``special=True`` reads control tokens written in the
+        text (a template's own text), the default reads them as plain text."""
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class Mailbox(Protocol):
+    """Where a :class:`RequestStream`'s events go: the submitting loop's
+    mailbox by default, or an engine process's outbox (which sends each
+    step's events to the API process in one message)."""
+
+    def post(self, stream: "RequestStream", item: object) -> None: ...
+    def flush(self) -> None: ...
 
 
 class RequestStream:
     """The events of one request, consumed with ``async for`` on the loop
-    that submitted it. Engines push from any thread with :meth:`push`."""
+    that submitted it. Engines push from any thread with :meth:`push`.
+
+    ``mailbox`` replaces the submitting loop as the events' destination (then
+    no loop is needed and the stream is not iterated here)."""
 
     _END = object()
 
-    def __init__(self, request: GenerationRequest, cancel: Callable[[str], None]) -> None:
+    def __init__(self, request: GenerationRequest, cancel: Callable[[str], None], *,
+                 mailbox: Mailbox | None = None) -> None:
         self.request = request
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._cancel = cancel
         self.done = False
+        if mailbox is None:
+            self._loop = asyncio.get_running_loop()
+            self._queue: asyncio.Queue[object] = asyncio.Queue()
+            mailbox = _mailbox(self._loop)
+        self._box = mailbox
 
     # -- producer side (engine thread) ---------------------------------
     def push(self, event: EngineEvent) -> None:
@@ -205,7 +224,7 @@ class RequestStream:
     def _deliver(self, item: object) -> None:
         if self.done:
             return
-        _mailbox(self._loop).post(self, item)
+        self._box.post(self, item)
 
     # -- consumer side ------------------------------------------------
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
@@ -324,6 +343,16 @@ def batched_delivery() -> Iterator[None]:
             box.flush()
 
 
+def defer_flush(box: Mailbox) -> bool:
+    """Inside :func:`batched_delivery`: flush ``box`` once when the block ends
+    and return True; outside one return False (the caller sends at once)."""
+    boxes = getattr(_held, "boxes", None)
+    if boxes is None:
+        return False
+    boxes.add(box)
+    return True
+
+
 _mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
 _mailboxes_lock = threading.Lock()
 
@@ -342,6 +371,36 @@ class Engine(ABC):
     name: str
     tokenizer: TokenizerLike
 
+    @property
+    def model_id(self) -> str:
+        """The id clients name the served model by (a model folder's name); default: the engine's name."""
+        return self.name
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest context (prompt and output tokens) a request may reach; None when unknown."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start (tokens, steps, prefix-cache figures) for metrics; empty when the engine keeps none."""
+        return {}
+
+    @property
+    def runs_model_jobs(self) -> bool:
+        """True when :meth:`run_model_job` works (the engine holds a Parrot model)."""
+        return False
+
+    def run_model_job(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """The optional scoring capability: call ``fn(engine, *args)`` where the
+        engine's model lives (this process, or the engine's own process) and
+        return its result. ``engine`` there is a
+        :class:`~parrot.backends.torch_engine.TorchEngine` whose ``model`` and
+        ``tokenizer`` ``fn`` may read (compression scores tokens so, with the
+        weights that serve). ``fn`` is a module-level function and its
+        arguments and result are picklable. Blocking; call it off the event
+        loop. Engines without a local model raise ``NotImplementedError``."""
+        raise NotImplementedError(f"engine {self.name} has no model to run jobs on")
+
     @abstractmethod
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue ``request``; call from a running event loop, which receives its events."""
@@ -359,12 +418,17 @@ class Engine(ABC):
         unreachable server); the scheduler then places calls elsewhere."""
         return True
 
+    def gone(self) -> bool:
+        """True once the engine will never take requests again (an actor with
+        no restarts left, a closed engine). The default: never."""
+        return False
+
     def close(self) -> None:
         """Release threads and memory. The default does nothing."""
 
 
 __all__ = [
     "Engine", "EngineCapacity", "EngineError", "EngineEvent", "Fill", "FinishReason", "Gen", "GenResult",
-    "GenerationRequest", "OBJECTIVE_RANK", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta", "TokenLogprob",
+    "GenerationRequest", "Mailbox", "OBJECTIVE_RANK", "PrefixHint", "RequestFinished", "RequestStats", "RequestStream", "TokenDelta", "TokenLogprob",
     "TokenizerLike",
 ]

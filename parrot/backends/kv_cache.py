@@ -23,9 +23,16 @@ from typing import Protocol
 
 import torch
 
-from parrot.kernels import SparseAttentionConfig
+from parrot.kernels import SharedPrefixPlan, SparseAttentionConfig
 
-from .attention import paged_decode_attention, paged_prefill_attention, sdpa, sparse_prefill, write_kv
+from .attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    sdpa,
+    shared_prefix_decode_attention,
+    sparse_prefill,
+    write_kv,
+)
 from .block_manager import BlockTable
 
 
@@ -210,6 +217,21 @@ class PrefillSlice:
 
 
 @dataclass
+class CascadeLayout:
+    """Decode rows grouped by a shared prefix of KV blocks (cascade decode):
+    each group's prefix is read once for all its rows, each row's own blocks
+    after it separately, merged by log-sum-exp. Rows outside any group form a
+    group of their own with an empty prefix. Device tensors, built once per step."""
+
+    prefix_tables: torch.Tensor  # [G, P] int32
+    prefix_lens: torch.Tensor  # [G] int32
+    seq_group: torch.Tensor  # [B] int32
+    suffix_tables: torch.Tensor  # [B, S] int32
+    suffix_lens: torch.Tensor  # [B] int32
+    plan: SharedPrefixPlan  # the rows of each group, for the kernel (no host sync)
+
+
+@dataclass
 class PagedBatch:
     """A flat batch over the paged pool: first ``num_decode`` rows are one
     token of a decoding sequence each, then the prefill chunks.
@@ -228,6 +250,8 @@ class PagedBatch:
     # MInference patterns for prompts prefilled from scratch in one chunk of
     # at least ``sparse.min_length`` tokens (see TorchEngineConfig.sparse_prefill).
     sparse: SparseAttentionConfig | None = None
+    # Decode rows that share prefix blocks read them once per group.
+    cascade: CascadeLayout | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -237,13 +261,11 @@ class PagedBatch:
         key_cache, value_cache = self.pool.keys[layer], self.pool.values[layer]
         write_kv(key_cache, value_cache, k, v, self.slots)
         if not self.prefills:
-            return paged_decode_attention(q, key_cache, value_cache, self.block_tables, self.context_lens, self.scale)
+            return self._decode(q, key_cache, value_cache)
         out = torch.empty_like(q)
         d = self.num_decode
         if d:
-            out[:d] = paged_decode_attention(
-                q[:d], key_cache, value_cache, self.block_tables, self.context_lens, self.scale
-            )
+            out[:d] = self._decode(q[:d], key_cache, value_cache)
         for p in self.prefills:
             rows = slice(p.start, p.start + p.num_tokens)
             if self.sparse is not None and p.past == 0 and p.num_tokens >= self.sparse.min_length:
@@ -253,6 +275,15 @@ class PagedBatch:
                 q[rows], k[rows], v[rows], key_cache, value_cache, p.blocks, p.past, self.scale
             )
         return out
+
+    def _decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        c = self.cascade
+        if c is None:
+            return paged_decode_attention(q, key_cache, value_cache, self.block_tables, self.context_lens, self.scale)
+        return shared_prefix_decode_attention(
+            q, key_cache, value_cache, c.prefix_tables, c.prefix_lens, c.seq_group, c.suffix_tables, c.suffix_lens,
+            self.scale, c.plan,
+        )
 
     def commit(self) -> None:
         for table, n in self.tables:

@@ -32,7 +32,6 @@ from typing import Any, AsyncIterator
 from parrot.semantic_vars import EngineError, EngineUnavailableError
 
 from .engine import (
-    Engine,
     EngineCapacity,
     EngineEvent,
     GenerationRequest,
@@ -40,6 +39,7 @@ from .engine import (
     RequestStream,
     TokenizerLike,
 )
+from .proxy import ProxyEngine
 from .spec import EngineSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class EngineActor:
 
     def ready(self) -> dict[str, Any]:
         """What the proxy needs once: the tokenizer and the starting capacity."""
-        return {"tokenizer": self.engine.tokenizer, "capacity": self.engine.capacity(), "name": self.engine.name}
+        return {"tokenizer": self.engine.tokenizer, "capacity": self.engine.capacity(), "name": self.engine.name,
+                "model_id": self.engine.model_id, "max_model_len": self.engine.max_model_len}
 
     async def ping(self) -> bool:
         return self.engine.healthy()
@@ -81,24 +82,25 @@ def _ray():
     return ray
 
 
-class RayEngine(Engine):
+class RayEngine(ProxyEngine):
     """An engine that lives in a Ray actor, seen from the service's process."""
 
     def __init__(self, actor: Any, *, name: str, tokenizer: TokenizerLike, capacity: EngineCapacity,
-                 probe_interval_s: float = 0.5) -> None:
+                 probe_interval_s: float = 0.5, model_id: str | None = None,
+                 max_model_len: int | None = None) -> None:
+        super().__init__()
         self.actor = actor
         self.name = name
+        self._model_id = model_id or name
+        self._max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.probe_interval_s = probe_interval_s
         self._max_running = capacity.max_running
         self._cached = capacity.cached_prefixes
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._healthy = True
         self.dead = False  # True once Ray says the actor will not come back
         self.failures = 0  # times the actor died under a request
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._health_event: asyncio.Event | None = None
 
@@ -119,15 +121,21 @@ class RayEngine(Engine):
                              ready_timeout_s=ready_timeout_s, **actor_options)[0]
 
     # -- Engine API ---------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_model_len
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         if not self._healthy:
             raise EngineUnavailableError(f"engine actor {self.name} is not reachable")
         stream = RequestStream(request, self.cancel)
-        self._loop = asyncio.get_running_loop()
         with self._lock:
             self._in_flight += 1
-        task = self._loop.create_task(self._pump(request, stream), name=f"ray:{request.request_id}")
-        self._tasks[request.request_id] = task
+        self._spawn(request.request_id, self._pump(request, stream))
         return stream
 
     def capacity(self) -> EngineCapacity:
@@ -136,13 +144,8 @@ class RayEngine(Engine):
             # cached prefixes are the actor's own report after its last request.
             return EngineCapacity(self._max_running, self._in_flight, 0, cached_prefixes=self._cached)
 
-    def cancel(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(task.cancel)
-
-    def healthy(self) -> bool:
-        return self._healthy
+    def gone(self) -> bool:
+        return self.dead
 
     def close(self) -> None:
         """Stop the actor (the proxy's own tasks end with it)."""
@@ -200,7 +203,6 @@ class RayEngine(Engine):
             stream.fail(EngineError(f"engine actor {self.name}: {type(exc).__name__}: {exc}"))
         finally:
             release()
-            self._tasks.pop(request.request_id, None)
 
     async def refresh(self) -> EngineCapacity:
         """Ask the actor for its capacity now (cached prefixes included)."""
@@ -300,7 +302,8 @@ def start_engines(
         for spec in specs
     ]
     infos = ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
-    return [RayEngine(a, name=s.name, tokenizer=i["tokenizer"], capacity=i["capacity"])
+    return [RayEngine(a, name=s.name, tokenizer=i["tokenizer"], capacity=i["capacity"], model_id=i["model_id"],
+                      max_model_len=i["max_model_len"])
             for a, s, i in zip(actors, specs, infos)]
 
 

@@ -39,7 +39,6 @@ import httpx
 from parrot.semantic_vars import EngineError, EngineUnavailableError, SamplingConfig, new_id
 
 from .engine import (
-    Engine,
     EngineCapacity,
     Fill,
     FinishReason,
@@ -52,6 +51,7 @@ from .engine import (
     TokenDelta,
     TokenizerLike,
 )
+from .proxy import ProxyEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class ApproxTokenizer:
     approximate = True
     BYTES_PER_ID = 4
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        # ``special`` changes nothing here: the remote server tokenizes the text.
         ids: list[int] = []
         chunk = b""
         for ch in text:
@@ -101,7 +102,7 @@ def _api_base(url: str) -> str:
     return base if base.endswith("/v1") else base + "/v1"
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(ProxyEngine):
     """Runs Fill/Gen programs on an OpenAI-compatible completions server.
 
     ``max_concurrency`` bounds the requests in flight to the server (the
@@ -124,6 +125,7 @@ class RemoteEngine(Engine):
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        super().__init__()
         self.url = url
         self.base_url = _api_base(url)
         self.model = model
@@ -132,6 +134,7 @@ class RemoteEngine(Engine):
         self.timeout_s = timeout_s
         self.probe_interval_s = probe_interval_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._model_id = self.name  # clients' name for the model: the tokenizer folder's when given
         if tokenizer is None:
             self.tokenizer: TokenizerLike = ApproxTokenizer()
             log.warning("remote engine %s: no tokenizer given; token counts are approximate (~4 bytes a token)",
@@ -140,6 +143,7 @@ class RemoteEngine(Engine):
             from .tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(tokenizer)
+            self._model_id = Path(tokenizer).name
         else:
             self.tokenizer = tokenizer
         #: False when counts come from :class:`ApproxTokenizer` rather than the model's tokenizer.
@@ -147,15 +151,16 @@ class RemoteEngine(Engine):
         self._lock = threading.Lock()  # capacity() may be read from another thread
         self._running = 0
         self._waiting = 0
-        self._healthy = True
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._probe: asyncio.Task[None] | None = None
 
     # -- Engine API -------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         stream = RequestStream(request, self.cancel)
         if not any(not isinstance(step, Fill) for step in request.program):
@@ -166,9 +171,7 @@ class RemoteEngine(Engine):
         self._bind_loop()
         with self._lock:
             self._waiting += 1
-        task = asyncio.get_running_loop().create_task(self._serve(request, stream), name=request.request_id)
-        self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(request.request_id, None))
+        self._spawn(request.request_id, self._serve(request, stream))
         return stream
 
     def capacity(self) -> EngineCapacity:
@@ -176,21 +179,12 @@ class RemoteEngine(Engine):
             return EngineCapacity(self.max_concurrency, self._running, self._waiting,
                                   cached_prefixes=frozenset(self._recent))
 
-    def cancel(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(task.cancel)
-
-    def healthy(self) -> bool:
-        return self._healthy
-
     def close(self) -> None:
         client, loop = self._client, self._loop
         self._client = None
         if client is None or loop is None or loop.is_closed():
             return
-        for task in list(self._tasks.values()):
-            loop.call_soon_threadsafe(task.cancel)
+        self._cancel_tasks()
         if self._probe is not None:
             loop.call_soon_threadsafe(self._probe.cancel)
         try:

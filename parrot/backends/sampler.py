@@ -1,4 +1,9 @@
-"""Choosing the next token from logits: greedy, or temperature + top-p."""
+"""Choosing the next token from logits: greedy, or temperature + top-p.
+
+One row's numerical trouble (logits with inf or nan, a distribution that
+collapses) never fails the batch: that row falls back to its argmax and the
+other rows sample as they would alone.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,27 @@ def make_generator(config: SamplingConfig, device: torch.device) -> torch.Genera
         return None
     gen = torch.Generator(device=device)
     if config.seed is not None:
-        gen.manual_seed(config.seed)
+        gen.manual_seed(config.seed)  # SamplingConfig keeps seeds within 64 bits
     else:
         gen.seed()
     return gen
+
+
+def _distribution(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The probabilities of one row after temperature and top-p; a one-hot on
+    the argmax when they are not a usable distribution (no host sync)."""
+    scaled = torch.nan_to_num(logits / config.temperature, nan=float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set whose mass reaches top_p (always the top token).
+        outside = sorted_probs.cumsum(0) - sorted_probs >= config.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
+    fallback = torch.zeros_like(probs)
+    fallback[torch.nan_to_num(logits, nan=float("-inf")).argmax()] = 1.0
+    return torch.where(usable, probs, fallback)
 
 
 def sample(
@@ -31,14 +53,7 @@ def sample(
     for row, (config, gen) in enumerate(zip(configs, generators)):
         if config.greedy:
             continue
-        probs = torch.softmax(logits[row] / config.temperature, dim=-1)
-        if config.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (always the top token).
-            outside = sorted_probs.cumsum(0) - sorted_probs >= config.top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        out[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        out[row] = torch.multinomial(_distribution(logits[row], config), 1, generator=gen)[0]
     return out.tolist()
 
 

@@ -26,15 +26,41 @@ class Tokenizer:
             eos.add(self.hf.eos_token_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.vocab_size = len(self.hf)
+        # Whether a plain prompt starts with BOS: as the tokenizer itself does
+        # it (Llama adds one; SmolLM2, whose BOS is <|im_start|>, does not).
+        probe = self.hf.encode("a", add_special_tokens=True)
+        self.prompt_bos: bool = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
         # Decoding runs once per generated token: call the Rust tokenizer
         # directly when the wrapper would add nothing (it converts and checks
         # every id in Python first).
         cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
         self._backend = getattr(self.hf, "backend_tokenizer", None) if self.hf.is_fast and not cleanup else None
+        self._frames: dict[tuple[tuple[str, str], ...], tuple[list[int], list[int]]] = {}
+        # A second Rust tokenizer that reads special tokens written in text as
+        # plain characters. Its own copy: the flag is state on the tokenizer,
+        # and toggling one shared copy per call would race between threads.
+        self._plain = None
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if self.hf.is_fast and backend is not None:
+            from tokenizers import Tokenizer as RustTokenizer
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one."""
-        ids: list[int] = self.hf.encode(text, add_special_tokens=False)
+            self._plain = RustTokenizer.from_str(backend.to_str())
+            self._plain.encode_special_tokens = True
+
+    def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` prepends the BOS token if the model has one.
+
+        By default every character is text: ``<s>`` or ``<|system|>`` written
+        in user text become ordinary tokens, so a user cannot forge control
+        tokens. ``special=True`` reads them as the control tokens they name;
+        only a template's own text is encoded so.
+        """
+        if special:
+            ids: list[int] = self.hf.encode(text, add_special_tokens=False)
+        elif self._plain is not None:
+            ids = self._plain.encode(text, add_special_tokens=False).ids
+        else:  # a slow tokenizer takes the option per call
+            ids = self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
         if add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -48,6 +74,39 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         """The prompt the model's own chat template makes of ``messages``."""
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat_frame(self, messages: Sequence[dict[str, str]] = ()) -> tuple[list[int], list[int]]:
+        """Token ids the chat template puts before and after one more user turn.
+
+        ``messages`` (a system message, earlier turns) come first; the user
+        turn's content is left out, so a caller tokenizes it in pieces. The
+        head ends where that content starts, the tail where the assistant's
+        answer starts. The template's own text (role markers, BOS if the
+        template writes it) is tokenized with special tokens; the messages'
+        contents never are. Raises ``ValueError`` when the model has no chat
+        template or the template does not place contents verbatim.
+        """
+        key = tuple((m["role"], m["content"]) for m in messages)
+        if key not in self._frames:
+            self._frames[key] = self._chat_frame(list(messages))
+        return self._frames[key]
+
+    def _chat_frame(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        markers = [f"\x1fparrot-turn-{i}\x1f" for i in range(len(messages) + 1)]
+        marked = [{"role": m["role"], "content": markers[i]} for i, m in enumerate(messages)]
+        try:
+            rest = self.apply_chat_template([*marked, {"role": "user", "content": markers[-1]}])
+        except Exception as exc:  # no template, or jinja's raise_exception (say, no system role)
+            raise ValueError(f"the model's chat template cannot render these turns: {exc}") from exc
+        head: list[int] = []
+        for marker, message in zip(markers, [*messages, None]):
+            frame, found, rest = rest.partition(marker)
+            if not found:
+                raise ValueError("the model's chat template does not place message contents verbatim")
+            head += self.hf.encode(frame, add_special_tokens=False)
+            if message is not None:
+                head += self.hf.encode(message["content"], add_special_tokens=False, split_special_tokens=True)
+        return head, self.hf.encode(rest, add_special_tokens=False)
 
 
 def read_generation_eos(path: str | Path) -> list[int]:

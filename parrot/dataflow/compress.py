@@ -7,53 +7,66 @@ When such a call becomes ready, the runtime hands its values to
 forwards) and splices the compressed text into the prompt in place of the
 value. The variables themselves keep their original values.
 
-Scoring uses Parrot's own forward (:mod:`parrot.compression`): by default the
-model of the runtime's first torch engine (weights shared, not copied: the
-scores come from the weights that will read the prompt), else the model
-folder ``$PARROT_MODEL`` or the embedded default.
+Scoring uses Parrot's own forward (:mod:`parrot.compression`): by default
+with the model of the runtime's first engine that runs model jobs
+(:meth:`Engine.run_model_job`; weights shared, not copied: the scores come
+from the weights that will read the prompt), where that model lives: in this
+process for a torch engine, in the engine's process for a process engine.
+Else the model folder ``$PARROT_MODEL`` or the embedded default is loaded here.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from parrot.backends.engine import Engine
     from parrot.compression import Compressor
 
 
-class InputCompression:
-    """Compresses input values for calls; thread-safe, builds its
-    :class:`~parrot.compression.Compressor` on first use.
+_engine_compressors: "weakref.WeakKeyDictionary[Any, Compressor]" = weakref.WeakKeyDictionary()
+_engine_compressors_lock = threading.Lock()
 
-    ``compressor`` is a ready one; otherwise ``engines`` are searched for one
-    with a local model (a ``TorchEngine``), and failing that the default model
-    folder is loaded.
+
+def compress_with_engine(engine: Any, rates: Mapping[str, float], values: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """:meth:`InputCompression.apply` with a compressor on ``engine``'s own
+    model (built once per engine). Runs where the engine lives, as an
+    :meth:`~parrot.backends.engine.Engine.run_model_job`."""
+    from parrot.compression import Compressor
+
+    with _engine_compressors_lock:
+        compressor = _engine_compressors.get(engine)
+        if compressor is None:
+            compressor = _engine_compressors[engine] = Compressor(engine)
+    return compress_values(compressor, rates, values)
+
+
+class InputCompression:
+    """Compresses input values for calls; thread-safe.
+
+    ``compressor`` is a ready one; otherwise the first of ``engines`` that
+    runs model jobs scores with its own model (in its own process when it has
+    one), and failing that the default model folder is loaded here on first use.
     """
 
-    def __init__(self, engines: Sequence[Any] = (), compressor: "Compressor | None" = None) -> None:
-        self._engines = list(engines)
+    def __init__(self, engines: Sequence["Engine"] = (), compressor: "Compressor | None" = None) -> None:
+        self._engine = None if compressor is not None else next((e for e in engines if e.runs_model_jobs), None)
         self._compressor = compressor
         self._lock = threading.Lock()
 
     @property
     def compressor(self) -> "Compressor":
-        """The compressor, built on first use (blocking: may load a model)."""
+        """The local compressor, built on first use (blocking: may load a model)."""
         with self._lock:
             if self._compressor is None:
-                self._compressor = self._build()
+                from parrot.compression import Compressor
+                from parrot.dataflow.runtime import default_model_dir
+
+                self._compressor = Compressor(default_model_dir())
             return self._compressor
-
-    def _build(self) -> "Compressor":
-        from parrot.compression import Compressor
-
-        for engine in self._engines:
-            if getattr(engine, "model", None) is not None and getattr(engine, "tokenizer", None) is not None:
-                return Compressor(engine)
-        from parrot.dataflow.runtime import default_model_dir
-
-        return Compressor(default_model_dir())
 
     def apply(self, rates: Mapping[str, float], values: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
         """Compress ``values[name]`` to ``rates[name]`` for each marked input.
@@ -64,27 +77,34 @@ class InputCompression:
         ``model``) and per input (the same, plus the requested ``rate``).
         Blocking; run it in a worker thread.
         """
-        compressor = self.compressor
-        texts: dict[str, str] = {}
-        per_input: dict[str, dict[str, Any]] = {}
-        for name, rate in rates.items():
-            result = compressor.compress(values[name], rate=rate)
-            texts[name] = result.context
-            per_input[name] = {
-                "rate": rate,
-                "original_tokens": result.original_tokens,
-                "compressed_tokens": result.compressed_tokens,
-                "ratio": round(result.ratio, 4),
-                "seconds": round(result.seconds, 6),
-            }
-        original = sum(s["original_tokens"] for s in per_input.values())
-        compressed = sum(s["compressed_tokens"] for s in per_input.values())
-        stats = {
-            "original_tokens": original,
-            "compressed_tokens": compressed,
-            "ratio": round(original / compressed, 4) if compressed else 1.0,
-            "seconds": round(sum(s["seconds"] for s in per_input.values()), 6),
-            "model": compressor.model_name,
-            "inputs": per_input,
+        if self._engine is not None:
+            return self._engine.run_model_job(compress_with_engine, dict(rates), dict(values))
+        return compress_values(self.compressor, rates, values)
+
+
+def compress_values(compressor: "Compressor", rates: Mapping[str, float],
+                    values: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Compress each marked input with ``compressor``; see :meth:`InputCompression.apply`."""
+    texts: dict[str, str] = {}
+    per_input: dict[str, dict[str, Any]] = {}
+    for name, rate in rates.items():
+        result = compressor.compress(values[name], rate=rate)
+        texts[name] = result.context
+        per_input[name] = {
+            "rate": rate,
+            "original_tokens": result.original_tokens,
+            "compressed_tokens": result.compressed_tokens,
+            "ratio": round(result.ratio, 4),
+            "seconds": round(result.seconds, 6),
         }
-        return texts, stats
+    original = sum(s["original_tokens"] for s in per_input.values())
+    compressed = sum(s["compressed_tokens"] for s in per_input.values())
+    stats = {
+        "original_tokens": original,
+        "compressed_tokens": compressed,
+        "ratio": round(original / compressed, 4) if compressed else 1.0,
+        "seconds": round(sum(s["seconds"] for s in per_input.values()), 6),
+        "model": compressor.model_name,
+        "inputs": per_input,
+    }
+    return texts, stats

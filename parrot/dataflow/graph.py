@@ -159,6 +159,15 @@ class DataflowGraph:
         out_ids = list(spec.outputs.values())
         if len(set(out_ids)) != len(out_ids):
             raise InvalidArgumentError("outputs", "two outputs share one variable id")
+        # The ids this call would create must be new and distinct: its own id,
+        # one per constant input, and its outputs.
+        const_ids = {f"{spec.call_id}.{name}": name for name in spec.constants}
+        for name, var_id in spec.outputs.items():
+            if var_id == spec.call_id or var_id in const_ids:
+                raise InvalidArgumentError(f"outputs.{name}", f"{var_id!r} is an id this call uses itself")
+        for const_id, name in const_ids.items():
+            if const_id in self.variables or const_id in self.calls:
+                raise InvalidArgumentError(f"constants.{name}", f"the constant's id {const_id!r} is already in use")
         for name, var_id in spec.outputs.items():
             if var_id in self.calls:
                 raise InvalidArgumentError(f"outputs.{name}", f"{var_id!r} is a call id")

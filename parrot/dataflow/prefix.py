@@ -25,6 +25,7 @@ Token-level reuse that templates cannot declare is the engine's business.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -92,12 +93,15 @@ class PrefixIndex:
         if call.function.public_prefix and segments and not isinstance(segments[0], Placeholder):
             public_head = len(segments[0].text)
         digest = hashlib.sha256((PUBLIC_NAMESPACE if public_head else namespace).encode() + b"\0")
+        if call.function.chat:  # the same text in another chat frame is another prompt
+            digest.update(b"chat\0" + json.dumps(call.function.chat_messages()).encode() + b"\0")
         start = 0
         found: list[PrefixBoundary] = []
         for end in ends:
             if public_head and start == public_head:
                 digest.update(b"\0" + namespace.encode() + b"\0")
-            digest.update(text[start:end].encode())
+            # surrogatepass: a record stored before text was validated still hashes.
+            digest.update(text[start:end].encode("utf-8", "surrogatepass"))
             start = end
             if end >= self.min_chars:
                 found.append(PrefixBoundary(digest.copy().hexdigest()[:32], end))

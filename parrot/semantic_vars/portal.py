@@ -14,6 +14,8 @@ import concurrent.futures
 import threading
 from typing import Any, Coroutine, TypeVar
 
+from .errors import ParrotTimeoutError
+
 T = TypeVar("T")
 
 
@@ -49,13 +51,21 @@ class Portal:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the portal loop and block until it returns."""
+        """Run ``coro`` on the portal loop and block until it returns; after
+        ``timeout`` seconds, cancel it and raise :class:`ParrotTimeoutError`."""
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError(
                 "a blocking Parrot call was made from inside the runtime's own event loop; use the async API (aget)"
             )
-        return self.submit(coro).result(timeout)
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own TimeoutError
+                raise
+            future.cancel()  # the caller gave up: stop the coroutine too
+            raise ParrotTimeoutError(f"no result after {timeout:g} s") from None
 
     async def call_async(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` from any event loop (including the portal's own)."""

@@ -51,15 +51,30 @@ class FunctionSpec:
     output_sampling: Mapping[str, SamplingConfig]
     input_compression: Mapping[str, float] = field(default_factory=dict)
     public_prefix: bool = False
+    # A chat exchange: the prompt is the model's chat template applied to the
+    # system text, the earlier turns ``history`` ((role, content) pairs) and a
+    # user turn holding the template up to its first output; the outputs are
+    # the assistant's turn (see parrot.dataflow.program.build_request).
+    chat: bool = False
+    system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages before the templated user turn: the system text, then ``history``."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": role, "content": content} for role, content in self.history]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "template": self.template,
             "output_sampling": {k: v.to_dict() for k, v in self.output_sampling.items()},
             "input_compression": dict(self.input_compression),
             "public_prefix": self.public_prefix,
         }
+        if self.chat:
+            d |= {"chat": True, "system": self.system, "history": [list(turn) for turn in self.history]}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FunctionSpec":
@@ -67,7 +82,8 @@ class FunctionSpec:
         # Records written before compression existed have no such key.
         compression = {k: float(v) for k, v in (d.get("input_compression") or {}).items()}
         return cls(name=d["name"], template=d["template"], output_sampling=sampling, input_compression=compression,
-                   public_prefix=bool(d.get("public_prefix", False)))
+                   public_prefix=bool(d.get("public_prefix", False)), chat=bool(d.get("chat", False)),
+                   system=d.get("system"), history=tuple((r, c) for r, c in d.get("history") or ()))
 
 
 @dataclass(frozen=True)

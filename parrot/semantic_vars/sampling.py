@@ -7,21 +7,38 @@ from typing import Any
 
 from .constraint import Constraint
 from .errors import SamplingConfigError
+from .validation import unicode_problem
 
+# The accepted ranges, in one place: the HTTP models and the OpenAI routes
+# derive their bounds from these names.
 #: Upper bound on ``max_tokens`` accepted from users; engines may cap lower.
 MAX_TOKENS_LIMIT = 1 << 16
+#: Highest temperature (OpenAI's range is 0 to 2).
+TEMPERATURE_MAX = 2.0
+#: Temperatures below this sample greedily: dividing logits by a tinier
+#: number overflows to inf and the softmax to nan.
+GREEDY_BELOW = 1e-5
+#: Seeds are signed 64-bit integers (what a torch generator takes).
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+#: Most stop strings one output may have.
+MAX_STOP_STRINGS = 16
 #: Most alternatives per token an output may ask log-probabilities for.
 MAX_LOGPROBS = 20
 #: Most tokens one ``logit_bias`` may name (OpenAI's limit).
 MAX_LOGIT_BIAS = 300
+#: ``frequency_penalty`` and ``presence_penalty`` lie in [-PENALTY_MAX, PENALTY_MAX].
+PENALTY_MAX = 2.0
+#: A ``logit_bias`` entry lies in [-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX].
+LOGIT_BIAS_MAX = 100.0
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How one output is generated.
 
-    ``temperature == 0`` means greedy decoding. ``seed`` makes sampling at a
-    positive temperature reproducible. Generation stops at the first of:
+    ``temperature == 0`` (or below :data:`GREEDY_BELOW`) means greedy
+    decoding; the highest is :data:`TEMPERATURE_MAX`. ``seed`` (a signed
+    64-bit integer) makes sampling at a positive temperature reproducible. Generation stops at the first of:
     ``max_tokens`` tokens, the model's end-of-sequence token, or any string
     in ``stop`` (the stop string itself is not part of the output).
 
@@ -77,32 +94,40 @@ class SamplingConfig:
             raise SamplingConfigError("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {self.max_tokens}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise SamplingConfigError("temperature", f"must be a number, got {self.temperature!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0 or self.temperature != self.temperature:
-            raise SamplingConfigError("temperature", f"must be between 0 and 100, got {self.temperature}")
+        if not 0.0 <= float(self.temperature) <= TEMPERATURE_MAX:  # also refuses nan
+            raise SamplingConfigError("temperature", f"must be between 0 and {TEMPERATURE_MAX:g}, got {self.temperature}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
             raise SamplingConfigError("top_p", f"must be a number, got {self.top_p!r}")
         if not 0.0 < float(self.top_p) <= 1.0:
             raise SamplingConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingConfigError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingConfigError("stop", f"stop strings must be non-empty strings, got {s!r}")
+            if unicode_problem(s) is not None:
+                raise SamplingConfigError("stop", f"a stop string {unicode_problem(s)}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingConfigError("seed", f"must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise SamplingConfigError("seed", f"must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX}), got {self.seed}")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise SamplingConfigError("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
-                raise SamplingConfigError(name, f"must be a number between -2 and 2, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -PENALTY_MAX <= value <= PENALTY_MAX:
+                raise SamplingConfigError(name, f"must be a number between {-PENALTY_MAX:g} and {PENALTY_MAX:g}, got {value!r}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise SamplingConfigError("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
         for token, b in self.logit_bias:
             if token < 0:
                 raise SamplingConfigError(f"logit_bias.{token}", "token ids are not negative")
-            if not -100.0 <= b <= 100.0:
-                raise SamplingConfigError(f"logit_bias.{token}", f"a bias must be between -100 and 100, got {b}")
+            if not -LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX:  # also refuses nan
+                raise SamplingConfigError(
+                    f"logit_bias.{token}", f"a bias must be between {-LOGIT_BIAS_MAX:g} and {LOGIT_BIAS_MAX:g}, got {b}"
+                )
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise SamplingConfigError("logit_bias", "a token is given twice")
 
@@ -113,7 +138,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether the output is the argmax at every step (temperature about 0)."""
+        return self.temperature < GREEDY_BELOW
 
     def merged(self, **overrides: Any) -> "SamplingConfig":
         """A copy with the given non-``None`` fields replaced."""

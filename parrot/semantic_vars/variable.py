@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import OutputParseError
+from .errors import OutputParseError, ParrotTimeoutError
 from .runtime import Perf, check_perf
 
 if TYPE_CHECKING:
@@ -39,12 +39,23 @@ class SemanticVariable:
         self._parse = parse  # how get_parsed() reads the text (the output's schema)
 
     def get(self, perf: Perf = "latency", timeout: float | None = None) -> str:
-        """Block until the value exists and return it."""
+        """Block until the value exists and return it.
+
+        With ``timeout`` (seconds), raises :class:`ParrotTimeoutError` (a
+        :class:`TimeoutError`) if the value is not there by then; the call
+        keeps running, and a later ``get`` waits again.
+        """
         if self._value is None:
             check_perf(perf)
             self.session.flush()
             coro = self.session.runtime.get_variable(self.session.id, self.id, perf)
-            self._value = self.session.runtime.portal.call(coro, timeout=timeout)
+            try:
+                self._value = self.session.runtime.portal.call(coro, timeout=timeout)
+            except ParrotTimeoutError:
+                raise ParrotTimeoutError(
+                    f"variable {self.name!r} ({self.id}) had no value after {timeout:g} s; "
+                    "its call may still be queued or running (get it again to wait longer)"
+                ) from None
         return self._value
 
     async def aget(self, perf: Perf = "latency") -> str:

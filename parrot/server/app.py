@@ -7,6 +7,7 @@ restoring state happen on the server's own event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from parrot.dataflow.store import StoreUnavailableError
 from parrot.semantic_vars import FunctionSpec
 from parrot.semantic_vars.template import parse_template
 
@@ -28,6 +30,8 @@ from .ui import mount_ui
 from .tenancy import Quotas
 
 ServiceFactory = Callable[[], Awaitable[ParrotService]]
+#: How long /readyz waits for the state store to answer.
+READY_STORE_TIMEOUT_S = 2.0
 
 api = APIRouter(prefix="/api/v1", responses=ERRORS)
 admin = APIRouter(prefix="/admin/v1", responses=ERRORS, dependencies=[Depends(admin_of)])
@@ -183,18 +187,28 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request, response: Response) -> dict:
-        """Engines loaded, state restored, and at least one engine healthy
-        (a dead engine actor or an unreachable remote server is not)."""
+        """Engines loaded, state restored, the state store answering, and at
+        least one engine healthy (a dead engine actor or an unreachable
+        remote server is not)."""
         service = getattr(request.app.state, "service", None)
         engines = {e.name: e.healthy() for e in service.runtime.engines} if service else {}
-        ready = bool(service and service.ready and any(engines.values()))
+        store = False
+        if service is not None:
+            try:
+                await asyncio.wait_for(service.store.ping(), READY_STORE_TIMEOUT_S)
+                store = True
+            except (StoreUnavailableError, asyncio.TimeoutError):
+                pass
+        ready = bool(service and service.ready and store and any(engines.values()))
         response.status_code = 200 if ready else 503
-        return {"ready": ready, "engines": engines}
+        return {"ready": ready, "engines": engines, "store": store}
 
     @app.get("/metrics", tags=["health"])
     async def metrics(request: Request) -> Response:
         """Prometheus metrics."""
-        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Off the loop: an engine in another process answers its stats by a round trip.
+        body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     mount_ui(app)
     return app

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot.semantic_vars import (
     CallFailedError,
+    ContextLengthError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
@@ -18,6 +19,8 @@ from parrot.semantic_vars import (
     UnknownVariableError,
     VariableAlreadySetError,
 )
+
+from parrot.dataflow.store import StoreUnavailableError
 
 from .tenancy import AuthenticationError, PromptTooLongError, QuotaExceededError
 
@@ -30,9 +33,11 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (CallFailedError, 409),
     (PromptTooLongError, 413),
     (QuotaExceededError, 429),
+    (ContextLengthError, 400),  # as OpenAI answers a prompt longer than the model's context
     (TemplateError, 422),
     (InvalidArgumentError, 422),  # includes SamplingConfigError
     (DataflowCycleError, 422),
+    (StoreUnavailableError, 503),  # the state store is down: try again, nothing was changed
     (EngineError, 400),
     (ParrotError, 400),
 ]
@@ -47,6 +52,8 @@ def parrot_error_response(exc: ParrotError) -> JSONResponse:
     headers = {}
     if isinstance(exc, QuotaExceededError):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, StoreUnavailableError):
+        headers["Retry-After"] = "1"
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
     body = error_body(

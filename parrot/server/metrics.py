@@ -23,13 +23,13 @@ class RuntimeCollector:
         running = GaugeMetricFamily("parrot_engine_running", "Requests running on an engine", labels=["engine"])
         blocks = GaugeMetricFamily("parrot_kv_blocks", "KV cache blocks of an engine's pool", labels=["engine", "state"])
         for engine in self.runtime.engines:
-            c: Any = getattr(engine, "counters", None)
-            if c is not None:
-                tokens.add_metric([engine.name, "prefill"], c.prefill_tokens)
-                tokens.add_metric([engine.name, "decode"], c.decode_tokens)
-                tokens.add_metric([engine.name, "cached"], getattr(c, "prefix_tokens_saved", 0))
-                cache.add_metric([engine.name, "hit"], getattr(c, "prefix_hits", 0))
-                cache.add_metric([engine.name, "miss"], getattr(c, "prefix_misses", 0))
+            s = engine.stats()
+            if s:
+                tokens.add_metric([engine.name, "prefill"], s.get("prefill_tokens", 0))
+                tokens.add_metric([engine.name, "decode"], s.get("decode_tokens", 0))
+                tokens.add_metric([engine.name, "cached"], s.get("prefix_tokens_saved", 0))
+                cache.add_metric([engine.name, "hit"], s.get("prefix_hits", 0))
+                cache.add_metric([engine.name, "miss"], s.get("prefix_misses", 0))
             cap = engine.capacity()
             running.add_metric([engine.name], cap.running)
             for state, value in (("total", cap.total_blocks), ("free", cap.free_blocks), ("cached", cap.cached_blocks)):

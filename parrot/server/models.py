@@ -1,21 +1,48 @@
 """Request and response bodies of the HTTP API (pydantic).
 
 Every request model forbids unknown fields, so a typo is a 422 naming the
-field rather than a silently ignored option.
+field rather than a silently ignored option, and is strict about types
+(``"10"`` is not an integer, ``true`` is not a number). Sampling bounds come
+from :mod:`parrot.semantic_vars.sampling`, the one place they are defined.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from parrot.semantic_vars.constraint import MAX_CHOICES, MAX_SPEC_CHARS
+from parrot.semantic_vars.sampling import (
+    LOGIT_BIAS_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_LIMIT,
+    PENALTY_MAX,
+    SEED_MAX,
+    SEED_MIN,
+    TEMPERATURE_MAX,
+)
+from parrot.semantic_vars.validation import unicode_problem
+
+
+def _valid_unicode(text: str) -> str:
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+#: A string from a request body; lone surrogates are a 422 naming the field.
+UserText = Annotated[str, AfterValidator(_valid_unicode)]
 
 Perf = Literal["latency", "throughput"]
 ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorDetail(BaseModel):
@@ -33,37 +60,46 @@ class ConstraintBody(Strict):
     """The shape an output must have: exactly one of the fields (see
     :class:`parrot.semantic_vars.Constraint`)."""
 
-    choices: list[str] | None = Field(default=None, min_length=1, max_length=1024, description="one of these strings")
-    regex: str | None = Field(default=None, min_length=1, max_length=100_000, description="the whole output matches it")
+    choices: list[UserText] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES, description="one of these strings")
+    regex: UserText | None = Field(default=None, min_length=1, max_length=MAX_SPEC_CHARS, description="the whole output matches it")
     json_schema: dict[str, Any] | None = Field(default=None, description="JSON valid under this schema")
     json_object: bool | None = Field(default=None, description="true: any JSON object")
-    grammar: str | None = Field(default=None, min_length=1, max_length=100_000, description="EBNF with a root rule")
+    grammar: UserText | None = Field(default=None, min_length=1, max_length=MAX_SPEC_CHARS, description="EBNF with a root rule")
     strict: bool | None = Field(default=None, description="json_schema: no properties beyond the schema's (default true)")
 
 
 class SamplingBody(Strict):
-    max_tokens: int | None = Field(default=None, ge=1, le=65536)
-    temperature: float | None = Field(default=None, ge=0, le=100)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX, description="0 is greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: list[str] | None = Field(default=None, max_length=16)
-    seed: int | None = None
+    stop: list[UserText] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     constraint: ConstraintBody | None = Field(default=None, description="constrained decoding of the output")
-    logprobs: int | None = Field(default=None, ge=0, le=20, description="per-token logprobs and this many alternatives")
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=300, description="token id -> bias in [-100, 100]")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="per-token logprobs and this many alternatives"
+    )
+    frequency_penalty: float | None = Field(default=None, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description=f"token id -> bias in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
+    )
 
 
 class FunctionBody(Strict):
-    name: str = Field(default="function", min_length=1, max_length=128)
-    template: str = Field(min_length=1, max_length=1_000_000)
+    name: UserText = Field(default="function", min_length=1, max_length=128)
+    template: UserText = Field(min_length=1, max_length=1_000_000)
     sampling: SamplingBody = Field(default_factory=SamplingBody, description="defaults for every output")
-    output_sampling: dict[str, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
-    compress: dict[str, float | str] = Field(
+    output_sampling: dict[UserText, SamplingBody] = Field(default_factory=dict, description="per-output overrides")
+    compress: dict[UserText, float | UserText] = Field(
         default_factory=dict,
         description="input name -> fraction of its tokens to keep, in (0, 1] (or '30%', '3x'); "
         "like {{input:NAME|compress=0.3}} in the template, which wins",
     )
+    chat: bool = Field(default=False, description="a chat exchange rendered with the model's chat template: "
+                       "the template up to its first output is the user's turn, the outputs the assistant's")
+    system: str | None = Field(default=None, max_length=1_000_000, description="the system message (implies chat)")
+    history: list[tuple[str, str]] = Field(default_factory=list, max_length=10_000,
+                                           description="earlier chat turns as [role, content] pairs (implies chat)")
 
 
 class FunctionCreated(BaseModel):
@@ -94,12 +130,12 @@ class SessionClosed(BaseModel):
 
 class VariableCreate(Strict):
     var_id: str | None = ID
-    name: str = Field(default="var", min_length=1, max_length=128)
-    value: str | None = None
+    name: UserText = Field(default="var", min_length=1, max_length=128)
+    value: UserText | None = None
 
 
 class VariableSet(Strict):
-    value: str
+    value: UserText
 
 
 class VariableRef(BaseModel):
@@ -117,10 +153,10 @@ class VariableState(BaseModel):
 class CallBody(Strict):
     call_id: str | None = ID
     function: FunctionBody | None = None
-    function_id: str | None = None
-    inputs: dict[str, str] = Field(default_factory=dict, description="input name -> variable id")
-    constants: dict[str, str] = Field(default_factory=dict, description="input name -> text")
-    outputs: dict[str, str] | None = Field(default=None, description="output name -> variable id (new ids if omitted)")
+    function_id: UserText | None = None
+    inputs: dict[UserText, UserText] = Field(default_factory=dict, description="input name -> variable id")
+    constants: dict[UserText, UserText] = Field(default_factory=dict, description="input name -> text")
+    outputs: dict[UserText, UserText] | None = Field(default=None, description="output name -> variable id (new ids if omitted)")
 
 
 class CallsSubmit(Strict):
@@ -137,7 +173,7 @@ class CallsSubmitted(BaseModel):
 
 
 class TenantCreate(Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: UserText = Field(min_length=1, max_length=128)
     max_concurrent_calls: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     max_prompt_tokens: int | None = Field(default=None, ge=1)

@@ -3,11 +3,16 @@
 
 Every request is one Parrot call in a session of its own, submitted through
 :meth:`ParrotService.submit_calls`, so API keys, quotas, prompt-size limits,
-the scheduler and prefix sharing are the same as on the native API. The call's
-function is the fixed template ``{{input:prompt}}{{output:completion}}`` and
-the prompt travels as a constant input: user text never becomes template text
-(it may contain ``{{``). For chat, the prompt is the served model's own chat
-template applied to the messages.
+the scheduler and prefix sharing are the same as on the native API. User
+text never becomes template text (it may contain ``{{``, or control tokens
+such as ``<|system|>`` or ``</s>``): it travels in constant inputs, which are
+tokenized as plain text. A completion's function is
+``{{input:prompt}}{{output:completion}}``. A chat request that ends with a
+user turn is a chat call: the served model's own chat template frames the
+earlier messages and the last user message (see ``Tokenizer.chat_frame``).
+Any other conversation gets the chat template applied to all its messages:
+its markup (with its control tokens) becomes the template's text and each
+message's content a constant.
 
 ``n`` choices are ``n`` calls of the same prompt (they share its prefix
 boundary, so the engine prefills it once for all of them); structured outputs
@@ -36,30 +41,31 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parrot.dataflow.graph import FINAL_STATES
+from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars import (
     CallFailedError,
+    ContextLengthError,
+    FunctionSpec,
     InvalidArgumentError,
     ParrotError,
     SamplingConfig,
     UnknownVariableError,
     new_id,
 )
-from parrot.semantic_vars.sampling import MAX_TOKENS_LIMIT
+from parrot.semantic_vars.sampling import LOGIT_BIAS_MAX, MAX_LOGPROBS, MAX_TOKENS_LIMIT, PENALTY_MAX
 from parrot.backends import constraints as grammar
 from parrot.semantic_vars import Constraint
 
 from . import openai_structured as structured
-
 from .deps import ERRORS, service_of, tenant_of
 from .errors import error_body
-from .models import CallBody, FunctionBody, SamplingBody
+from .models import CallBody, FunctionBody, SamplingBody, UserText
 from .service import ParrotService
 from .tenancy import Tenant
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "{{input:prompt}}{{output:completion}}"
-MAX_STOP_STRINGS = 16
+OUTPUT = "{{output:completion}}"
 MAX_CHOICES = 16  # most choices (``n``) one request may ask for
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on completions' ``logprobs``
 #: When the models were "created", as OpenAI's model objects say: this process's start.
@@ -79,7 +85,9 @@ class ModelNotFoundError(UnknownVariableError):
 class _Body(BaseModel):
     # Unknown fields are a 422 naming them: an option we do not know is an
     # option we cannot honour. Known ones we cannot honour are checked below.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "10" is not an integer. Sampling ranges are checked by
+    # SamplingConfig, the one place they are defined.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
@@ -88,23 +96,25 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Body):
-    model: str = Field(min_length=1)
+    model: UserText = Field(min_length=1)
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, description="default 1 (OpenAI's default); 0 is greedy")
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: UserText | list[UserText] | None = None
     seed: int | None = None
     n: int | None = Field(default=None, description=f"1 to {MAX_CHOICES} choices")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(default=None, description="-2 to 2")
-    presence_penalty: float | None = Field(default=None, description="-2 to 2")
-    logit_bias: dict[str, float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
-    user: str | None = Field(default=None, description="accepted, ignored")
+    frequency_penalty: float | None = Field(default=None, description=f"{-PENALTY_MAX:g} to {PENALTY_MAX:g}")
+    presence_penalty: float | None = Field(default=None, description=f"{-PENALTY_MAX:g} to {PENALTY_MAX:g}")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description=f"token id -> bias in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
+    )
+    user: UserText | None = Field(default=None, description="accepted, ignored")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
+    prompt: UserText | list[UserText] | list[int] | list[list[int]] = Field(description="one string (or a list of one)")
     echo: bool | None = False
     suffix: str | None = Field(default=None, description="not supported")
     best_of: int | None = Field(default=None, description="only 1")
@@ -113,14 +123,14 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: UserText
+    text: UserText | None = None
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = Field(default=None, description="accepted, ignored")
+    role: UserText
+    content: UserText | list[ContentPart] | None = None
+    name: UserText | None = Field(default=None, description="accepted, ignored")
     # What a client echoes back when it appends a response message to its history.
     refusal: Any = None
     annotations: Any = None
@@ -134,7 +144,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, description="wins over max_tokens")
     logprobs: bool | None = Field(default=None, description="per-token logprobs of the output")
-    top_logprobs: int | None = Field(default=None, description="0 to 20 alternatives per token (needs logprobs)")
+    top_logprobs: int | None = Field(default=None, description=f"0 to {MAX_LOGPROBS} alternatives per token (needs logprobs)")
     response_format: dict[str, Any] | None = Field(default=None, description="text, json_object or json_schema")
     tools: list[Any] | None = Field(default=None, description="function tools")
     tool_choice: Any = Field(default=None, description='"none", "auto", "required" or a named function')
@@ -166,13 +176,35 @@ def _check_common(body: _Sampling) -> None:
     # Penalties and logit_bias are checked by SamplingConfig (field named).
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What a request asks the model to continue: ``template`` (a Parrot
+    template up to the output; its text is read with control tokens) and the
+    user text it splices in, by input name (read as plain text)."""
+
+    template: str
+    constants: dict[str, str]
+    # A chat call's earlier turns ((role, content) pairs), framed with the
+    # user's turn by the model's chat template; None: a plain prompt.
+    history: tuple[tuple[str, str], ...] | None = None
+
+    @classmethod
+    def of_text(cls, text: str, history: tuple[tuple[str, str], ...] | None = None) -> "Prompt":
+        """A prompt that is all user text (a completion's, or a chat call's last user turn)."""
+        return cls("{{input:prompt}}", {"prompt": text}, history)
+
+    def function(self, name: str) -> FunctionSpec:
+        """The call's function (default sampling)."""
+        return FunctionSpec(name, self.template + OUTPUT, {"completion": SamplingConfig()},
+                            chat=self.history is not None, history=self.history or ())
+
+
 # -- the served model ---------------------------------------------------------
 def served_models(service: ParrotService) -> list[str]:
     """Ids of the models the engines serve: each model folder's name."""
     ids: list[str] = []
     for engine in service.runtime.engines:
-        path = getattr(engine.tokenizer, "path", None)
-        name = path.name if path is not None else engine.name
+        name = engine.model_id
         if name not in ids:
             ids.append(name)
     return ids
@@ -185,16 +217,12 @@ def _check_model(service: ParrotService, model: str) -> None:
 
 
 def _context_limit(service: ParrotService) -> int | None:
-    limits = [
-        getattr(getattr(getattr(e, "model", None), "config", None), "max_position_embeddings", None)
-        for e in service.runtime.engines
-    ]
-    known = [x for x in limits if isinstance(x, int)]
+    known = [e.max_model_len for e in service.runtime.engines if e.max_model_len is not None]
     return min(known) if known else None
 
 
-def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
-    """The model's chat template applied to ``messages``, ready to prompt with."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """``messages`` as plain ``{"role", "content"}`` dicts, checked (422 naming the field)."""
     plain: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
         where = f"messages.{i}"
@@ -216,6 +244,21 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
             content = msg.content
         role = "system" if msg.role == "developer" else msg.role  # OpenAI's newer name for system
         plain.append({"role": role, "content": content})
+    return plain
+
+
+def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> Prompt:
+    """The model's chat template applied to ``plain`` messages, ready to
+    prompt with (for a conversation that does not end with a user turn): the
+    template's markup is the prompt's text, each message's content a constant
+    (user text: its ``<|system|>`` or ``</s>`` are plain characters)."""
+    contents: list[str] = []
+    marker = f"\x00{new_id('content')}:"  # a string no message holds; a template passes it through
+    marked = []
+    for i, msg in enumerate(plain):
+        marked.append({"role": msg["role"], "content": f"{marker}{i}\x00"})
+        contents.append(msg["content"])
+    plain = marked
     tokenizer = service.runtime.engines[0].tokenizer
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is None:
@@ -229,25 +272,62 @@ def chat_prompt(service: ParrotService, messages: list[ChatMessage]) -> str:
     bos = getattr(getattr(tokenizer, "hf", None), "bos_token", None)
     if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
         text = text[len(bos):]
-    return text
+    return _split_markers(text, marker, contents)
 
 
-def _sampling(service: ParrotService, body: _Sampling, prompt: str, prompt_field: str, max_tokens: int | None,
-              default_max_tokens: int | None, constraint: Constraint | None = None,
+def _split_markers(text: str, marker: str, contents: list[str]) -> Prompt:
+    """``text`` with each ``marker + i + NUL`` replaced by an input bound to
+    ``contents[i]``; markup holding braces is passed as a constant too (a
+    template cannot spell ``{{``)."""
+    pieces = text.split(marker)
+    template: list[str] = []
+    constants: dict[str, str] = {}
+
+    def markup(piece: str) -> None:
+        if "{" in piece or "}" in piece:
+            name = f"markup{len(constants)}"
+            constants[name] = piece
+            template.append(f"{{{{input:{name}}}}}")
+        elif piece:
+            template.append(piece)
+
+    markup(pieces[0])
+    for piece in pieces[1:]:
+        index, nul, rest = piece.partition("\x00")
+        if not nul or not index.isdigit() or int(index) >= len(contents):
+            raise InvalidArgumentError("messages", "the model's chat template changed the message content")
+        name = f"message{index}"
+        if name in constants:
+            raise InvalidArgumentError("messages", "the model's chat template repeats a message")
+        constants[name] = contents[int(index)]
+        template.append(f"{{{{input:{name}}}}}")
+        markup(rest)
+    return Prompt("".join(template), constants)
+
+
+def _sampling(service: ParrotService, tenant: Tenant, body: _Sampling, prompt: Prompt, prompt_field: str,
+              max_tokens: int | None, default_max_tokens: int | None, constraint: Constraint | None = None,
               logprobs: int | None = None) -> SamplingBody:
-    """Validated sampling options for ``prompt`` (422 naming the field otherwise)."""
+    """Validated sampling options for ``prompt`` (422 naming the field otherwise).
+
+    Without ``max_tokens`` (and no ``default_max_tokens``) a request may use
+    the rest of the model's context, but no more than its tenant's
+    ``tokens_per_minute`` leaves after the prompt: the quota reserves this
+    worst case."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-    n_prompt = len(service.runtime.engines[0].tokenizer.encode(prompt, add_bos=True))
+    # Counted as the engine will get it (chat frame, BOS and all).
+    n_prompt = prompt_token_count(prompt.function("count"), prompt.constants, service.runtime.engines[0].tokenizer)
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
-            raise InvalidArgumentError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
+            raise ContextLengthError(prompt_field, f"the prompt has {n_prompt} tokens; the model has {limit} positions")
         if max_tokens is None and default_max_tokens is None:
             default_max_tokens = min(limit - n_prompt, MAX_TOKENS_LIMIT)
+            per_minute = tenant.quotas.tokens_per_minute
+            if per_minute is not None:
+                default_max_tokens = max(1, min(default_max_tokens, per_minute - n_prompt))
         if max_tokens is not None and n_prompt + max_tokens > limit:
-            raise InvalidArgumentError(
+            raise ContextLengthError(
                 "max_tokens",
                 f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}; the model has {limit} positions",
             )
@@ -366,7 +446,7 @@ def usage(runs: list[CallRun]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
-async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str) -> CallRun:
+async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sampling: SamplingBody, name: str) -> CallRun:
     """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
     call_id, var_id = new_id("call"), new_id("var")
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -377,26 +457,28 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: str, sampli
         elif event["type"] == "call_state" and event.get("call_id") == call_id and event["state"] in FINAL_STATES:
             queue.put_nowait(event)
 
-    session_id = await service.open_session(tenant)
+    session_id = await service.open_session(tenant, ephemeral=True)  # no one waits for it after a restart
     run = CallRun(service, tenant, session_id, call_id, var_id, sampling.max_tokens or SamplingConfig().max_tokens,
                   queue, service.runtime.subscribe(listener))
     try:
         body = CallBody(
             call_id=call_id,
-            function=FunctionBody(name=name, template=TEMPLATE, sampling=sampling),
-            constants={"prompt": prompt},
+            function=FunctionBody(name=name, template=prompt.template + OUTPUT, sampling=sampling,
+                                  chat=prompt.history is not None, history=list(prompt.history or ())),
+            constants=prompt.constants,
             outputs={"completion": var_id},
         )
+        # No objective: one request says nothing about the application it
+        # belongs to, so the engine admits it after latency-critical calls
+        # and before throughput work, first come first served.
         await service.submit_calls(tenant, session_id, [body])
-        # Someone waits for this value now: the scheduler's latency objective.
-        await service.get_variable(tenant, session_id, var_id, "latency", 0)
     except BaseException:
         await run.close()
         raise
     return run
 
 
-async def start_calls(service: ParrotService, tenant: Tenant, prompt: str, sampling: SamplingBody, name: str,
+async def start_calls(service: ParrotService, tenant: Tenant, prompt: Prompt, sampling: SamplingBody, name: str,
                       n: int) -> list[CallRun]:
     """``n`` calls of the same prompt (choice ``i`` samples with ``seed + i``
     when a seed is given, so choices differ yet reproduce)."""
@@ -536,8 +618,9 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         prompt = prompt[0]
     if not prompt:
         raise InvalidArgumentError("prompt", "the prompt is empty")
-    sampling = _sampling(service, body, prompt, "prompt", body.max_tokens, 16, logprobs=body.logprobs)  # 16: OpenAI's default
-    runs = await start_calls(service, tenant, prompt, sampling, "openai.completion", body.n or 1)
+    sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16,  # 16: OpenAI's default
+                         logprobs=body.logprobs)
+    runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion", body.n or 1)
     rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
     echo = prompt if body.echo else ""
     tokenizer = service.runtime.engines[0].tokenizer
@@ -567,7 +650,8 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
     not: ``n`` choices, structured outputs, tool calls, logprobs."""
     _check_model(service, body.model)
     _check_common(body)
-    _unsupported("top_logprobs", body.top_logprobs, lambda v: 0 <= v <= 20, "top_logprobs must be between 0 and 20")
+    _unsupported("top_logprobs", body.top_logprobs, lambda v: 0 <= v <= MAX_LOGPROBS,
+                 f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
     if body.top_logprobs and not body.logprobs:
         raise InvalidArgumentError("top_logprobs", "top_logprobs needs logprobs: true")
     _unsupported("functions", body.functions, lambda v: not v, "functions are not supported (use tools)")
@@ -581,18 +665,34 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         if constraint is not None:
             raise InvalidArgumentError("response_format", "a forced tool call and a response_format cannot be combined")
         constraint = plan.constraint()
-    messages = [ChatMessage(**m) for m in structured.tool_messages(body.messages, plan)]
-    prompt = chat_prompt(service, messages)
+    # Tool turns become text turns first, then get the same checks as any message.
+    try:
+        messages = [ChatMessage(**m) for m in structured.tool_messages(body.messages, plan)]
+    except ValidationError as exc:  # e.g. tool-call arguments holding a lone surrogate
+        raise InvalidArgumentError("messages", exc.errors()[0]["msg"]) from exc
+    plain = chat_messages(messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    tokenizer = service.runtime.engines[0].tokenizer
+    if plain and plain[-1]["role"] == "user" and hasattr(tokenizer, "chat_frame"):
+        # A chat call: the model's template frames the turns, and no message's
+        # text is ever read as special tokens or template text.
+        prompt = Prompt.of_text(plain[-1]["content"], history=tuple((m["role"], m["content"]) for m in plain[:-1]))
+    else:
+        prompt = chat_prompt(service, plain)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sampling = _sampling(service, body, prompt, "messages", max_tokens, None, constraint, logprobs)  # default: the rest of the context
+    try:
+        sampling = _sampling(service, tenant, body, prompt, "messages", max_tokens, None,  # default: the rest of the context
+                             constraint, logprobs)
+    except ValueError as exc:  # the chat template refused the turns
+        if isinstance(exc, ParrotError):
+            raise
+        raise InvalidArgumentError("messages", str(exc)) from exc
     if constraint is not None:
         # Compiled now (off the event loop) against the served tokenizer: a bad
         # schema or regex is this request's 4xx naming the field.
-        await asyncio.to_thread(grammar.check, constraint, service.runtime.engines[0].tokenizer)
+        await asyncio.to_thread(grammar.check, constraint, tokenizer)
     runs = await start_calls(service, tenant, prompt, sampling, "openai.chat", body.n or 1)
     rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
-    tokenizer = service.runtime.engines[0].tokenizer
 
     def message(run: CallRun, text: str) -> tuple[dict[str, Any], str]:
         """The choice's message and finish reason (tool calls when the text is one)."""

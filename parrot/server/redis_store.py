@@ -28,6 +28,7 @@ would not survive that round trip instead of letting ``set_value`` corrupt them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterable
@@ -40,8 +41,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from parrot.dataflow.store import KINDS, Record, StateStore, Write
-from parrot.semantic_vars import ParrotError
+from parrot.dataflow.store import KINDS, Record, StateStore, StoreUnavailableError, Write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RedisStore", "StoreUnavailableError", "redact_url"]
 
@@ -66,16 +68,6 @@ local encoded = cjson.encode(record)
 redis.call('HSET', KEYS[1], ARGV[1], encoded)
 return 1
 """
-
-
-class StoreUnavailableError(ParrotError, ConnectionError):
-    """The state store cannot be reached (or refused the connection).
-
-    ``url`` is the store's address with any password masked."""
-
-    def __init__(self, url: str, message: str) -> None:
-        self.url = url
-        super().__init__(message)
 
 
 def redact_url(url: str) -> str:
@@ -274,7 +266,20 @@ class RedisStore(StateStore):
                 pipe.zrange(self.order_key(kind), 0, -1)
                 pipe.hgetall(self.records_key(kind))
                 order, records = await pipe.execute()
-        return [json.loads(records[record_id]) for record_id in order if record_id in records]
+        out: list[Record] = []
+        for record_id in order:
+            if record_id not in records:
+                continue
+            try:
+                record = json.loads(records[record_id])
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                # A damaged record must not stop the service starting: skip it, leave it for a person.
+                log.error("redis: skipped the unreadable %s record %r", kind, record_id)
+                continue
+            out.append(record)
+        return out
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -42,8 +42,10 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = None  # PARROT_MODEL; default: the embedded test model
+    model: str | None = None  # PARROT_MODEL; default: SmolLM2-135M-Instruct (see backends.models)
     device: str | None = None  # PARROT_DEVICE
+    kv_cache_bytes: int | None = None  # PARROT_KV_CACHE_BYTES (e.g. 512MiB): each torch engine's KV pool
+    max_model_len: int | None = None  # PARROT_MAX_MODEL_LEN: longest context (default: the model's)
     # PARROT_ENGINES: torch engines (in this process, or Ray actors with
     # ray_address); default 1, or 0 when remote engines are given.
     engines: int | None = None
@@ -61,6 +63,10 @@ class ServerSettings:
     engine_gpus: float = 0.0  # PARROT_ENGINE_GPUS: GPUs per engine actor (1: one engine per GPU)
     engine_cpus: float = 1.0  # PARROT_ENGINE_CPUS: CPUs per engine actor
     engine_restarts: int = 3  # PARROT_ENGINE_RESTARTS: times Ray restarts a dead engine actor
+    # PARROT_ENGINE_PROCESS (default on): each local torch engine runs in its
+    # own process behind a proxy; 0 keeps it in the API process.
+    engine_process: bool = True
+    max_running: int | None = None  # PARROT_MAX_RUNNING: batch limit of each torch engine (default 32)
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -73,8 +79,11 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerSettings":
+        from parrot.backends.spec import engine_sizes_from_env
+
         env = os.environ
         settings = cls(
+            **engine_sizes_from_env(),
             model=env.get("PARROT_MODEL"),
             device=env.get("PARROT_DEVICE"),
             engines=int(env["PARROT_ENGINES"]) if env.get("PARROT_ENGINES") else None,
@@ -86,6 +95,8 @@ class ServerSettings:
             engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
+            engine_process=_flag(env.get("PARROT_ENGINE_PROCESS", "1")),
+            max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -108,6 +119,8 @@ class ServerSettings:
             raise ValueError("engine_gpus and engine_cpus must be >= 0")
         if self.engine_restarts < -1:
             raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.remote_concurrency < 1:
             raise ValueError(f"remote_concurrency must be >= 1, got {self.remote_concurrency}")
         for url in self.remote_engines:
@@ -123,7 +136,11 @@ class ServerSettings:
 
     def engine_specs(self) -> list[EngineSpec]:
         """One picklable recipe per engine these settings ask for."""
-        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device)
+        # Ray actors are processes of their own already.
+        process = self.engine_process and not self.ray_address
+        specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process,
+                            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
+                            max_model_len=self.max_model_len)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
@@ -141,11 +158,12 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
 
     specs = settings.engine_specs()
     torch_specs = [s for s in specs if s.kind == "torch"]
-    if torch_specs and not settings.model:
-        # Build (or find) the default model once here, not in every engine.
-        from parrot.dataflow import default_model_dir
+    if torch_specs and (not settings.model or settings.model.endswith(".gguf") or "/" not in settings.model):
+        # Fetch, convert or build the model once here, not in every engine
+        # (a folder path is left to the engines: on Ray it is their node's).
+        from parrot.backends.models import resolve_model
 
-        model = str(default_model_dir(progress=print))
+        model = str(resolve_model(settings.model, progress=print))
         torch_specs = [replace(s, model=model) for s in torch_specs]
     engines: list[Engine] = []
     if torch_specs and settings.ray_address:
@@ -157,8 +175,8 @@ async def build_engines(settings: ServerSettings) -> list[Engine]:
             max_restarts=settings.engine_restarts,
         )
     else:
-        for spec in torch_specs:
-            engines.append(await asyncio.to_thread(spec.build))
+        # Engine processes load side by side.
+        engines += await asyncio.gather(*(asyncio.to_thread(spec.build) for spec in torch_specs))
     engines += [s.build() for s in specs if s.kind == "remote"]
     return engines
 

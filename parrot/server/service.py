@@ -15,6 +15,8 @@ from typing import Any, AsyncIterator
 from parrot.dataflow import LocalRuntime
 from parrot.dataflow.graph import FINAL_STATES
 from parrot.dataflow.prefix import PUBLIC_NAMESPACE
+from parrot.dataflow.program import prompt_token_count
+from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
     CallFailedError,
     CallSpec,
@@ -62,6 +64,9 @@ def function_spec(body: FunctionBody) -> FunctionSpec:
         defaults=defaults,
         output_options={k: sampling_options(v) for k, v in body.output_sampling.items()},
         compress=body.compress,
+        chat=body.chat,
+        system=body.system,
+        history=body.history,
     )
     return fn.spec
 
@@ -85,18 +90,34 @@ class ParrotService:
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         """Load tenants, keys and functions, and restore the runtime."""
+        # A record that cannot be read back is logged and skipped: one bad
+        # record must not keep the service from starting.
         for r in await self.store.load("tenant"):
-            self.tenants[r["id"]] = Tenant.from_record(r)
+            try:
+                self._add_tenant(Tenant.from_record(r))
+            except Exception:
+                log.exception("restore: skipped the unreadable tenant record %r", r.get("id"))
         for r in await self.store.load("key"):
-            self.key_owner[r["id"]] = r["tenant_id"]
+            if r.get("tenant_id") in self.tenants and isinstance(r.get("id"), str):
+                self.key_owner[r["id"]] = r["tenant_id"]
+            else:
+                log.error("restore: skipped a key record of unknown tenant %r", r.get("tenant_id"))
         for r in await self.store.load("function"):
-            self.functions[r["id"]] = (r["tenant_id"], FunctionSpec.from_dict(r["spec"]))
+            try:
+                self.functions[r["id"]] = (r["tenant_id"], FunctionSpec.from_dict(r["spec"]))
+            except Exception:
+                log.exception("restore: skipped the unreadable function record %r", r.get("id"))
         requeued = await self.runtime.restore()
         for call in self.runtime.graph.calls.values():
             owner = self.runtime.sessions[call.session_id].namespace
             self.call_owner[call.id] = owner
             if call.state not in FINAL_STATES:
-                self.meter(owner).in_flight.add(call.id)
+                worst = 0
+                tenant = self.tenants.get(owner)
+                if tenant is not None and tenant.quotas.tokens_per_minute is not None:
+                    values = {k: v for k, v in self.runtime.graph.input_values(call).items() if v is not None}
+                    worst = self._worst_case(call.function, values, {})
+                self.meter(owner).admit({call.id: worst})
         if requeued:
             log.info("restored %d unfinished calls", requeued)
         self.ready = True
@@ -116,9 +137,8 @@ class ParrotService:
             return
         meter = self.meter(owner)
         if event["call_id"] in meter.in_flight:
-            meter.in_flight.discard(event["call_id"])
             call = self.runtime.graph.calls[event["call_id"]]
-            meter.record_tokens(call.prefill_tokens + call.cached_tokens + call.generated_tokens)
+            meter.finish(call.id, call.prefill_tokens + call.cached_tokens + call.generated_tokens)
 
     def meter(self, tenant_id: str) -> QuotaMeter:
         return self.meters.setdefault(tenant_id, QuotaMeter())
@@ -143,9 +163,15 @@ class ParrotService:
             ("tenant", tenant.id, tenant.record()),
             ("key", hash_key(api_key), {"id": hash_key(api_key), "tenant_id": tenant.id}),
         ])
-        self.tenants[tenant.id] = tenant
+        self._add_tenant(tenant)
         self.key_owner[hash_key(api_key)] = tenant.id
         return tenant, api_key
+
+    def _add_tenant(self, tenant: Tenant) -> None:
+        self.tenants[tenant.id] = tenant
+        if tenant.quotas.max_prompt_tokens is not None:
+            # Checked again on the whole prompt when it is built (text from variables counts).
+            self.runtime.prompt_limits[tenant.id] = tenant.quotas.max_prompt_tokens
 
     async def add_key(self, tenant_id: str) -> str:
         if tenant_id not in self.tenants:
@@ -169,8 +195,10 @@ class ParrotService:
             raise UnknownVariableError(f"{field}: unknown variable {var_id!r}", field=field)
 
     # -- sessions -----------------------------------------------------------
-    async def open_session(self, tenant: Tenant) -> str:
-        return await self.runtime.open_session(namespace=tenant.id)
+    async def open_session(self, tenant: Tenant, *, ephemeral: bool = False) -> str:
+        """Open a session of ``tenant``; ``ephemeral`` for one request's own
+        session (it is closed, its calls cancelled, after a restart)."""
+        return await self.runtime.open_session(namespace=tenant.id, ephemeral=ephemeral)
 
     def list_sessions(self, tenant: Tenant) -> list[tuple[str, bool, int]]:
         out = []
@@ -325,21 +353,56 @@ class ParrotService:
             specs.append(CallSpec(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
         self._check_prompt_sizes(tenant, specs)
         meter = self.meter(tenant.id)
-        meter.check(tenant.quotas, len(specs))
-        # Reserve the slots before awaiting the store, so concurrent submits
-        # of one tenant cannot both pass the check.
-        ids = {spec.call_id for spec in specs}
-        meter.in_flight.update(ids)
+        reservations = self._reservations(tenant, specs)
+        meter.check(tenant.quotas, len(specs), sum(reservations.values()))
+        # Reserve the slots and tokens before awaiting the store, so
+        # concurrent submits of one tenant cannot both pass the check.
+        meter.admit(reservations)
         try:
             await self.runtime.submit_calls(session_id, specs)
         except BaseException:
-            meter.in_flight.difference_update(ids)
+            meter.release(reservations)
             raise
         for spec in specs:
             self.call_owner[spec.call_id] = tenant.id
             if self.runtime.graph.calls[spec.call_id].state in FINAL_STATES:
-                meter.in_flight.discard(spec.call_id)
+                meter.release([spec.call_id])
         return specs
+
+    def _reservations(self, tenant: Tenant, specs: list[CallSpec]) -> dict[str, int]:
+        """Each call's worst-case tokens (0 when the tenant has no token quota)."""
+        if tenant.quotas.tokens_per_minute is None:
+            return {spec.call_id: 0 for spec in specs}
+        # An input that is another call's output is at most that output's max_tokens.
+        bound: dict[str, int] = {}
+        for spec in specs:
+            bound.update({v: spec.function.output_sampling[name].max_tokens for name, v in spec.outputs.items()
+                          if name in spec.function.output_sampling})
+        out: dict[str, int] = {}
+        graph = self.runtime.graph
+        for spec in specs:
+            values = dict(spec.constants)
+            unknown: dict[str, int] = {}
+            for name, var_id in spec.inputs.items():
+                var = graph.variables.get(var_id)
+                if var is not None and var.value is not None:
+                    values[name] = var.value
+                elif var_id in bound:
+                    unknown[name] = bound[var_id]
+                elif var is not None and var.producer in graph.calls:
+                    producer = graph.calls[var.producer]
+                    out_name = next((n for n, v in producer.outputs.items() if v == var_id), None)
+                    unknown[name] = producer.function.output_sampling[out_name].max_tokens if out_name else 0
+            out[spec.call_id] = self._worst_case(spec.function, values, unknown)
+        return out
+
+    def _worst_case(self, function: FunctionSpec, values: dict[str, str], unknown: dict[str, int]) -> int:
+        """Tokens a call may use at most: its prompt from what is known now
+        (plus a bound per input still unknown) and every output's max_tokens.
+        A free variable set later counts when the call ends."""
+        tokenizer = self.runtime.engines[0].tokenizer
+        prompt = prompt_token_count(function, values, tokenizer)
+        return prompt + sum(unknown.values()) + sum(c.max_tokens for c in function.output_sampling.values())
 
     def _check_prompt_sizes(self, tenant: Tenant, specs: list[CallSpec]) -> None:
         limit = tenant.quotas.max_prompt_tokens
@@ -348,8 +411,7 @@ class ParrotService:
         tokenizer = self.runtime.engines[0].tokenizer
         for i, spec in enumerate(specs):
             # What is known now: the template's text and the constant inputs.
-            known = spec.function.template + "".join(spec.constants.values())
-            n = len(tokenizer.encode(known))
+            n = prompt_token_count(spec.function, spec.constants, tokenizer)
             if n > limit:
                 raise PromptTooLongError(
                     f"the prompt has at least {n} tokens; this tenant's limit is {limit}", field=f"calls.{i}"

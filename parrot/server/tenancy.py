@@ -12,29 +12,13 @@ import secrets
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
-from parrot.semantic_vars import ParrotError
+# The errors live with the others in semantic_vars, so the SDK raises the same classes.
+from parrot.semantic_vars import AuthenticationError, PromptTooLongError, QuotaExceededError
 
-
-class AuthenticationError(ParrotError):
-    """No API key, or one that no tenant has."""
-
-
-class QuotaExceededError(ParrotError):
-    """A tenant is over one of its quotas; ``retry_after`` is in seconds."""
-
-    def __init__(self, message: str, *, field: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.field = field
-        self.retry_after = retry_after
-
-
-class PromptTooLongError(ParrotError):
-    """A prompt is longer than the tenant's ``max_prompt_tokens``."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["AuthenticationError", "PromptTooLongError", "QuotaExceededError", "QuotaMeter", "Quotas", "Tenant",
+           "hash_key", "new_api_key"]
 
 
 def hash_key(api_key: str) -> str:
@@ -69,12 +53,21 @@ class Tenant:
 
 
 class QuotaMeter:
-    """Live usage of one tenant: calls in flight and tokens in the last minute."""
+    """Live usage of one tenant: calls in flight, the tokens they may still
+    use, and the tokens used in the last minute.
+
+    ``tokens_per_minute`` is checked against the worst case: a call is
+    admitted only if the tokens used in the last minute, plus what the calls
+    in flight have reserved, plus this call's own worst case (its prompt and
+    every output's ``max_tokens``) fit the limit. When a call ends its
+    reservation is replaced by what it really used.
+    """
 
     WINDOW = 60.0
 
     def __init__(self) -> None:
         self.in_flight: set[str] = set()  # call ids not yet finished
+        self.reserved: dict[str, int] = {}  # call id -> worst-case tokens, while in flight
         self._tokens: deque[tuple[float, int]] = deque()
 
     def tokens_last_minute(self, now: float) -> int:
@@ -82,8 +75,9 @@ class QuotaMeter:
             self._tokens.popleft()
         return sum(n for _, n in self._tokens)
 
-    def check(self, quotas: Quotas, new_calls: int) -> None:
-        """Raise :class:`QuotaExceededError` if ``new_calls`` more would exceed a quota."""
+    def check(self, quotas: Quotas, new_calls: int, new_tokens: int = 0) -> None:
+        """Raise :class:`QuotaExceededError` if ``new_calls`` more, which may
+        use up to ``new_tokens`` tokens, would exceed a quota."""
         now = time.monotonic()
         if quotas.max_concurrent_calls is not None and len(self.in_flight) + new_calls > quotas.max_concurrent_calls:
             raise QuotaExceededError(
@@ -91,13 +85,42 @@ class QuotaMeter:
                 field="max_concurrent_calls",
                 retry_after=1.0,
             )
-        if quotas.tokens_per_minute is not None and self.tokens_last_minute(now) >= quotas.tokens_per_minute:
+        limit = quotas.tokens_per_minute
+        if limit is None:
+            return
+        if new_tokens > limit:
+            raise QuotaExceededError(
+                f"the request may use up to {new_tokens} tokens (prompt and max_tokens); the limit is {limit} "
+                "tokens per minute: lower max_tokens",
+                field="tokens_per_minute",
+                retry_after=self.WINDOW,
+            )
+        used, held = self.tokens_last_minute(now), sum(self.reserved.values())
+        if used + held + new_tokens > limit:
             oldest = self._tokens[0][0] if self._tokens else now
             raise QuotaExceededError(
-                f"used {self.tokens_last_minute(now)} tokens in the last minute; the limit is {quotas.tokens_per_minute}",
+                f"used {used} tokens in the last minute and {held} are reserved by calls in flight; this request "
+                f"may use up to {new_tokens}; the limit is {limit}",
                 field="tokens_per_minute",
-                retry_after=max(1.0, oldest + self.WINDOW - now),
+                retry_after=max(1.0, oldest + self.WINDOW - now if self._tokens else 1.0),
             )
+
+    def admit(self, reservations: dict[str, int]) -> None:
+        """Count calls as in flight, holding their worst-case tokens."""
+        self.in_flight.update(reservations)
+        self.reserved.update(reservations)
+
+    def release(self, call_ids: Iterable[str]) -> None:
+        """Forget calls that never ran (their batch was refused)."""
+        for call_id in call_ids:
+            self.in_flight.discard(call_id)
+            self.reserved.pop(call_id, None)
+
+    def finish(self, call_id: str, used: int) -> None:
+        """A call ended: its reservation becomes the tokens it really used."""
+        self.in_flight.discard(call_id)
+        self.reserved.pop(call_id, None)
+        self.record_tokens(used)
 
     def record_tokens(self, n: int) -> None:
         if n > 0:

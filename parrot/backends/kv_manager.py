@@ -1,0 +1,190 @@
+"""The KV manager: which blocks of the pool each request holds, and what of
+its context the prefix cache already has.
+
+It owns the block accounting (:class:`~parrot.backends.block_manager.BlockManager`),
+the prefix cache (:class:`~parrot.backends.prefix_cache.PrefixCache`: token
+blocks per namespace plus entries for declared prefix hints) and the
+coordination of hinted requests. The engine scheduler sees it only through
+a few calls: what a request gets on admission (:meth:`admit`), how many new
+positions the pool can grant it now (:meth:`grant`), making them writable
+(:meth:`prepare`), and freeing what a leaving request holds (:meth:`release`).
+No tensors: block copies are returned for the model runner to perform.
+
+Prefix hints. A request may carry a hint ``(key, tokens)``: its first
+context tokens are shared by a group of requests. On admission a hinted
+request either
+
+* finds the key stored with the same tokens (a hit): its block table starts
+  with the entry's blocks (the last one possibly partial, copied on its
+  first write) and those tokens are not prefilled;
+* finds the key being computed right now by another admitted request with
+  the same tokens: it is *parked* (admitted but not fed) until that
+  request's KV covers the prefix, which is then stored, and the parked
+  requests resolve again (now hits); or
+* finds neither (a miss): it prefills normally (reusing whatever full blocks
+  are published) and, if the store can take the key, becomes the one
+  computing it for the others.
+
+So a group prefills its prefix once even when all of it arrives in one step.
+Admitted requests that use a stored entry pin it until they leave.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from .block_manager import BlockManager, BlockTable
+from .engine_request import EngineRequest
+from .prefix_cache import PrefixCache
+
+
+class PrefixCounters(Protocol):
+    prefix_hits: int
+    prefix_misses: int
+    prefix_tokens_saved: int
+
+
+class KVManager:
+    """Blocks, the prefix cache and hinted-prefix coordination of one engine."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool, counters: PrefixCounters) -> None:
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.block_size = block_size
+        self.prefix: PrefixCache | None = PrefixCache(self.blocks) if prefix_cache else None
+        self.counters = counters
+        self.computing: dict[str, EngineRequest] = {}  # key -> the request prefilling that prefix
+        self.parked: dict[str, list[EngineRequest]] = {}  # key -> requests waiting for it
+
+    # -- what the scheduler sees ----------------------------------------------
+    def new_table(self) -> BlockTable:
+        return BlockTable(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation may take now."""
+        return self.blocks.num_free
+
+    def admit(self, r: EngineRequest) -> None:
+        """A request was admitted to the batch: start it from what is cached
+        (a hinted prefix, else published full blocks), or park it behind the
+        request computing its hinted prefix."""
+        if self.prefix is None:
+            return
+        if r.prefix is not None and not r.preempted:
+            self._resolve_prefix(r)
+        if not r.parked and r.table.length == 0:
+            self._match_blocks(r)
+
+    def grant(self, r: EngineRequest, want: int) -> int:
+        """How many of ``want`` new positions the pool can give ``r`` now,
+        after dropping unpinned hinted prefixes if that helps."""
+        table = r.table
+        while table.blocks_needed(want) > self.blocks.num_free:
+            if self.prefix is None or not self.prefix.evict_one():
+                break
+        return max(0, min(want, table.room(self.blocks.num_free)))
+
+    def prepare(self, r: EngineRequest, n: int) -> list[tuple[int, int]]:
+        """Make ``n`` new positions of ``r`` writable (allocating, or copying
+        a shared last block first); returns the block copies to perform."""
+        copies = r.table.prepare_append(n)
+        assert copies is not None, "prepare() after a grant() that covers it"
+        return copies
+
+    def holds_blocks(self, r: EngineRequest) -> bool:
+        return bool(r.table.blocks)
+
+    def release(self, r: EngineRequest) -> None:
+        """Free the blocks and drop the prefix references of a request leaving
+        the batch (finished, failed, cancelled, preempted or closed); hand its
+        computing role to its waiters."""
+        r.table.release()
+        if r.prefix_entry is not None and self.prefix is not None:
+            self.prefix.release(r.prefix_entry)
+            r.prefix_entry = None
+        if r.prefix is None:
+            return
+        key = r.prefix[0]
+        if r.parked:
+            waiters = self.parked.get(key, [])
+            if r in waiters:
+                waiters.remove(r)
+            if not waiters:
+                self.parked.pop(key, None)
+            r.parked = False
+        if r.computes:
+            r.computes = False
+            if self.computing.get(key) is r:
+                del self.computing[key]
+            self._wake_parked(key)
+
+    def after_forward(self, fed: Sequence[EngineRequest], batch: Sequence[EngineRequest]) -> None:
+        """Publish what the step made cacheable: the full blocks of every
+        request fed, and the hinted prefixes now covered (waking their waiters)."""
+        if self.prefix is None:
+            return
+        for r in fed:
+            self.prefix.publish(r.namespace, r.seq.tokens, r.table.blocks, r.table.digests, r.table.length)
+        if self.computing:
+            self._publish_prefixes(batch)
+
+    def cached_keys(self) -> frozenset[str]:
+        return self.prefix.keys() if self.prefix is not None else frozenset()
+
+    # -- prefix reuse -------------------------------------------------------------
+    def _match_blocks(self, r: EngineRequest) -> None:
+        """Start from the longest run of published full blocks of the context
+        (the sequence feeds its last position again when all of it is cached)."""
+        assert self.prefix is not None
+        tokens = r.seq.tokens
+        blocks, digests = self.prefix.match(r.namespace, tokens, len(tokens))
+        if blocks:
+            saved = r.seq.attach_cached_prefix(blocks, len(blocks) * self.block_size, digests)
+            self.counters.prefix_tokens_saved += saved
+
+    def _resolve_prefix(self, r: EngineRequest) -> None:
+        """Park ``r`` behind the request computing the same prefix, take it
+        from the store (hit), or prefill it (miss), computing it for the others
+        when the store can take it."""
+        assert self.prefix is not None and r.prefix is not None
+        key, tokens = r.prefix
+        computing = self.computing.get(key)
+        if computing is not None and computing.prefix is not None and computing.prefix[1] == tokens:
+            r.parked = True
+            self.parked.setdefault(key, []).append(r)
+            return
+        entry = self.prefix.lookup(key, tokens)
+        if entry is not None:
+            saved = r.seq.attach_cached_prefix(entry.blocks, entry.num_tokens)
+            self.prefix.acquire(entry)
+            r.prefix_entry = entry
+            self.counters.prefix_hits += 1
+            self.counters.prefix_tokens_saved += saved
+            return
+        self.counters.prefix_misses += 1
+        if computing is None and self.prefix.can_insert(key, tokens):
+            r.computes = True
+            self.computing[key] = r
+
+    def _wake_parked(self, key: str) -> None:
+        """Resolve again the requests parked on ``key`` (its computer is done or gone)."""
+        for w in self.parked.pop(key, []):
+            w.parked = False
+            if not w.gone:
+                self.admit(w)
+
+    def _publish_prefixes(self, batch: Sequence[EngineRequest]) -> None:
+        """Store the prefix of every computing request whose KV now covers it,
+        then let the requests parked on it take it."""
+        assert self.prefix is not None
+        for r in batch:
+            if not r.computes or r.prefix is None:
+                continue
+            key, tokens = r.prefix
+            if r.table.length < len(tokens):
+                continue
+            blocks = r.table.blocks[: -(-len(tokens) // self.block_size)]
+            r.prefix_entry = self.prefix.insert(key, tokens, blocks, acquire=True)
+            r.computes = False
+            del self.computing[key]
+            self._wake_parked(key)
