@@ -62,8 +62,10 @@ class TorchEngineConfig:
     # so they start at the next step even when throughput work fills the batch.
     latency_reserve: int = 4
     # Step token budget while a latency-critical request decodes (None: no cap):
-    # bounds its time per output token; throughput prefill chunks shrink meanwhile.
-    latency_step_tokens: int | None = 512
+    # bounds its time per output token; throughput prefill chunks shrink
+    # meanwhile. Off by default: on the H200 mixed map-reduce + chat workload
+    # a 512-token cap made the applications' JCT 1.5x longer.
+    latency_step_tokens: int | None = None
     prefix_cache: bool = True  # False: no block reuse, prefix hints ignored
     block_size: int = 16  # token positions per KV block
     # KV pool size: ``kv_cache_bytes`` when set; else ``kv_cache_fraction`` of
