@@ -413,3 +413,40 @@ def test_hint_longer_than_the_context_is_an_engine_error(tiny_llama_dir, baselin
         asyncio.run(submit(baseline))  # with the store off, hints are ignored
     finally:
         engine.close()
+
+
+def test_requests_arriving_together_compute_an_uncached_prefix_once(tiny_llama_dir):
+    """No hints: four requests sharing a 96-token prefix, submitted at once.
+    With in-flight dedup the prefix is prefilled once (the others wait for
+    its blocks), and the greedy text is the same as without."""
+    import asyncio
+
+    from parrot.backends import Fill, Gen, GenerationRequest
+    from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
+    from parrot.semantic_vars import SamplingConfig
+
+    shared = tuple(range(7, 7 + 96))
+    prompts = [shared + (200 + i, 300 + i, 400 + i) for i in range(4)]
+
+    def run(dedup: bool) -> tuple[list[tuple[int, ...]], int]:
+        engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cpu", config=TorchEngineConfig(
+            max_step_tokens=32, dedup_inflight_prefixes=dedup))
+
+        async def main():
+            streams = [engine.submit(GenerationRequest([Fill(p), Gen(SamplingConfig(max_tokens=6))])) for p in prompts]
+            return await asyncio.gather(*(s.results() for s in streams))
+
+        try:
+            out = asyncio.run(main())
+            assert not engine.kv.inflight and not engine.kv.block_waiters
+            engine.prefix_cache.evict(0)
+            engine.block_manager.check()
+            return [results[0].token_ids for results, _ in out], engine.counters.prefill_tokens
+        finally:
+            engine.close()
+
+    with_dedup, prefilled = run(True)
+    without, prefilled_without = run(False)
+    assert with_dedup == without
+    assert prefilled_without >= 4 * 99  # each computed the whole prefix
+    assert prefilled <= 99 + 3 * (99 - 96 + 16)  # the prefix once; the others their tails (and a re-fed block edge)

@@ -45,6 +45,11 @@ class EngineRequest:
         self.computes = False
         self.gone = False  # it has left the engine (finished, failed, cancelled or closed)
         self.preempted = 0  # times sent back to the queue
+        # In-flight prefix dedup (the KV manager's): digests of the full
+        # blocks this request is computing that others may wait for, and the
+        # digest it waits for itself (parked behind the request computing it).
+        self.inflight: list[bytes] = []
+        self.waits_for: bytes | None = None
 
     @property
     def request_id(self) -> str:

@@ -27,6 +27,15 @@ request either
 
 So a group prefills its prefix once even when all of it arrives in one step.
 Admitted requests that use a stored entry pin it until they leave.
+
+In-flight dedup (``dedup``), for every request, hinted or not: an admitted
+request whose next uncached full block is being computed right now by
+another admitted request of the same namespace waits (parked, nothing
+attached) until that block is published, then starts from the published
+blocks and waits again for the next one while the other request still
+computes it. So N requests that arrive together with one uncached prefix
+compute it once, as a request-level server with an automatic prefix cache
+would want.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Protocol, Sequence
 
 from .block_manager import BlockManager, BlockTable
 from .engine_request import EngineRequest
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, block_digest
 
 
 class PrefixCounters(Protocol):
@@ -47,13 +56,17 @@ class PrefixCounters(Protocol):
 class KVManager:
     """Blocks, the prefix cache and hinted-prefix coordination of one engine."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool, counters: PrefixCounters) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool, counters: PrefixCounters,
+                 dedup: bool = True) -> None:
         self.blocks = BlockManager(num_blocks, block_size)
         self.block_size = block_size
         self.prefix: PrefixCache | None = PrefixCache(self.blocks) if prefix_cache else None
         self.counters = counters
         self.computing: dict[str, EngineRequest] = {}  # key -> the request prefilling that prefix
         self.parked: dict[str, list[EngineRequest]] = {}  # key -> requests waiting for it
+        self.dedup = dedup
+        self.inflight: dict[bytes, EngineRequest] = {}  # digest of a full block being computed -> who computes it
+        self.block_waiters: dict[bytes, list[EngineRequest]] = {}  # digest -> requests parked until it is published
 
     # -- what the scheduler sees ----------------------------------------------
     def new_table(self) -> BlockTable:
@@ -99,6 +112,7 @@ class KVManager:
         the batch (finished, failed, cancelled, preempted or closed); hand its
         computing role to its waiters."""
         r.table.release()
+        self._leave_inflight(r)
         if r.prefix_entry is not None and self.prefix is not None:
             self.prefix.release(r.prefix_entry)
             r.prefix_entry = None
@@ -124,7 +138,13 @@ class KVManager:
         if self.prefix is None:
             return
         for r in fed:
+            before = len(r.table.digests)
             self.prefix.publish(r.namespace, r.seq.tokens, r.table.blocks, r.table.digests, r.table.length)
+            if self.inflight:
+                for digest in r.table.digests[before:]:
+                    if self.inflight.get(digest) is r:
+                        del self.inflight[digest]
+                    self._wake_block_waiters(digest)
         if self.computing:
             self._publish_prefixes(batch)
 
@@ -134,13 +154,53 @@ class KVManager:
     # -- prefix reuse -------------------------------------------------------------
     def _match_blocks(self, r: EngineRequest) -> None:
         """Start from the longest run of published full blocks of the context
-        (the sequence feeds its last position again when all of it is cached)."""
+        (the sequence feeds its last position again when all of it is cached),
+        or wait for the next block while another request computes it."""
         assert self.prefix is not None
-        tokens = r.seq.tokens
+        tokens, bs = r.seq.tokens, self.block_size
         blocks, digests = self.prefix.match(r.namespace, tokens, len(tokens))
+        chain: list[bytes] = []  # digests of the full blocks after the cached run
+        if self.dedup:
+            parent = digests[-1] if digests else None
+            for i in range(len(blocks), len(tokens) // bs):
+                parent = block_digest(parent, r.namespace, tokens[i * bs : (i + 1) * bs])
+                chain.append(parent)
+            owner = self.inflight.get(chain[0]) if chain else None
+            if owner is not None and owner is not r and not owner.gone:
+                r.parked, r.waits_for = True, chain[0]
+                self.block_waiters.setdefault(chain[0], []).append(r)
+                return
         if blocks:
-            saved = r.seq.attach_cached_prefix(blocks, len(blocks) * self.block_size, digests)
+            saved = r.seq.attach_cached_prefix(blocks, len(blocks) * bs, digests)
             self.counters.prefix_tokens_saved += saved
+        for digest in chain:  # what this request computes, others may wait for
+            if self.inflight.setdefault(digest, r) is r:
+                r.inflight.append(digest)
+
+    def _wake_block_waiters(self, digest: bytes) -> None:
+        """The block ``digest`` names was published, or its computer left:
+        the requests waiting for it look again."""
+        for w in self.block_waiters.pop(digest, []):
+            w.parked, w.waits_for = False, None
+            if not w.gone and w.table.length == 0:
+                self._match_blocks(w)
+
+    def _leave_inflight(self, r: EngineRequest) -> None:
+        """``r`` leaves the batch: it no longer waits, and whoever waits for a
+        block it was computing looks again (and may compute it itself)."""
+        if r.waits_for is not None:
+            waiters = self.block_waiters.get(r.waits_for, [])
+            if r in waiters:
+                waiters.remove(r)
+            if not waiters:
+                self.block_waiters.pop(r.waits_for, None)
+            r.waits_for = None
+            r.parked = False
+        owned, r.inflight = r.inflight, []
+        for digest in owned:
+            if self.inflight.get(digest) is r:
+                del self.inflight[digest]
+                self._wake_block_waiters(digest)
 
     def _resolve_prefix(self, r: EngineRequest) -> None:
         """Park ``r`` behind the request computing the same prefix, take it

@@ -67,6 +67,9 @@ class TorchEngineConfig:
     # a 512-token cap made the applications' JCT 1.5x longer.
     latency_step_tokens: int | None = None
     prefix_cache: bool = True  # False: no block reuse, prefix hints ignored
+    # Requests admitted together with one uncached prefix compute it once: a
+    # request waits while another computes its next full block (see kv_manager).
+    dedup_inflight_prefixes: bool = True
     block_size: int = 16  # token positions per KV block
     # KV pool size: ``kv_cache_bytes`` when set; else ``kv_cache_fraction`` of
     # the free GPU memory after the weights are loaded, or on CPU 256 MiB,
@@ -158,7 +161,8 @@ class TorchEngine(Engine):
             )
         bs = self.config.block_size
         num_blocks = self._pool_blocks()
-        self.kv = KVManager(num_blocks, bs, prefix_cache=self.config.prefix_cache, counters=self.counters)
+        self.kv = KVManager(num_blocks, bs, prefix_cache=self.config.prefix_cache, counters=self.counters,
+                            dedup=self.config.dedup_inflight_prefixes)
         self.pool = PagedKVPool(
             c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
         )
