@@ -22,6 +22,7 @@ from parrot.semantic_vars.template import parse_template
 
 from . import models as m
 from .deps import ERRORS, ServiceDep, TenantDep, admin_of
+from .disconnect import unless_disconnected
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .openai_routes import router as openai_router
@@ -89,25 +90,21 @@ async def get_variable(
     var_id: str,
     tenant: TenantDep,
     service: ServiceDep,
+    request: Request,
     perf: m.Perf = "latency",
     timeout: Annotated[float, Query(ge=0, le=300, description="seconds to wait for the value (long-poll)")] = 0,
 ) -> m.VariableState:
     """Read a variable, waiting up to ``timeout`` seconds; records the ``perf`` annotation."""
-    return await service.get_variable(tenant, session_id, var_id, perf, timeout)
+    # A client that leaves ends the wait: nothing is left for a shutdown to wait on.
+    return await unless_disconnected(request, service.get_variable(tenant, session_id, var_id, perf, timeout))
 
 
 @api.get("/sessions/{session_id}/variables/{var_id}/stream", tags=["variables"])
 async def stream_variable(session_id: str, var_id: str, tenant: TenantDep, service: ServiceDep) -> EventSourceResponse:
     """Server-sent events: ``token`` pieces while the output is generated, then ``value`` (or ``error``)."""
-    events = service.stream_variable(tenant, session_id, var_id)
-    first = await anext(events)  # ownership errors surface as 404 before streaming starts
-
-    async def all_events() -> AsyncIterator[dict]:
-        yield first
-        async for e in events:
-            yield e
-
-    return EventSourceResponse(all_events())
+    # Ownership errors are 404s here; the waiting happens inside the response,
+    # which ends when the client disconnects or the server shuts down.
+    return EventSourceResponse(service.stream_variable(tenant, session_id, var_id))
 
 
 @api.post("/sessions/{session_id}/calls", status_code=201, response_model=m.CallsSubmitted, tags=["calls"])

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,6 +58,7 @@ from parrot.semantic_vars import Constraint
 
 from . import openai_structured as structured
 from .deps import ERRORS, service_of, tenant_of
+from .disconnect import unless_disconnected
 from .errors import error_body
 from .models import CallBody, FunctionBody, SamplingBody, UserText
 from .service import ParrotService
@@ -601,7 +602,7 @@ async def get_model(model_id: str, tenant: TenantDep, service: ServiceDep) -> di
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep, request: Request) -> dict | StreamingResponse:
     """OpenAI text completion: one prompt, ``n`` choices, streamed (SSE) or not."""
     _check_model(service, body.model)
     _check_common(body)
@@ -635,7 +636,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(runs, chunk, include_usage, echo or None, final)
-    texts = await _wait_all(runs)
+    texts = await unless_disconnected(request, _wait_all(runs))  # a client gone cancels its calls
     choices = [chunk(i, echo + text, run.finish_reason, structured.completion_logprobs(run.logprobs, tokenizer, len(echo)))["choices"][0]
                for i, (run, text) in enumerate(zip(runs, texts))]
     out = chunk(0, None, None)
@@ -645,7 +646,8 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep,
+                           request: Request) -> dict | StreamingResponse:
     """OpenAI chat completion over the model's chat template, streamed (SSE) or
     not: ``n`` choices, structured outputs, tool calls, logprobs."""
     _check_model(service, body.model)
@@ -724,7 +726,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
             return chunk(index, None, reason, delta, structured.chat_logprobs(run.logprobs, tokenizer))
 
         return _stream(runs, chunk, include_usage, "", final, buffer=plan is not None)  # the first chunk carries the role
-    texts = await _wait_all(runs)
+    texts = await unless_disconnected(request, _wait_all(runs))  # a client gone cancels its calls
     choices = []
     for i, (run, text) in enumerate(zip(runs, texts)):
         msg, reason = message(run, text)
