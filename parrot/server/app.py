@@ -25,7 +25,7 @@ from .deps import ERRORS, ServiceDep, TenantDep, admin_of
 from .disconnect import unless_disconnected
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
-from .openai_routes import router as openai_router
+from .openai_routes import CHAT_FUNCTION, COMPLETION_FUNCTION, router as openai_router
 from .service import ParrotService
 from .ui import mount_ui
 from .tenancy import Quotas
@@ -166,7 +166,7 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
         service = await build_service()
         await service.start()
         app.state.service = service
-        app.state.metrics = ServiceMetrics(service.runtime)
+        app.state.metrics = ServiceMetrics(service.runtime, service_functions=(COMPLETION_FUNCTION, CHAT_FUNCTION))
         yield
         await service.stop()
 
@@ -200,9 +200,9 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
         response.status_code = 200 if ready else 503
         return {"ready": ready, "engines": engines, "store": store}
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(admin_of)], responses={401: ERRORS[401]})
     async def metrics(request: Request) -> Response:
-        """Prometheus metrics."""
+        """Prometheus metrics, for the admin key only (they cover every tenant)."""
         # Off the loop: an engine in another process answers its stats by a round trip.
         body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -65,6 +65,9 @@ from .service import ParrotService
 from .tenancy import Tenant
 
 log = logging.getLogger(__name__)
+#: The function names of the calls these routes make (their metrics label).
+COMPLETION_FUNCTION = "openai.completion"
+CHAT_FUNCTION = "openai.chat"
 
 OUTPUT = "{{output:completion}}"
 MAX_CHOICES = 16  # most choices (``n``) one request may ask for
@@ -621,7 +624,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         raise InvalidArgumentError("prompt", "the prompt is empty")
     sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16,  # 16: OpenAI's default
                          logprobs=body.logprobs)
-    runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion", body.n or 1)
+    runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, COMPLETION_FUNCTION, body.n or 1)
     rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
     echo = prompt if body.echo else ""
     tokenizer = service.runtime.engines[0].tokenizer
@@ -693,7 +696,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         # Compiled now (off the event loop) against the served tokenizer: a bad
         # schema or regex is this request's 4xx naming the field.
         await asyncio.to_thread(grammar.check, constraint, tokenizer)
-    runs = await start_calls(service, tenant, prompt, sampling, "openai.chat", body.n or 1)
+    runs = await start_calls(service, tenant, prompt, sampling, CHAT_FUNCTION, body.n or 1)
     rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
 
     def message(run: CallRun, text: str) -> tuple[dict[str, Any], str]:
