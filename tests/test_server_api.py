@@ -41,7 +41,8 @@ def test_a_chain_runs_server_side(live_server, key):
         assert [x["state"] for x in dag["calls"]] == ["done", "done"]
         assert dag["calls"][1]["objective"] == "latency"
         assert c.delete(f"/api/v1/sessions/{sid}").json()["closed"]
-        metrics = c.get("/metrics").text
+    with live_server.admin() as admin:
+        metrics = admin.get("/metrics").text
     assert 'parrot_calls_total{state="done"}' in metrics
     assert "parrot_engine_tokens_total" in metrics
     assert 'parrot_kv_blocks{engine=' in metrics and 'state="free"' in metrics

@@ -22,9 +22,10 @@ from parrot.semantic_vars.template import parse_template
 
 from . import models as m
 from .deps import ERRORS, ServiceDep, TenantDep, admin_of
+from .disconnect import unless_disconnected
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
-from .openai_routes import router as openai_router
+from .openai_routes import CHAT_FUNCTION, COMPLETION_FUNCTION, router as openai_router
 from .service import ParrotService
 from .ui import mount_ui
 from .tenancy import Quotas
@@ -89,25 +90,21 @@ async def get_variable(
     var_id: str,
     tenant: TenantDep,
     service: ServiceDep,
+    request: Request,
     perf: m.Perf = "latency",
     timeout: Annotated[float, Query(ge=0, le=300, description="seconds to wait for the value (long-poll)")] = 0,
 ) -> m.VariableState:
     """Read a variable, waiting up to ``timeout`` seconds; records the ``perf`` annotation."""
-    return await service.get_variable(tenant, session_id, var_id, perf, timeout)
+    # A client that leaves ends the wait: nothing is left for a shutdown to wait on.
+    return await unless_disconnected(request, service.get_variable(tenant, session_id, var_id, perf, timeout))
 
 
 @api.get("/sessions/{session_id}/variables/{var_id}/stream", tags=["variables"])
 async def stream_variable(session_id: str, var_id: str, tenant: TenantDep, service: ServiceDep) -> EventSourceResponse:
     """Server-sent events: ``token`` pieces while the output is generated, then ``value`` (or ``error``)."""
-    events = service.stream_variable(tenant, session_id, var_id)
-    first = await anext(events)  # ownership errors surface as 404 before streaming starts
-
-    async def all_events() -> AsyncIterator[dict]:
-        yield first
-        async for e in events:
-            yield e
-
-    return EventSourceResponse(all_events())
+    # Ownership errors are 404s here; the waiting happens inside the response,
+    # which ends when the client disconnects or the server shuts down.
+    return EventSourceResponse(service.stream_variable(tenant, session_id, var_id))
 
 
 @api.post("/sessions/{session_id}/calls", status_code=201, response_model=m.CallsSubmitted, tags=["calls"])
@@ -169,7 +166,7 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
         service = await build_service()
         await service.start()
         app.state.service = service
-        app.state.metrics = ServiceMetrics(service.runtime)
+        app.state.metrics = ServiceMetrics(service.runtime, service_functions=(COMPLETION_FUNCTION, CHAT_FUNCTION))
         yield
         await service.stop()
 
@@ -203,9 +200,9 @@ def create_app(build_service: ServiceFactory) -> FastAPI:
         response.status_code = 200 if ready else 503
         return {"ready": ready, "engines": engines, "store": store}
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(admin_of)], responses={401: ERRORS[401]})
     async def metrics(request: Request) -> Response:
-        """Prometheus metrics."""
+        """Prometheus metrics, for the admin key only (they cover every tenant)."""
         # Off the loop: an engine in another process answers its stats by a round trip.
         body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot.semantic_vars import (
@@ -22,6 +22,7 @@ from parrot.semantic_vars import (
 
 from parrot.dataflow.store import StoreUnavailableError
 
+from .disconnect import ClientDisconnected
 from .tenancy import AuthenticationError, PromptTooLongError, QuotaExceededError
 
 # Most specific first: the first class that matches decides the status.
@@ -66,6 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ParrotError)
     async def on_parrot_error(request: Request, exc: ParrotError) -> JSONResponse:
         return parrot_error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": no one reads it
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,14 +1,25 @@
-"""Prometheus metrics: calls, tokens, prefix cache, queue depth, call latency."""
+"""Prometheus metrics: calls, tokens, prefix cache, queue depth, call latency.
+
+Label values are bounded whatever tenants do: the latency histogram names a
+function only when the admin published it or the service itself names it
+(the OpenAI routes); every tenant's own functions count as ``"other"``, so
+a tenant registering many functions neither grows the page nor shows their
+names to anyone reading it.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from parrot.dataflow import LocalRuntime
+from parrot.semantic_vars import FunctionSpec
+
+#: The ``function`` label of every call of a tenant's own function.
+OTHER_FUNCTION = "other"
 
 
 class RuntimeCollector:
@@ -43,7 +54,9 @@ class RuntimeCollector:
 class ServiceMetrics:
     """The service's registry; call outcomes and latencies come from runtime events."""
 
-    def __init__(self, runtime: LocalRuntime) -> None:
+    def __init__(self, runtime: LocalRuntime, service_functions: Collection[str] = ()) -> None:
+        """``service_functions``: names the service gives its own calls, kept as labels."""
+        self.service_functions = frozenset(service_functions)
         self.registry = CollectorRegistry()
         self.calls = Counter("parrot_calls", "Calls by final state", ["state"], registry=self.registry)
         self.latency = Histogram(
@@ -60,4 +73,11 @@ class ServiceMetrics:
         self.calls.labels(event["state"]).inc()
         call = self.runtime.graph.calls.get(event["call_id"])
         if call is not None and event["state"] == "done":
-            self.latency.labels(call.function.name).observe((call.finished_at or time.monotonic()) - call.submitted_at)
+            self.latency.labels(self.function_label(call.function)).observe((call.finished_at or time.monotonic()) - call.submitted_at)
+
+    def function_label(self, function: FunctionSpec) -> str:
+        """The function's name if the admin published it or the service names
+        it, else :data:`OTHER_FUNCTION` (tenants cannot add label values)."""
+        if function.public_prefix or function.name in self.service_functions:
+            return function.name
+        return OTHER_FUNCTION

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,12 +58,16 @@ from parrot.semantic_vars import Constraint
 
 from . import openai_structured as structured
 from .deps import ERRORS, service_of, tenant_of
+from .disconnect import unless_disconnected
 from .errors import error_body
 from .models import CallBody, FunctionBody, SamplingBody, UserText
 from .service import ParrotService
 from .tenancy import Tenant
 
 log = logging.getLogger(__name__)
+#: The function names of the calls these routes make (their metrics label).
+COMPLETION_FUNCTION = "openai.completion"
+CHAT_FUNCTION = "openai.chat"
 
 OUTPUT = "{{output:completion}}"
 MAX_CHOICES = 16  # most choices (``n``) one request may ask for
@@ -601,7 +605,7 @@ async def get_model(model_id: str, tenant: TenantDep, service: ServiceDep) -> di
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+async def completions(body: CompletionRequest, tenant: TenantDep, service: ServiceDep, request: Request) -> dict | StreamingResponse:
     """OpenAI text completion: one prompt, ``n`` choices, streamed (SSE) or not."""
     _check_model(service, body.model)
     _check_common(body)
@@ -620,7 +624,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
         raise InvalidArgumentError("prompt", "the prompt is empty")
     sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16,  # 16: OpenAI's default
                          logprobs=body.logprobs)
-    runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, "openai.completion", body.n or 1)
+    runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, COMPLETION_FUNCTION, body.n or 1)
     rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
     echo = prompt if body.echo else ""
     tokenizer = service.runtime.engines[0].tokenizer
@@ -635,7 +639,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(runs, chunk, include_usage, echo or None, final)
-    texts = await _wait_all(runs)
+    texts = await unless_disconnected(request, _wait_all(runs))  # a client gone cancels its calls
     choices = [chunk(i, echo + text, run.finish_reason, structured.completion_logprobs(run.logprobs, tokenizer, len(echo)))["choices"][0]
                for i, (run, text) in enumerate(zip(runs, texts))]
     out = chunk(0, None, None)
@@ -645,7 +649,8 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep) -> dict | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, service: ServiceDep,
+                           request: Request) -> dict | StreamingResponse:
     """OpenAI chat completion over the model's chat template, streamed (SSE) or
     not: ``n`` choices, structured outputs, tool calls, logprobs."""
     _check_model(service, body.model)
@@ -691,7 +696,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         # Compiled now (off the event loop) against the served tokenizer: a bad
         # schema or regex is this request's 4xx naming the field.
         await asyncio.to_thread(grammar.check, constraint, tokenizer)
-    runs = await start_calls(service, tenant, prompt, sampling, "openai.chat", body.n or 1)
+    runs = await start_calls(service, tenant, prompt, sampling, CHAT_FUNCTION, body.n or 1)
     rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
 
     def message(run: CallRun, text: str) -> tuple[dict[str, Any], str]:
@@ -724,7 +729,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
             return chunk(index, None, reason, delta, structured.chat_logprobs(run.logprobs, tokenizer))
 
         return _stream(runs, chunk, include_usage, "", final, buffer=plan is not None)  # the first chunk carries the role
-    texts = await _wait_all(runs)
+    texts = await unless_disconnected(request, _wait_all(runs))  # a client gone cancels its calls
     choices = []
     for i, (run, text) in enumerate(zip(runs, texts)):
         msg, reason = message(run, text)

@@ -12,6 +12,10 @@ from parrot.backends.spec import EngineSpec
 from .service import ParrotService
 from .tenancy import Quotas
 
+#: On SIGTERM, how long requests still in flight (a client still long-polling
+#: or streaming) may run before uvicorn cancels them and the process exits.
+SHUTDOWN_GRACE_S = 10.0
+
 
 def _flag(value: str | None) -> bool:
     return (value or "") not in ("", "0", "false")
@@ -213,7 +217,8 @@ def run(settings: ServerSettings) -> None:
     store = f"Redis at {settings.redis_url}" if settings.redis_url else "memory (set PARROT_REDIS_URL to keep it)"
     print(f"parrot serve: http://{settings.host}:{settings.port}  state: {store}", flush=True)
     print(f"DAG visualizer: http://{settings.host}:{settings.port}/ui (sign in with a tenant's API key)", flush=True)
-    uvicorn.run(make_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(make_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 class ThreadedServer:
@@ -230,7 +235,8 @@ class ThreadedServer:
         self.settings = settings
         # Port 0: the kernel picks a free port. (Handing uvicorn a pre-bound
         # socket instead loses TCP_NODELAY on its connections: +40 ms a request.)
-        config = uvicorn.Config(make_app(settings), host=settings.host, port=0, log_level="warning", lifespan="on")
+        config = uvicorn.Config(make_app(settings), host=settings.host, port=0, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -259,10 +259,14 @@ class ParrotService:
             pass
         return VariableState(var_id=var_id, name=var.name, ready=var.is_set, value=var.value, error=var.error)
 
-    async def stream_variable(self, tenant: Tenant, session_id: str, var_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Token deltas of an output as they are generated, then its value."""
+    def stream_variable(self, tenant: Tenant, session_id: str, var_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Token deltas of an output as they are generated, then its value.
+        Ownership is checked now (raising), before any event is awaited."""
         self.owned_session(tenant, session_id)
         self.owned_variable(tenant, var_id)
+        return self._variable_events(var_id)
+
+    async def _variable_events(self, var_id: str) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         def listener(event: dict[str, Any]) -> None:
