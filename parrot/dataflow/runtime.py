@@ -140,6 +140,11 @@ class LocalRuntime(Runtime):
         #: variables counts; a call over it fails with PromptTooLongError.
         self.prompt_limits: dict[str, int] = {}
 
+    @property
+    def queued_calls(self) -> int:
+        """Ready calls not yet handed to an engine."""
+        return len(self._ready)
+
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event)`` for every DAG event; returns the unsubscriber.

@@ -47,7 +47,7 @@ class RuntimeCollector:
                 if value is not None:
                     blocks.add_metric([engine.name, state], value)
         queue = GaugeMetricFamily("parrot_queue_depth", "Ready calls waiting for an engine slot")
-        queue.add_metric([], len(self.runtime._ready))
+        queue.add_metric([], self.runtime.queued_calls)
         yield from (tokens, cache, running, blocks, queue)
 
 
