@@ -14,6 +14,8 @@ from typing import Literal
 
 import jsonschema
 import pytest
+
+from structured_schema import SCHEMA
 from pydantic import BaseModel, Field
 
 import parrot as P
@@ -22,18 +24,6 @@ from parrot.backends.engine import Fill, Gen, GenerationRequest
 from parrot.semantic_vars import Constraint, ConstraintError, SamplingConfig, TemplateError
 
 SEEDS = range(12)
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "colour", "tags", "ok"],
-    "additionalProperties": False,
-}
 
 
 class Person(BaseModel):

@@ -14,21 +14,11 @@ import jsonschema
 import openai
 import pytest
 
+from structured_schema import SCHEMA
+
 import parrot as P
 
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "colour", "tags", "ok"],
-    "additionalProperties": False,
-}
 WEATHER = {
     "type": "object",
     "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},

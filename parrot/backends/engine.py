@@ -149,11 +149,6 @@ class EngineCapacity:
     cached_blocks: int | None = None  # KV blocks findable by the prefix cache (held or free)
     waiting_tokens: int | None = None  # context tokens of the queued requests, still to be prefilled
 
-    @property
-    def free_slots(self) -> int:
-        """Places in the running batch not yet claimed by running or queued requests."""
-        return max(0, self.max_running - self.running - self.waiting)
-
     def room(self, queue_depth: int | None = None) -> int:
         """How many more requests this engine can usefully be given now.
 

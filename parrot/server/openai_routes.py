@@ -256,19 +256,15 @@ def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> Prompt:
     prompt with (for a conversation that does not end with a user turn): the
     template's markup is the prompt's text, each message's content a constant
     (user text: its ``<|system|>`` or ``</s>`` are plain characters)."""
-    contents: list[str] = []
     marker = f"\x00{new_id('content')}:"  # a string no message holds; a template passes it through
-    marked = []
-    for i, msg in enumerate(plain):
-        marked.append({"role": msg["role"], "content": f"{marker}{i}\x00"})
-        contents.append(msg["content"])
-    plain = marked
+    contents = [msg["content"] for msg in plain]
+    marked = [{"role": msg["role"], "content": f"{marker}{i}\x00"} for i, msg in enumerate(plain)]
     tokenizer = service.runtime.engines[0].tokenizer
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is None:
         raise InvalidArgumentError("messages", "the served model's tokenizer has no chat template")
     try:
-        text = apply(plain)
+        text = apply(marked)
     except Exception as exc:  # jinja's raise_exception, a model without a template, ...
         raise InvalidArgumentError("messages", f"the model's chat template rejected the messages: {exc}") from exc
     # The engine puts BOS before every prompt; a template that writes it too
