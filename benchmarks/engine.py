@@ -173,12 +173,16 @@ def bench_ttft(model, tok, cfg: dict[str, Any], prefix_len: int, suffix_len: int
             hint = PrefixHint("bench-prefix", prefix_len)
             run_all(engine, [request(prefix + suffixes[0], 1, hint)])  # warm-up; fills the cache
             ttfts = []
+            phases: dict[str, float] = {}
+            _time_phases(engine, phases)
             for s in suffixes[1:]:
                 _, [stats] = run_all(engine, [request(prefix + s, 1, hint)])
                 ttfts.append(stats.first_token_at - stats.submitted_at)
                 if cache:
                     assert stats.cached_tokens == prefix_len, stats
             out[f"{label}_ttft_ms"] = statistics.median(ttfts) * 1e3
+            out[f"{label}_phases_ms"] = {k: v / len(ttfts) * 1e3 for k, v in phases.items()}  # mean, not median
+            say(f"  {label}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in out[f"{label}_phases_ms"].items()))
         finally:
             engine.close()
     out["speedup"] = out["cache_off_ttft_ms"] / out["cached_ttft_ms"]
@@ -214,6 +218,139 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
     say(f"decode of {n} sequences after a shared {prefix_len}-token prefix: cascade {out['cascade_step_ms']:.2f} ms/step"
         f" vs paged {out['paged_step_ms']:.2f} ms ({out['speedup']:.2f}x)")
     return out
+
+
+_KERNEL_KINDS = (
+    ("attention", ("paged_partial", "_merge_kernel", "flash", "fmha", "attention")),
+    ("layer ops", ("add_rms_norm", "rotary", "silu_mul")),
+    ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas", "xmma", "splitk")),
+    ("copy", ("memcpy", "memset", "copy", "index")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other elementwise")
+
+
+def _kernel_times(prof) -> tuple[dict[str, float], int, dict[str, tuple[float, int]]]:
+    """GPU ms by kind, the kernel count, and ms/count per kernel name of one profile."""
+    kinds: dict[str, float] = {}
+    names: dict[str, tuple[float, int]] = {}
+    count = 0
+    for ev in prof.key_averages():
+        # key_averages mixes CPU ops (whose device time is their kernels') with the kernels; keep kernels.
+        if getattr(ev.device_type, "name", "") != "CUDA":
+            continue
+        ms = ev.device_time_total / 1e3
+        kinds[_kernel_kind(ev.key)] = kinds.get(_kernel_kind(ev.key), 0.0) + ms
+        names[ev.key[:90]] = (ms, ev.count)
+        count += ev.count
+    return kinds, count, names
+
+
+@torch.inference_mode()  # the graphs' buffers are inference tensors
+def _graph_replay_ms(engine: TorchEngine, batch: int, context: int) -> float | None:
+    """GPU time of one captured decode forward (CUDA events over back-to-back
+    replays, no host work between them): the step's floor in this engine."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.accepts(batch):
+        return None
+    bs = engine.config.block_size
+    scratch = graphs.scratch_block
+    blocks = -(-context // bs)
+    tables = [[(i * blocks + j) % engine.kv.blocks.num_blocks for j in range(blocks)] for i in range(batch)]
+    args = ([0] * batch, [context - 1] * batch, [scratch * bs] * batch, [context] * batch, tables)
+    graphs.run(*args)  # captures the bucket if the run did not
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graphs.run(*args)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def _time_phases(engine: TorchEngine, phases: dict[str, float]) -> None:
+    """Add the seconds spent in each engine phase to ``phases`` (wraps the
+    engine's scheduler, runner and KV manager methods; benchmark only)."""
+
+    def timed(obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(obj, attr, wrapper)
+
+    timed(engine.scheduler, "plan", "plan")
+    timed(engine.runner, "forward", "forward: host work and launches")
+    timed(engine.runner, "sample", "sample: waits for the GPU, then host")
+    timed(engine.kv, "after_forward", "kv after_forward")
+
+
+def bench_profile(model, tok, cfg: dict[str, Any], batches: list[int], prompt_len: int, gen: int) -> list[dict]:
+    """Where a decode step's time goes, decode steps only (a prefill-only run
+    is subtracted): host phases (timed around the engine's scheduler, runner
+    and KV manager calls, no profiler), GPU kernels by kind (torch.profiler,
+    a separate pair of runs), and the GPU time of the captured graph alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    rng = torch.Generator().manual_seed(5)
+    for b in batches:
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(
+            max_running=b, max_step_tokens=max(8192, b), prefix_cache=False, **cfg))
+        phases: dict[str, float] = {}
+        def measured(tokens: int, profiled: bool):
+            phases.clear()
+            steps0 = engine.counters.steps
+            reqs = [request(p, tokens) for p in prompts]
+            if profiled:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    wall, _ = run_all(engine, reqs)
+                return wall, dict(phases), engine.counters.steps - steps0, _kernel_times(prof)
+            wall, _ = run_all(engine, reqs)
+            return wall, dict(phases), engine.counters.steps - steps0, None
+
+        try:
+            prompts = [prompt(rng, prompt_len) for _ in range(b)]
+            run_all(engine, [request(p, 4) for p in prompts])  # warm-up: graphs captured
+            _time_phases(engine, phases)
+            base = measured(1, False)
+            full = measured(gen, False)
+            base_p = measured(1, True)
+            full_p = measured(gen, True)
+            replay_ms = _graph_replay_ms(engine, b, prompt_len + gen // 2)
+        finally:
+            engine.close()
+            del engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        steps = full[2] - base[2]
+        wall_ms = (full[0] - base[0]) / steps * 1e3
+        host = {k: (full[1].get(k, 0.0) - base[1].get(k, 0.0)) / steps * 1e3 for k in full[1]}
+        host["engine loop, rest"] = wall_ms - sum(host.values())
+        (kf, cf, nf), (kb, cb, nb) = full_p[3], base_p[3]
+        psteps = full_p[2] - base_p[2]
+        kinds = {k: (kf[k] - kb.get(k, 0.0)) / psteps for k in kf}
+        top = sorted(((ms - nb.get(n, (0.0, 0))[0]) / psteps, n, (c - nb.get(n, (0.0, 0))[1]) / psteps)
+                     for n, (ms, c) in nf.items())[::-1][:15]
+        row = {
+            "batch": b, "decode_steps": steps, "step_ms": wall_ms, "graph_replay_gpu_ms": replay_ms,
+            "host_ms_per_step": host, "gpu_ms_per_step_profiled": kinds,
+            "kernels_per_step": (cf - cb) / psteps,
+            "top_kernels": [{"name": n, "ms_per_step": ms, "per_step": c} for ms, n, c in top],
+        }
+        rows.append(row)
+        say(f"profile batch {b}: {wall_ms:.2f} ms/step; graph replay alone {replay_ms or float('nan'):.2f} ms GPU;"
+            f" {row['kernels_per_step']:.0f} kernels/step; GPU "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            + " | host " + ", ".join(f"{k} {v:.2f}" for k, v in host.items()))
+    return rows
 
 
 def bench_vs_hf(model, hf, tok, cfg: dict[str, Any], batches: list[int], prompt_len: int, gen: int) -> list[dict]:
@@ -259,11 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke run)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--parts", default="decode,prefill,ttft,cascade,hf",
-                        help="comma-separated: decode, prefill, ttft, cascade, hf")
+                        help="comma-separated: decode, prefill, ttft, cascade, hf, profile")
+    parser.add_argument("--compare-layer-ops", action="store_true",
+                        help="also run decode, prefill and ttft with the torch twins of the fused layer ops"
+                             " (PARROT_LAYER_OPS=torch), side by side")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    unknown = parts - {"decode", "prefill", "ttft", "cascade", "hf"}
+    unknown = parts - {"decode", "prefill", "ttft", "cascade", "hf", "profile"}
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}")
     device = torch.device(args.device)
@@ -290,12 +430,24 @@ def main(argv: list[str] | None = None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    if "decode" in parts:
-        result["decode"] = bench_decode(model, tok, cfg, bw, [1, 8] if q else [1, 8, 64], 64 if q else 512, 8 if q else 64)
-    if "prefill" in parts:
-        result["prefill"] = bench_prefill(model, tok, cfg, 256 if q else 8192, peak)
-    if "ttft" in parts:
-        result["ttft_prefix_cache"] = bench_ttft(model, tok, cfg, 256 if q else 4096, 32, 2 if q else 5)
+    from parrot.kernels import layer_ops
+
+    for backend in ("auto", "torch") if args.compare_layer_ops else (layer_ops.LAYER_OPS_BACKEND,):
+        layer_ops.LAYER_OPS_BACKEND = backend  # read at each call: a new engine captures new graphs
+        suffix = "" if backend == "auto" else "_torch_layer_ops"
+        if backend != "auto":
+            say("-- with the torch twins of the layer ops")
+        if "decode" in parts:
+            result["decode" + suffix] = bench_decode(model, tok, cfg, bw, [1, 8] if q else [1, 8, 64],
+                                                     64 if q else 512, 8 if q else 64)
+        if "prefill" in parts:
+            result["prefill" + suffix] = bench_prefill(model, tok, cfg, 256 if q else 8192, peak)
+        if "ttft" in parts:
+            result["ttft_prefix_cache" + suffix] = bench_ttft(model, tok, cfg, 256 if q else 4096, 32, 2 if q else 5)
+        if "profile" in parts:
+            result["profile" + suffix] = bench_profile(model, tok, cfg, [1, 8] if q else [1, 8, 64],
+                                                       64 if q else 512, 8 if q else 32)
+    layer_ops.LAYER_OPS_BACKEND = "auto"
     if "cascade" in parts:
         result["cascade_decode"] = bench_cascade(model, tok, cfg, 4 if q else 64, 256 if q else 4096, 16,
                                                  8 if q else 32)

@@ -148,3 +148,72 @@ def test_shared_prefix_decode_matches_twin(dtype, d, hq, hkv, bs):
     assert torch.equal(out, again)
     if DEVICE == "cuda":  # the dispatcher takes the Triton path on CUDA
         assert torch.equal(K.shared_prefix_decode_attention(query, kc, vc, *args, plan=plan), out)
+
+
+# -- the fused layer ops (RMSNorm with residual, rotary, SwiGLU gate) ----------
+# triton's CPU interpreter truncates float32 to bfloat16 where the GPU rounds to nearest.
+_TRUNCATES_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ulp_bound(dtype: torch.dtype, ulps: int) -> int:
+    return ulps + 2 if _TRUNCATES_BF16 and dtype == torch.bfloat16 else ulps
+
+
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of the want's bf16/fp16 spacing."""
+    spacing = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+    return float(((got.float() - want.float()).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (7, 576), (33, 100)])
+def test_add_rms_norm_matches_twin(dtype, rows, hidden):
+    from parrot.kernels import layer_ops as L
+    from parrot.kernels.triton_layer_ops import add_rms_norm_triton
+
+    g = torch.Generator(device="cpu").manual_seed(rows)
+    x = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    res = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    want_sum = res + x
+    want_norm = L.rms_norm_reference(want_sum, w, 1e-5)
+    got_norm, got_sum = add_rms_norm_triton(x, res.clone(), w, 1e-5)
+    if not (_TRUNCATES_BF16 and dtype == torch.bfloat16):
+        assert torch.equal(got_sum, want_sum)  # the rounded add is bit-exact
+    assert _bf16_ulps(got_norm, want_norm) <= _ulp_bound(dtype, 2)
+    plain, same = add_rms_norm_triton(x, None, w, 1e-5)
+    assert same is x or torch.equal(same, x)
+    assert _bf16_ulps(plain, L.rms_norm_reference(x, w, 1e-5)) <= _ulp_bound(dtype, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,heads,kv_heads,dim", [(1, 32, 8, 128), (5, 9, 3, 64), (17, 4, 4, 16)])
+def test_rotary_matches_twin_on_a_strided_qkv_view(dtype, rows, heads, kv_heads, dim):
+    from parrot.kernels import layer_ops as L
+    from parrot.kernels.triton_layer_ops import rotary_triton_
+
+    g = torch.Generator(device="cpu").manual_seed(dim)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    positions = torch.randint(0, 9000, (rows,), generator=g).to(DEVICE)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
+    cos, sin = L.rotary_tables(positions, inv_freq.to(DEVICE), dtype)
+    want = L.rotary_reference(qk.clone(), cos, sin)
+    v_before = qkv[:, (heads + kv_heads) * dim :].clone()
+    got = rotary_triton_(qk, positions, inv_freq.to(DEVICE))
+    assert got.data_ptr() == qk.data_ptr()  # in place
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # the values are left alone
+    # cos/sin may differ by one rounding of the angle's sine; the result by a couple of ulps.
+    assert _rel_err(got, want) < 1e-2
+    assert float((got.float() - want.float()).abs().max()) <= 4 * torch.finfo(dtype).eps * float(want.abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 14336), (9, 1536), (3, 100)])
+def test_silu_mul_matches_twin(dtype, rows, inter):
+    from parrot.kernels import layer_ops as L
+    from parrot.kernels.triton_layer_ops import silu_mul_triton
+
+    g = torch.Generator(device="cpu").manual_seed(inter)
+    gate_up = (3 * torch.randn(rows, 2 * inter, generator=g)).to(DEVICE, dtype)
+    assert _bf16_ulps(silu_mul_triton(gate_up), L.silu_mul_reference(gate_up)) <= _ulp_bound(dtype, 2)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parrot.backends.kv_cache import KVBatch
+from parrot.kernels import layer_ops
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -202,17 +203,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32 and _HAS_RMS_NORM:
-        # One fused op (fewer kernel launches per layer), same math in float32.
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # Normalise in float32 for stability, cast back before the weight, as HF does.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-_HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -279,43 +269,29 @@ class LlamaFamilyModel(nn.Module):
         if batch.num_tokens != input_ids.shape[0]:
             raise ValueError(f"batch covers {batch.num_tokens} tokens but input_ids has {input_ids.shape[0]}")
         c = self.config
-        cos, sin = self._rope_cos_sin(positions)
-        hidden = F.embedding(input_ids, self.embed_weight)
+        rotary = layer_ops.Rotary(positions, self.inv_freq, self.embed_weight.dtype)
+        residual = F.embedding(input_ids, self.embed_weight)
+        x = layer_ops.rms_norm(residual, self.layers[0].input_norm, c.rms_norm_eps) if self.layers else residual
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
             qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
-            # RoPE on queries and keys together: x*cos + rotate_half(x)*sin,
-            # with rotate_half's sign folded into ``sin`` (three kernels).
-            qk = qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim)
-            qk = torch.addcmul(qk * cos, qk.roll(c.head_dim // 2, dims=-1), sin)
+            qk = rotary.apply(qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim))
             q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
             v = v.view(-1, c.num_kv_heads, c.head_dim)
             attn = batch.attend(index, q, k, v)
-            hidden = hidden + F.linear(attn.view(-1, layer.q_size), layer.o_weight, layer.o_bias)
-
-            x = _rms_norm(hidden, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
-        return _rms_norm(hidden, self.final_norm, c.rms_norm_eps)
+            out = F.linear(attn.view(-1, layer.q_size), layer.o_weight, layer.o_bias)
+            x, residual = layer_ops.add_rms_norm(out, residual, layer.post_norm, c.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
+            out = F.linear(layer_ops.silu_mul(gate_up), layer.down_weight, layer.down_bias)
+            # The next layer's input norm (or the final one) takes the residual add with it.
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            x, residual = layer_ops.add_rms_norm(out, residual, following, c.rms_norm_eps)
+        return x if self.layers else layer_ops.rms_norm(residual, self.final_norm, c.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states ``[M, hidden]`` to float32 logits ``[M, vocab]``."""
         weight = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
         return F.linear(hidden, weight).float()
-
-    def _rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Angles in float32 (positions can be large), then cast to the model
-        # dtype; shaped [N, 1, head_dim] to broadcast over heads.
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        dtype = self.embed_weight.dtype
-        # rotate_half(x) = roll(x, D/2) with the first half negated: fold the
-        # sign into sin so the layers need no negation.
-        sin = emb.sin()
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return emb.cos().to(dtype), sin.to(dtype)
 
     # ------------------------------------------------------------------ loading
 
