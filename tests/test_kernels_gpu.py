@@ -217,3 +217,21 @@ def test_silu_mul_matches_twin(dtype, rows, inter):
     g = torch.Generator(device="cpu").manual_seed(inter)
     gate_up = (3 * torch.randn(rows, 2 * inter, generator=g)).to(DEVICE, dtype)
     assert _bf16_ulps(silu_mul_triton(gate_up), L.silu_mul_reference(gate_up)) <= _ulp_bound(dtype, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_matches_twin_from_strided_rows(dtype):
+    from parrot.kernels import layer_ops as L
+    from parrot.kernels.triton_layer_ops import store_kv_triton
+
+    g = torch.Generator(device="cpu").manual_seed(11)
+    heads, dim, rows = 8, 64, 13
+    qkv = torch.randn(rows, (4 + 2 * heads) * dim, generator=g).to(DEVICE, dtype)
+    k = qkv[:, 4 * dim : (4 + heads) * dim].view(rows, heads, dim)
+    v = qkv[:, (4 + heads) * dim :].view(rows, heads, dim)
+    slots = torch.randperm(6 * 16, generator=g)[:rows].to(DEVICE)
+    caches = [torch.randn(6, 16, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    L.store_kv_reference(want[0], want[1], k, v, slots)
+    store_kv_triton(caches[0], caches[1], k, v, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from parrot import kernels
+from parrot.kernels import layer_ops
 
 # "auto": Triton kernels on CUDA when triton is installed; "torch": never
 # (the side-by-side baseline of benchmarks/engine.py).
@@ -59,10 +60,9 @@ def write_kv(
     key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store ``key``/``value`` rows ``[N, Hkv, D]`` at flat ``slots`` ``[N]``
-    (``block * block_size + offset``) of the paged caches."""
-    num_blocks, block_size, heads, dim = key_cache.shape
-    key_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, key)
-    value_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, value)
+    (``block * block_size + offset``) of the paged caches (one Triton
+    kernel for both on CUDA)."""
+    layer_ops.store_kv(key_cache, value_cache, key, value, slots)
 
 
 def paged_decode_attention(

@@ -163,6 +163,16 @@ class BlockTable:
         grow = max(0, -(-end // self.block_size) - len(self.blocks))
         return grow + (1 if num_new_tokens and self._first_write_copies() else 0)
 
+    def fits_in_place(self, num_new_tokens: int) -> bool:
+        """True when an append of ``num_new_tokens`` positions needs no block:
+        it fits the blocks held, and the first it writes is ours alone and
+        not published (the common decode step)."""
+        end = self.length + num_new_tokens
+        if end > len(self.blocks) * self.block_size:
+            return False
+        block = self.blocks[self.length // self.block_size]
+        return self.manager.refcount[block] == 1 and self.manager.digest_of(block) is None
+
     def room(self, num_free: int) -> int:
         """Most new positions an append can take with ``num_free`` free blocks."""
         cow = 1 if self._first_write_copies() else 0
@@ -190,6 +200,8 @@ class BlockTable:
         only ours, and allocate the rest. Returns the ``(src, dst)`` block
         copies the caller must perform on the KV tensors, or None (nothing
         changed) when the pool has too few free blocks."""
+        if num_new_tokens and self.fits_in_place(num_new_tokens):
+            return []
         if self.manager.num_free < self.blocks_needed(num_new_tokens):
             return None
         copies: list[tuple[int, int]] = []

@@ -12,6 +12,7 @@ values into a scratch block reserved for them and attend to it alone.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ class DecodeGraphs:
             host.extend(t)
             host.extend([scratch] * (mp - len(t)))
         host.extend([scratch] * (mp * pad))
-        graph.buffer.copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
+        graph.buffer.copy_(torch.frombuffer(array("q", host), dtype=torch.long), non_blocking=True)
         graph.graph.replay()
         return graph.logits[:b]
 

@@ -154,8 +154,9 @@ class EngineScheduler:
         # latency-critical prompts before throughput ones.
         order = sorted(batch, key=lambda r: (not r.seq.is_decoding, r.rank))
         planned: set[int] = set()
+        running = {id(r) for r in self.running}
         for r in order:
-            if r.parked or r.seq.finished or r not in self.running:
+            if r.parked or r.seq.finished or id(r) not in running:
                 continue
             table = r.table
             pending = len(r.seq.tokens) - table.length
@@ -177,7 +178,9 @@ class EngineScheduler:
                 victim = self._victim(planned | {id(r)})
                 if victim is not None and victim.rank < r.rank:
                     victim = None  # better-ranked work never makes room for worse
-                self._preempt(victim if victim is not None else r)
+                target = victim if victim is not None else r
+                self._preempt(target)
+                running.discard(id(target))
                 if victim is None:
                     break
                 fit = self.kv.grant(r, take)

@@ -92,6 +92,8 @@ class KVManager:
         """How many of ``want`` new positions the pool can give ``r`` now,
         after dropping unpinned hinted prefixes if that helps."""
         table = r.table
+        if want and table.fits_in_place(want):
+            return want
         while table.blocks_needed(want) > self.blocks.num_free:
             if self.prefix is None or not self.prefix.evict_one():
                 break

@@ -9,6 +9,7 @@ prefill for long uncached prompts when configured) and batched sampling.
 
 from __future__ import annotations
 
+from array import array
 from typing import Protocol
 
 import torch
@@ -142,7 +143,8 @@ class ModelRunner:
         cascade_parts, cascade_shape = self._cascade_host(groups, decode_tables, context_lens) if groups else ([], None)
         # Every index goes to the device in one copy.
         parts = [ids, positions, slots, context_lens, flat_tables, prefill_blocks, rows, *cascade_parts]
-        host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        # array() turns the ints into bytes in C; torch.tensor(list) is ~10x slower per element.
+        host = torch.frombuffer(array("q", [x for part in parts for x in part]), dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
         n = len(ids)
         input_ids, pos_t, slot_t = dev[:n], dev[n : 2 * n], dev[2 * n : 3 * n]

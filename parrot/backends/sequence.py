@@ -69,6 +69,7 @@ class Sequence:
         self.cursor = 0  # index of the program step being run
         self.gen_index = -1
         self.gen_start = 0  # index in self.tokens of the current Gen's first token
+        self._context: tuple[int, list[int], int] | None = None  # (gen index, tokens before it, their text's length)
         self.gen_ids: list[int] = []
         self.gen_logprobs: list[TokenLogprob] = []  # when the Gen asks for logprobs
         self.streamed = 0  # characters of the current Gen already sent as deltas
@@ -142,11 +143,16 @@ class Sequence:
         self.gen_ids = []
         self.gen_logprobs = []
         self.streamed = 0
+        self._context = None
 
     def _gen_text(self, ids: list[int]) -> str:
-        context = self.tokens[max(0, self.gen_start - _DECODE_CONTEXT) : self.gen_start]
-        prefix = self.tokenizer.decode(context)
-        return self.tokenizer.decode(context + ids)[len(prefix) :]
+        if self._context is None or self._context[0] != self.gen_index:
+            # The few tokens before the Gen and their text, once per Gen: the
+            # Gen's text is what decoding them with its tokens adds.
+            context = self.tokens[max(0, self.gen_start - _DECODE_CONTEXT) : self.gen_start]
+            self._context = (self.gen_index, context, len(self.tokenizer.decode(context)))
+        _, context, prefix_len = self._context
+        return self.tokenizer.decode(context + ids)[prefix_len:]
 
     def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
         """Take one sampled token of the current Gen (and its log-probability,

@@ -130,7 +130,29 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_mul_reference(gate_up)
 
 
+def store_kv_reference(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Write ``key``/``value`` rows ``[N, Hkv, D]`` at flat ``slots`` ``[N]``
+    (``block * block_size + offset``) of paged caches ``[num_blocks, block_size, Hkv, D]``."""
+    num_blocks, block_size, heads, dim = key_cache.shape
+    key_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, key)
+    value_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, value)
+
+
+def store_kv(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """One step's keys and values into the paged caches (one kernel for both on CUDA)."""
+    if _triton(key) and key_cache.is_contiguous() and value_cache.is_contiguous():
+        from .triton_layer_ops import store_kv_triton
+
+        store_kv_triton(key_cache, value_cache, key, value, slots)
+        return
+    store_kv_reference(key_cache, value_cache, key, value, slots)
+
+
 __all__ = [
     "LAYER_OPS_BACKEND", "Rotary", "add_rms_norm", "rms_norm", "rms_norm_reference", "rotary_reference",
-    "rotary_tables", "silu_mul", "silu_mul_reference",
+    "rotary_tables", "silu_mul", "silu_mul_reference", "store_kv", "store_kv_reference",
 ]

@@ -108,4 +108,34 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["add_rms_norm_triton", "rotary_triton_", "silu_mul_triton"]
+@triton.jit
+def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_k, stride_v, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    slot = tl.load(SLOTS + row).to(tl.int64)
+    tl.store(K_CACHE + slot * width + cols, tl.load(K + row * stride_k + cols, mask=mask), mask=mask)
+    tl.store(V_CACHE + slot * width + cols, tl.load(V + row * stride_v + cols, mask=mask), mask=mask)
+
+
+def store_kv_triton(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Write ``key``/``value`` rows ``[N, Hkv, D]`` (heads and dims
+    contiguous, rows may be strided) at flat ``slots`` of contiguous paged
+    caches ``[num_blocks, block_size, Hkv, D]``, both in one launch."""
+    n_rows, heads, dim = key.shape
+    width = heads * dim
+    for t in (key, value):
+        if t.stride(2) != 1 or t.stride(1) != dim:
+            raise ValueError("key and value need contiguous heads and dims")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    if n_rows:
+        _store_kv_kernel[(n_rows,)](
+            key, value, key_cache, value_cache, slots, key.stride(0), value.stride(0), width,
+            BLOCK=triton.next_power_of_2(width), num_warps=4,
+        )
+
+
+__all__ = ["add_rms_norm_triton", "rotary_triton_", "silu_mul_triton", "store_kv_triton"]
