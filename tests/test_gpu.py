@@ -101,6 +101,8 @@ def test_paged_engine_on_cuda_shares_prefixes_and_preempts_with_the_same_outputs
         got = [r[0][0].token_ids for r in _run(small, requests())]
         assert got == want
         assert small.counters.prefix_hits == 5 and small.counters.preemptions > 0
+        # The short suffixes after the shared prefix prefilled inside the graphs.
+        assert small.counters.graph_prefill_steps > 0 and base.counters.graph_prefill_steps == 0
         assert small.runner.graphs is not None and small.runner.graphs.num_graphs > 0 and base.runner.graphs is None
         again = _run(small, requests()[:2])
         assert [r[0][0].token_ids for r in again] == want[:2]

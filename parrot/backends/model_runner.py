@@ -30,6 +30,7 @@ class RunnerCounters(Protocol):
     prefill_tokens: int
     decode_tokens: int
     cascade_steps: int
+    graph_prefill_steps: int
 
 
 def shared_prefix_groups(
@@ -71,6 +72,7 @@ class ModelRunner:
         *,
         sparse: SparseAttentionConfig | None = None,
         graphs: DecodeGraphs | None = None,
+        graph_prefill_positions: int = 0,
         cascade_min_tokens: int | None = None,
         grammars: GrammarStates | None = None,
     ) -> None:
@@ -81,6 +83,8 @@ class ModelRunner:
         self.counters = counters
         self.sparse = sparse
         self.graphs = graphs
+        # Prefill chunks join the graphs while the rows' contexts sum to at most this.
+        self.graph_prefill_positions = graph_prefill_positions
         # Cascade decode for rows sharing at least this many prefix positions (None: off).
         self.cascade_min_tokens = cascade_min_tokens
         # Compiles constrained Gens' grammars (None: a constraint is an error).
@@ -101,6 +105,12 @@ class ModelRunner:
         prefill_meta: list[tuple[int, int, int, int]] = []  # (start, n, past, offset in the flat block list)
         prefill_blocks: list[int] = []
         sample_rows: list[tuple[EngineRequest, int]] = []
+        # Every new token as a decode row (its context and block table): a
+        # step of decoders and short prefill chunks replays a CUDA graph.
+        row_lens: list[int] = []
+        row_tables: list[list[int]] = []
+        graphable = self.graphs is not None and self.graphs.accepts(sum(item.tokens for item in plan.items))
+        row_positions = 0
         for item in plan.items:
             r, take = item.request, item.tokens
             table, seq = r.table, r.seq
@@ -125,18 +135,28 @@ class ModelRunner:
                 prefill_blocks.extend(table.blocks)
                 seq.stats.prefill_tokens += take
                 self.counters.prefill_tokens += take
+            if graphable:
+                # Each row reads its whole context: a long one is cheaper eagerly.
+                row_positions += take * past + take * (take + 1) // 2
+                graphable = row_positions <= self.graph_prefill_positions or not prefill_meta
+                row_lens.extend(range(past + 1, past + take + 1))
+                row_tables.extend([table.blocks] * take)
             if past + take == len(seq.tokens) and seq.generating:
                 sample_rows.append((r, len(ids) - 1))
         samplers = [r for r, _ in sample_rows]
         num_decode = len(decode_tables)
         groups = (shared_prefix_groups(decode_tables, context_lens, bs, self.cascade_min_tokens)
                   if self.cascade_min_tokens is not None and num_decode > 1 else [])
-        if not groups and not prefill_meta and self.graphs is not None and self.graphs.accepts(num_decode):
-            # Decode only: replay the captured graph (every row samples).
-            logits = self.graphs.run(ids, positions, slots, context_lens, decode_tables)
+        if not groups and graphable:
+            # Decoders and short prefill chunks: replay a captured graph.
+            logits = self.graphs.run(ids, positions, slots, row_lens, row_tables)
             for item in plan.items:
                 item.request.table.length += item.tokens
-            return samplers, logits
+            if prefill_meta:
+                self.counters.graph_prefill_steps += 1
+                if samplers:
+                    logits = logits[[row for _, row in sample_rows]]
+            return samplers, (logits if samplers else None)
         max_blocks = max((len(t) for t in decode_tables), default=0)
         flat_tables = [b for t in decode_tables for b in (*t, *([0] * (max_blocks - len(t))))]
         rows = [row for _, row in sample_rows]

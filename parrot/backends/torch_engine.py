@@ -83,6 +83,12 @@ class TorchEngineConfig:
     # Replay decode-only steps of up to this many sequences as CUDA graphs
     # (CUDA only; 0 turns graphs off).
     cuda_graph_max_batch: int = 64
+    # Short prefill chunks join those graphs, one row per new token (each row
+    # reads its whole context through the paged decode kernel), while the
+    # step's rows read at most this many context positions in all: a 32-token
+    # suffix after a cached 4K prefix replays in a graph (H200, 8B shape:
+    # TTFT measured in the README); longer contexts prefill eagerly.
+    cuda_graph_prefill_positions: int = 160_000
     # Cascade decode: decoding sequences that share at least
     # ``cascade_min_prefix_tokens`` positions of prefix blocks read them once
     # per step through the shared-prefix kernel. Off by default: such steps
@@ -113,6 +119,8 @@ class TorchEngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.cuda_graph_prefill_positions < 0:
+            raise ValueError(f"cuda_graph_prefill_positions must be >= 0, got {self.cuda_graph_prefill_positions}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -133,6 +141,7 @@ class EngineCounters:
     prefix_misses: int = 0  # hinted requests that prefilled their prefix themselves
     prefix_tokens_saved: int = 0  # prefill tokens not computed: positions taken from the cache (hints and blocks)
     cascade_steps: int = 0  # decode steps that read shared prefix blocks once per group
+    graph_prefill_steps: int = 0  # steps with prefill chunks that replayed a CUDA graph
 
 
 class TorchEngine(Engine):
@@ -187,6 +196,7 @@ class TorchEngine(Engine):
         cascade = self.config.cascade_min_prefix_tokens if self.config.cascade_decode else None
         self.grammars = GrammarStates(tokenizer, c.vocab_size)  # compiles constrained Gens' grammars
         self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs,
+                                  graph_prefill_positions=self.config.cuda_graph_prefill_positions,
                                   cascade_min_tokens=cascade, grammars=self.grammars)
         self._cond = threading.Condition()
         self.scheduler = EngineScheduler(
