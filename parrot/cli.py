@@ -78,7 +78,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         map_reduce_s = time.perf_counter() - t0
 
-        calls = len(runtime.graph.calls)
+        calls = len(runtime.calls())
         _say(
             f"\nran {calls} calls: chain {chain_s:.2f} s, map-reduce {map_reduce_s:.2f} s, "
             f"total {time.perf_counter() - started:.1f} s; "

@@ -110,6 +110,18 @@ class TaskGroup:
     members: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SessionView:
+    """One session's part of the graph, for display (the nodes are the
+    graph's own: read them, do not change them)."""
+
+    session_id: str
+    open: bool
+    calls: list[CallNode]  # in submission order
+    variables: dict[str, VariableNode]  # the session's own and every one its calls read or write
+    groups: dict[str, TaskGroup]  # the task groups its calls belong to
+
+
 class DataflowGraph:
     """Calls and variables of every session, with readiness tracking."""
 
@@ -304,6 +316,14 @@ class DataflowGraph:
 
     def session_calls(self, session_id: str) -> list[CallNode]:
         return [self.calls[cid] for cid in self._session_calls.get(session_id, ())]
+
+    def session_view(self, session_id: str, *, open: bool) -> SessionView:
+        """The session's calls, variables and task groups (see :class:`SessionView`)."""
+        calls = self.session_calls(session_id)
+        var_ids = {v for c in calls for v in [*c.inputs.values(), *c.outputs.values()]}
+        var_ids |= set(self._session_vars.get(session_id, ()))
+        groups = {c.group: self.groups[c.group] for c in calls if c.group and c.group in self.groups}
+        return SessionView(session_id, open, calls, {v: self.variables[v] for v in sorted(var_ids)}, groups)
 
     def removable_session(self, session_id: str) -> tuple[list[str], list[str]] | None:
         """The ``(call ids, variable ids)`` :meth:`remove_session` would

@@ -26,6 +26,7 @@ from parrot.backends.engine import (
     RequestFinished,
     RequestStream,
     TokenDelta,
+    TokenizerLike,
 )
 from parrot.semantic_vars import (
     CallFailedError,
@@ -47,7 +48,7 @@ from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
-from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
+from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
@@ -144,6 +145,50 @@ class LocalRuntime(Runtime):
     def queued_calls(self) -> int:
         """Ready calls not yet handed to an engine."""
         return len(self._ready)
+
+    # -- what the service reads -------------------------------------------
+    # The graph, the analyser and the session table are the runtime's own;
+    # a layer above reads them through these (the nodes they return are the
+    # graph's: read them, never change them).
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        """The tokenizer prompts are counted and checked with (the first engine's)."""
+        return self.engines[0].tokenizer
+
+    def session_owner(self, session_id: str) -> str | None:
+        """The namespace (tenant) of a session; None for an unknown one."""
+        state = self.sessions.get(session_id)
+        return state.namespace if state is not None else None
+
+    def session_summaries(self, namespace: str) -> list[tuple[str, bool, int]]:
+        """``(session id, open, number of calls)`` of each session of ``namespace``."""
+        return [(sid, state.open, len(self.graph.session_calls(sid)))
+                for sid, state in self.sessions.items() if state.namespace == namespace]
+
+    def session_view(self, session_id: str) -> SessionView:
+        """The session's calls, variables and task groups, for display."""
+        return self.graph.session_view(session_id, open=self._session(session_id, must_be_open=False).open)
+
+    def call(self, call_id: str) -> CallNode | None:
+        """A call by id (its state, engine, token counts, timings); None if unknown."""
+        return self.graph.calls.get(call_id)
+
+    def calls(self) -> list[CallNode]:
+        """Every call the runtime knows, of every session."""
+        return list(self.graph.calls.values())
+
+    def input_values(self, call_id: str) -> dict[str, str]:
+        """The values the call's inputs hold now (inputs still unset left out)."""
+        return {k: v for k, v in self.graph.input_values(self.graph.calls[call_id]).items() if v is not None}
+
+    def variable(self, var_id: str) -> VariableNode | None:
+        """A variable by id (value, error, producer); None if unknown."""
+        return self.graph.variables.get(var_id)
+
+    def variable_owner(self, var_id: str) -> str | None:
+        """The namespace (tenant) of the variable's session; None for an unknown one."""
+        var = self.graph.variables.get(var_id)
+        return self.session_owner(var.session_id) if var is not None else None
 
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -316,7 +361,9 @@ class LocalRuntime(Runtime):
                 if not future.done():
                     future.set_exception(CallFailedError(f"variable {var.name!r} will never be set: {var.error}"))
 
-    async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:
+    def poll_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> VariableNode:
+        """A ``get`` that does not wait: the read's objective counts (as with
+        :meth:`get_variable`) and the variable is returned as it is now."""
         self.client_requests["get"] += 1
         check_perf(perf)
         self._session(session_id, must_be_open=False)
@@ -325,6 +372,10 @@ class LocalRuntime(Runtime):
         self.analyzer.on_get(var_id, perf)
         if self._ready:
             self._request_pass()  # a new objective may change the order
+        return var
+
+    async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:
+        var = self.poll_variable(session_id, var_id, perf)
         if var.value is not None:
             return var.value
         if var.error is not None:
