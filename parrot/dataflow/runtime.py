@@ -88,8 +88,9 @@ class LocalRuntime(Runtime):
 
     Inputs marked for compression are compressed when their call becomes
     ready, in a worker thread, before the call is queued for an engine; by
-    ``compressor`` when given, else by the first torch engine's model (see
-    :mod:`parrot.dataflow.compress`).
+    ``compressor`` when given, else by the model of the first engine that runs
+    model jobs, else by ``scorer_model`` (a model name or folder, default
+    the default model) loaded here (see :mod:`parrot.dataflow.compress`).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class LocalRuntime(Runtime):
         store: StateStore | None = None,
         portal: Portal | None = None,
         compressor: Any = None,
+        scorer_model: str | os.PathLike[str] | None = None,
         keep_closed_sessions: int | None = 1000,
         engine_wait_s: float = ENGINE_WAIT_S,
     ) -> None:
@@ -135,7 +137,7 @@ class LocalRuntime(Runtime):
         self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
-        self.compression = InputCompression(self.engines, compressor)
+        self.compression = InputCompression(self.engines, compressor, scorer_model)
         #: Most prompt tokens a call of a namespace (a tenant) may send,
         #: checked when its prompt is built, so text that arrives through
         #: variables counts; a call over it fails with PromptTooLongError.

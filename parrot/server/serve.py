@@ -195,8 +195,9 @@ async def build_service(settings: ServerSettings) -> ParrotService:
         from .redis_store import RedisStore
 
         store = RedisStore.from_url(settings.redis_url)
+    # Remote engines hold no model to score compression with: the model setting names the local scorer.
     runtime = LocalRuntime(engines, store=store, request_level=settings.request_level,
-                           keep_closed_sessions=settings.keep_closed_sessions)
+                           keep_closed_sessions=settings.keep_closed_sessions, scorer_model=settings.model)
     return ParrotService(runtime, admin_key=settings.admin_key, default_quotas=settings.default_quotas)
 
 
