@@ -91,7 +91,7 @@ def test_compression_behind_a_remote_engine_scores_with_a_local_model(live_serve
     """A remote engine (here: a second Parrot server) holds no model to score
     with: marked inputs are compressed by the local scorer model (the
     configured model folder), and the server prefills the shorter prompt."""
-    from parrot.dataflow import default_model_dir as configured_model
+    from parrot.backends.models import resolve_model
 
     engine = RemoteEngine(live_server.url, api_key=key, tokenizer=default_model_dir, name="remote-c")
     assert not engine.runs_model_jobs
@@ -105,7 +105,7 @@ def test_compression_behind_a_remote_engine_scores_with_a_local_model(live_serve
         call_plain, call_marked = runtime.session_view(s.id).calls
         assert call_marked.state == "done", call_marked.error
         stats = call_marked.compression
-        assert stats is not None and stats["model"] == str(configured_model())
+        assert stats is not None and stats["model"] == str(resolve_model(None))
         assert len(call_marked.compressed_inputs["notes"]) < len(text)
         # Usage came from the server: it saw the shorter prompt.
         assert (call_marked.prefill_tokens + call_marked.cached_tokens

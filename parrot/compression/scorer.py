@@ -163,9 +163,9 @@ class TokenScorer:
 
         dev = resolve_device(device)
         if path is None:
-            from parrot.backends.default_model import default_model_path
+            from parrot.backends.models import TEST_MODEL, resolve_model
 
-            folder = default_model_path()
+            folder = resolve_model(TEST_MODEL)
         else:
             folder = Path(path).expanduser()
         try:

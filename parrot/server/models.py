@@ -10,11 +10,12 @@ place sampling options and their bounds are defined.
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from parrot.semantic_vars.constraint import MAX_CHOICES, MAX_SPEC_CHARS
+from parrot.semantic_vars.runtime import Perf  # noqa: F401  (the routes' query type: one objective type)
 from parrot.semantic_vars.sampling import SamplingConfig
 from parrot.semantic_vars.validation import unicode_problem
 
@@ -29,7 +30,6 @@ def _valid_unicode(text: str) -> str:
 #: A string from a request body; lone surrogates are a 422 naming the field.
 UserText = Annotated[str, AfterValidator(_valid_unicode)]
 
-Perf = Literal["latency", "throughput"]
 ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
