@@ -299,7 +299,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
     """A long-running service stays bounded: past ``keep_closed_sessions``
     the oldest closed session leaves the graph and the store; one whose
     variables another session still reads waits until that one goes."""
-    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig, UnknownSessionError
+    from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig, UnknownSessionError
 
     ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
     runtime = LocalRuntime([default_engine], keep_closed_sessions=1)
@@ -309,7 +309,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
     async def one_call_session(name: str, inputs: dict | None = None) -> str:
         sid = await runtime.open_session()
         consts = {} if inputs else {"q": name}
-        await runtime.submit_calls(sid, [CallSpec(f"call-{name}", ask, inputs or {}, consts, {"a": f"var-{name}"})])
+        await runtime.submit_calls(sid, [Call(f"call-{name}", ask, inputs or {}, consts, {"a": f"var-{name}"})])
         await runtime.get_variable(sid, f"var-{name}")
         return sid
 
@@ -350,7 +350,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
 
 
 def test_restore_applies_the_closed_session_limit(default_engine):
-    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+    from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig
 
     ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
     first = LocalRuntime([default_engine], keep_closed_sessions=None)
@@ -359,7 +359,7 @@ def test_restore_applies_the_closed_session_limit(default_engine):
         sids = []
         for i in range(3):
             sid = await first.open_session()
-            await first.submit_calls(sid, [CallSpec(f"call-{i}", ask, {}, {"q": str(i)}, {"a": f"var-{i}"})])
+            await first.submit_calls(sid, [Call(f"call-{i}", ask, {}, {"q": str(i)}, {"a": f"var-{i}"})])
             await first.get_variable(sid, f"var-{i}")
             await first.close_session(sid)
             sids.append(sid)

@@ -17,7 +17,7 @@ import networkx as nx
 
 from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
-    CallSpec,
+    Call,
     DataflowCycleError,
     FunctionSpec,
     InvalidArgumentError,
@@ -148,7 +148,7 @@ class DataflowGraph:
         self.graph.add_node(var_id, kind="variable")
         return var
 
-    def _validate_call(self, session_id: str, spec: CallSpec, template: Template) -> None:
+    def _validate_call(self, session_id: str, spec: Call, template: Template) -> None:
         """Every check of :meth:`add_call`, before anything is changed."""
         if spec.call_id in self.calls or spec.call_id in self.variables:
             raise InvalidArgumentError("call_id", f"{spec.call_id!r} is already in use")
@@ -196,7 +196,7 @@ class DataflowGraph:
                         f"{spec.function.name}(): output {name!r} would feed its own input through the graph"
                     )
 
-    def add_call(self, session_id: str, spec: CallSpec) -> CallNode:
+    def add_call(self, session_id: str, spec: Call) -> CallNode:
         """Add a call, its constant inputs and its outputs. Raises before
         changing anything if the call is invalid or would close a cycle."""
         template = parse_template(spec.function.template)

@@ -29,7 +29,7 @@ from parrot.backends.engine import (
 )
 from parrot.semantic_vars import (
     CallFailedError,
-    CallSpec,
+    Call,
     EngineUnavailableError,
     FunctionSpec,
     ParrotError,
@@ -393,7 +393,7 @@ class LocalRuntime(Runtime):
                     waiting.remove(future)
 
     # -- calls ----------------------------------------------------------
-    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+    async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """Add a batch of calls: all of them, or (on any error) none."""
         self.client_requests["submit"] += 1
         state = self._session(session_id)
@@ -740,7 +740,7 @@ def call_record(call: CallNode) -> Record:
             "finish_reasons": dict(call.finish_reasons)}
 
 
-def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:
+def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call:
     """The spec a call record was made from (constant inputs by value)."""
     inputs, constants = {}, {}
     for name, var_id in record["inputs"].items():
@@ -748,7 +748,7 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
             constants[name] = values[var_id] or ""
         else:
             inputs[name] = var_id
-    return CallSpec(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
+    return Call(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
 
 
 def default_local_runtime() -> LocalRuntime:

@@ -48,7 +48,7 @@ from .errors import (
 )
 from .env import env_flag
 from .portal import Portal
-from .runtime import CallSpec, FunctionSpec, Perf, Runtime, check_perf
+from .runtime import Call, FunctionSpec, Perf, Runtime, check_perf
 
 API = "/api/v1"
 #: Seconds the server holds one long-poll ``GET`` of a variable.
@@ -170,8 +170,8 @@ def function_body(spec: FunctionSpec) -> dict[str, Any]:
     return body
 
 
-def call_body(call: CallSpec) -> dict[str, Any]:
-    """A :class:`CallSpec` as one entry of a submit request."""
+def call_body(call: Call) -> dict[str, Any]:
+    """A :class:`Call` as one entry of a submit request."""
     return {
         "call_id": call.call_id,
         "function": function_body(call.function),
@@ -301,7 +301,7 @@ class HttpRuntime(Runtime):
             "set", "PUT", self._path("sessions", session_id, "variables", var_id), json={"value": value}
         )
 
-    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+    async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """All calls in one request (all or none are added); a batch larger than
         the server's per-request limit goes in consecutive requests."""
         bodies = [call_body(c) for c in calls]

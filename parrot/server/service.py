@@ -19,7 +19,7 @@ from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
     CallFailedError,
-    CallSpec,
+    Call,
     ConstraintError,
     FunctionSpec,
     InvalidArgumentError,
@@ -324,10 +324,10 @@ class ParrotService:
                     exc.field = f"{where}.function.output_sampling.{name}.{exc.field}"
                     raise
 
-    async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[CallSpec]:
+    async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[Call]:
         """Validate, check ownership and quotas, then submit all or nothing."""
         self.owned_session(tenant, session_id)
-        specs: list[CallSpec] = []
+        specs: list[Call] = []
         batch_outputs: set[str] = set()
         for i, body in enumerate(bodies):
             where = f"calls.{i}"
@@ -352,7 +352,7 @@ class ParrotService:
                 if self.runtime.variable(var_id) is not None:
                     self.owned_variable(tenant, var_id, field=f"{where}.outputs.{name}")
             batch_outputs.update(outputs.values())
-            specs.append(CallSpec(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
+            specs.append(Call(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
         self._check_prompt_sizes(tenant, specs)
         meter = self.meter(tenant.id)
         reservations = self._reservations(tenant, specs)
@@ -372,7 +372,7 @@ class ParrotService:
                 meter.release([spec.call_id])
         return specs
 
-    def _reservations(self, tenant: Tenant, specs: list[CallSpec]) -> dict[str, int]:
+    def _reservations(self, tenant: Tenant, specs: list[Call]) -> dict[str, int]:
         """Each call's worst-case tokens (0 when the tenant has no token quota)."""
         if tenant.quotas.tokens_per_minute is None:
             return {spec.call_id: 0 for spec in specs}
@@ -405,7 +405,7 @@ class ParrotService:
         prompt = prompt_token_count(function, values, self.runtime.tokenizer)
         return prompt + sum(unknown.values()) + sum(c.max_tokens for c in function.output_sampling.values())
 
-    def _check_prompt_sizes(self, tenant: Tenant, specs: list[CallSpec]) -> None:
+    def _check_prompt_sizes(self, tenant: Tenant, specs: list[Call]) -> None:
         limit = tenant.quotas.max_prompt_tokens
         if limit is None:
             return
