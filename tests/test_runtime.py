@@ -69,11 +69,24 @@ def test_runtime_outputs_equal_the_engine_run_directly(runtime, default_engine):
 
 
 def test_first_output_is_released_before_the_call_finishes(runtime):
-    with P.Session(runtime) as s:
-        name, tag = title("anything")
-        tag.get()
-    call = runtime.graph.session_calls(s.id)[0]
-    assert runtime.graph.variables[name.id].set_at <= runtime.graph.variables[tag.id].set_at <= call.finished_at
+    """A call reading a producer's first output is placed on the engine while
+    the producer still generates its second: an output does not wait for its call."""
+    producer = P.SemanticFunction("Title for: {{input:s}}\nTitle: {{output:name|max_tokens=3}}\n"
+                                  "Story: {{output:story|max_tokens=48}}", name="producer")
+    events: list[dict] = []
+    unsubscribe = runtime.subscribe(events.append)
+    try:
+        with P.Session(runtime) as s:
+            name, story = producer("anything")
+            follow = summarize(name)
+            follow.get(), story.get()
+    finally:
+        unsubscribe()
+    made, read = runtime.session_view(s.id).calls
+    states = [(e["call_id"], e["state"]) for e in events if e["type"] == "call_state"]
+    assert states.index((read.id, "running")) < states.index((made.id, "done"))
+    assert read.started_at < made.finished_at
+    assert runtime.variable(name.id).set_at <= read.started_at
 
 
 def test_async_api(runtime):
