@@ -13,6 +13,7 @@ import pytest
 import parrot as P
 from parrot import workflows
 from parrot.dataflow import LocalRuntime, build_request
+from parrot.semantic_vars import Call
 
 
 @P.semantic_function(max_tokens=6)
@@ -419,3 +420,26 @@ def test_concurrent_async_reads_wait_for_the_batch_they_read(default_engine):
     values = runtime.portal.call(app())
     assert len(values) == 4 and all(isinstance(v, str) for v in values)
     assert runtime.client_requests["submit"] == 1
+
+
+def test_the_public_read_api_answers_what_the_service_asks(runtime):
+    """Owners, summaries, views and the non-waiting poll, as the server reads them."""
+    portal = runtime.portal
+    sid = portal.call(runtime.open_session(namespace="tenant-a"))
+    portal.call(runtime.create_variable(sid, "free-1", "free"))
+    spec = P.SemanticFunction("Echo {{input:x}} {{output:y|max_tokens=2}}", name="echo").spec
+    portal.call(runtime.submit_calls(sid, [Call("call-1", spec, {"x": "free-1"}, {}, {"y": "out-1"})]))
+    assert runtime.session_owner(sid) == "tenant-a" and runtime.session_owner("nope") is None
+    assert runtime.variable_owner("out-1") == "tenant-a" and runtime.variable_owner("nope") is None
+    assert runtime.session_summaries("tenant-a") == [(sid, True, 1)] and runtime.session_summaries("b") == []
+    # A poll records the read's objective and returns at once (the call waits for its input).
+    var = runtime.poll_variable(sid, "out-1", "throughput")
+    assert var.value is None and runtime.variable("out-1").perf == "throughput"
+    assert runtime.call("call-1").state == "waiting" and runtime.input_values("call-1") == {}
+    portal.call(runtime.set_variable(sid, "free-1", "hello"))
+    assert runtime.input_values("call-1") == {"x": "hello"}
+    assert isinstance(portal.call(runtime.get_variable(sid, "out-1")), str)
+    view = runtime.session_view(sid)
+    assert [c.id for c in view.calls] == ["call-1"] and set(view.variables) >= {"free-1", "out-1"}
+    portal.call(runtime.close_session(sid))
+    assert runtime.session_summaries("tenant-a") == [(sid, False, 1)]
