@@ -35,11 +35,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def in_process_call(runtime: Any, i: int) -> None:
-    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+    from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig
 
     spec = FunctionSpec("echo", CALL["template"], {"a": SamplingConfig(max_tokens=2)})
     sid = await runtime.open_session()
-    await runtime.submit_calls(sid, [CallSpec(f"call-b{i}-{time.monotonic_ns()}", spec, {}, {"q": f"question {i}"},
+    await runtime.submit_calls(sid, [Call(f"call-b{i}-{time.monotonic_ns()}", spec, {}, {"q": f"question {i}"},
                                               {"a": f"var-b{i}-{time.monotonic_ns()}"})])
     out = runtime.graph.session_calls(sid)[0].outputs["a"]
     await runtime.get_variable(sid, out)

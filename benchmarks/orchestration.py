@@ -43,7 +43,7 @@ from typing import Any, Sequence
 from parrot.backends.engine import Engine, EngineCapacity, GenerationRequest, RequestStream
 from parrot.dataflow import AppScheduler, DataflowGraph, ObjectiveAnalyzer, PrefixIndex
 from parrot.dataflow.graph import CallNode
-from parrot.semantic_vars import CallSpec, SamplingConfig, SemanticFunction
+from parrot.semantic_vars import Call, SamplingConfig, SemanticFunction
 
 from benchmarks.harness import _cpu_name, _git, progress, write_json
 
@@ -104,7 +104,7 @@ CYCLE_CALLS = CHAIN + MAPS + 1 + SHARED
 class Burst:
     """The calls of one cycle of apps, and the reads their programs make."""
 
-    calls: list[tuple[str, CallSpec]] = field(default_factory=list)  # (session id, spec)
+    calls: list[tuple[str, Call]] = field(default_factory=list)  # (session id, spec)
     reads: list[tuple[str, str]] = field(default_factory=list)  # (variable id, perf)
 
 
@@ -116,10 +116,10 @@ def make_burst(cycle: int, ids: itertools.count) -> Burst:
     # A chain: each step refines the previous summary.
     session = f"s-{cycle}-chain"
     prev = nid("var")
-    burst.calls.append((session, CallSpec(nid("call"), _SUMMARIZE, constants={"chunk": chunk(0)}, outputs={"summary": prev})))
+    burst.calls.append((session, Call(nid("call"), _SUMMARIZE, constants={"chunk": chunk(0)}, outputs={"summary": prev})))
     for i in range(1, CHAIN):
         out = nid("var")
-        burst.calls.append((session, CallSpec(nid("call"), _REFINE, inputs={"previous": prev},
+        burst.calls.append((session, Call(nid("call"), _REFINE, inputs={"previous": prev},
                                               constants={"chunk": chunk(i)}, outputs={"summary": out})))
         prev = out
     burst.reads.append((prev, "latency"))
@@ -128,17 +128,17 @@ def make_burst(cycle: int, ids: itertools.count) -> Burst:
     session = f"s-{cycle}-mr"
     parts = [nid("var") for _ in range(MAPS)]
     for i, part in enumerate(parts):
-        burst.calls.append((session, CallSpec(nid("call"), _SUMMARIZE, constants={"chunk": chunk(i)},
+        burst.calls.append((session, Call(nid("call"), _SUMMARIZE, constants={"chunk": chunk(i)},
                                               outputs={"summary": part})))
     merged = nid("var")
-    burst.calls.append((session, CallSpec(nid("call"), _REDUCE, inputs={f"part{i}": p for i, p in enumerate(parts)},
+    burst.calls.append((session, Call(nid("call"), _REDUCE, inputs={f"part{i}": p for i, p in enumerate(parts)},
                                           outputs={"summary": merged})))
     burst.reads += [(p, "throughput") for p in parts] + [(merged, "latency")]
 
     # One-call apps of many users sharing a long system prompt.
     for k in range(SHARED):
         out = nid("var")
-        burst.calls.append((f"s-{cycle}-user{k}", CallSpec(
+        burst.calls.append((f"s-{cycle}-user{k}", Call(
             nid("call"), _ANSWER,
             constants={"system": _SYSTEMS[(cycle + k) % len(_SYSTEMS)], "question": f"question {k} of cycle {cycle}?"},
             outputs={"answer": out})))

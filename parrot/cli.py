@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from parrot.semantic_vars.env import env_flag
+
 
 def _say(message: str) -> None:
     print(message, flush=True)
@@ -78,7 +80,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         _say("  DAG:\n    " + runtime.describe(session.id).replace("\n", "\n    "))
         map_reduce_s = time.perf_counter() - t0
 
-        calls = len(runtime.graph.calls)
+        calls = len(runtime.calls())
         _say(
             f"\nran {calls} calls: chain {chain_s:.2f} s, map-reduce {map_reduce_s:.2f} s, "
             f"total {time.perf_counter() - started:.1f} s; "
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--request-level",
         action="store_true",
-        default=os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false"),
+        default=env_flag("PARROT_REQUEST_LEVEL"),
         help="run as a request-level service would (the baseline Parrot is measured against)",
     )
     demo.set_defaults(func=_run_demo)

@@ -80,7 +80,7 @@ def test_chat_options_round_trip_and_are_checked():
 
 def test_chat_and_plain_prompts_of_the_same_text_never_share_a_prefix_key():
     from parrot.dataflow import DataflowGraph, PrefixIndex
-    from parrot.semantic_vars import CallSpec
+    from parrot.semantic_vars import Call
 
     text = "A shared opening long enough to be a prefix boundary. {{input:x}}{{output:y}}"
     functions = {"plain": P.SemanticFunction(text).spec, "chat": P.SemanticFunction(text, chat=True).spec,
@@ -89,7 +89,7 @@ def test_chat_and_plain_prompts_of_the_same_text_never_share_a_prefix_key():
     graph, index = DataflowGraph(), PrefixIndex(min_chars=32)
     keys = {}
     for name, spec in functions.items():
-        node = graph.add_call("s", CallSpec(name, spec, {}, {"x": "same"}, {"y": f"{name}.y"}))
+        node = graph.add_call("s", Call(name, spec, {}, {"x": "same"}, {"y": f"{name}.y"}))
         index.add(node, graph, "tenant")
         keys[name] = index.boundaries[name][0].key
     assert keys["chat"] == keys["chat2"]  # the same chat frame: shared

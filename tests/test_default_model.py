@@ -52,9 +52,7 @@ def test_build_writes_all_files(built: Path) -> None:
 
 
 def test_build_is_byte_identical(tmp_path: Path, built: Path) -> None:
-    start = time.perf_counter()
     dm.build_default_model(tmp_path / "again")
-    assert time.perf_counter() - start < 10
     for name in FILES:
         assert (tmp_path / "again" / name).read_bytes() == (built / name).read_bytes(), name
 

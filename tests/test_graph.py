@@ -4,7 +4,7 @@ import pytest
 
 from parrot.dataflow import DataflowGraph
 from parrot.semantic_vars import (
-    CallSpec,
+    Call,
     DataflowCycleError,
     FunctionSpec,
     InvalidArgumentError,
@@ -19,7 +19,7 @@ BINARY = FunctionSpec("g", "{{input:a}} + {{input:b}} -> {{output:y}}", {"y": Sa
 
 
 def call(call_id, fn=UNARY, inputs=None, constants=None, outputs=None):
-    return CallSpec(call_id, fn, inputs or {}, constants or {}, outputs or {"y": f"{call_id}.out"})
+    return Call(call_id, fn, inputs or {}, constants or {}, outputs or {"y": f"{call_id}.out"})
 
 
 def snapshot(g: DataflowGraph):

@@ -209,8 +209,6 @@ def test_quota_is_rate_limit_error(live_server, model):
 
 
 def test_a_dropped_stream_cancels_its_call(live_server, model):
-    import time
-
     key = live_server.new_tenant("openai-dropper")
     dropper = openai.OpenAI(base_url=live_server.url + "/v1", api_key=key, max_retries=0)
     stream = dropper.completions.create(model=model, prompt="Tell a long story", max_tokens=3000, temperature=0,
@@ -218,11 +216,14 @@ def test_a_dropped_stream_cancels_its_call(live_server, model):
     next(iter(stream))
     stream.close()
     with live_server.client(key) as c:
-        for _ in range(100):
-            (session,) = c.get("/api/v1/sessions").json()["sessions"]
-            if not session["open"]:
-                break
-            time.sleep(0.05)
-        assert not session["open"]
-        (call,) = c.get(f"/api/v1/sessions/{session['session_id']}/dag").json()["calls"]
+        (session,) = c.get("/api/v1/sessions").json()["sessions"]
+        sid = session["session_id"]
+        (call,) = c.get(f"/api/v1/sessions/{sid}/dag").json()["calls"]
+        # A long-poll on the output ends when the cancel fails it (no sleep-polling).
+        out = c.get(f"/api/v1/sessions/{sid}/variables/{call['outputs']['completion']}",
+                    params={"timeout": 60}).json()
+        assert not out["ready"] and out["error"]
+        (session,) = c.get("/api/v1/sessions").json()["sessions"]
+        assert not session["open"]  # closed before its call was cancelled
+        (call,) = c.get(f"/api/v1/sessions/{sid}/dag").json()["calls"]
     assert call["state"] == "cancelled" and call["generated_tokens"] < 3000

@@ -9,9 +9,11 @@ import random
 
 import pytest
 
-from parrot.backends import Fill, Gen, GenerationRequest, GenResult, TokenDelta
+from parrot.backends import Fill, Gen, GenerationRequest, TokenDelta
 from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
 from parrot.semantic_vars import EngineError, SamplingConfig
+
+from engine_runs import per_block, run, run_with_cancels, tokens_of
 
 TEXT = (
     "Engines keep the keys and values of every token in fixed-size blocks, and requests that share "
@@ -19,25 +21,8 @@ TEXT = (
 )
 
 
-def run(engine: TorchEngine, *requests: GenerationRequest) -> list[tuple[list[GenResult], object]]:
-    async def main():
-        streams = [engine.submit(r) for r in requests]
-        return await asyncio.gather(*(s.results() for s in streams))
-
-    return asyncio.run(main())
-
-
 def req(ids, max_tokens: int = 8, namespace: str = "") -> GenerationRequest:
     return GenerationRequest([Fill(tuple(ids)), Gen(SamplingConfig(max_tokens=max_tokens))], namespace=namespace)
-
-
-def tokens_of(results) -> list[tuple[int, ...]]:
-    return [res[0][0].token_ids for res in results]
-
-
-def per_block(engine: TorchEngine) -> int:
-    c = engine.model.config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * engine.config.block_size
 
 
 def make(path, **config) -> TorchEngine:
@@ -178,20 +163,8 @@ def test_fuzz_block_accounting_under_random_load(tiny_llama_dir, baseline, ids):
                 batch.append((req(prompt, max_tokens=rng.randrange(1, 40), namespace=rng.choice("ab")),
                               rng.random() < 0.3))
             expected = tokens_of(run(baseline, *(r for r, _ in batch)))
-
-            async def main():
-                streams = [engine.submit(r) for r, _ in batch]
-                for s, (_, cancel) in zip(streams, batch):
-                    if cancel:
-                        if rng.random() < 0.5:
-                            await asyncio.sleep(rng.random() * 0.01)
-                        s.cancel()
-                kept = [s for s, (_, cancel) in zip(streams, batch) if not cancel]
-                results = await asyncio.gather(*(s.results() for s in kept))
-                await engine.submit(req([1, 2, 3], max_tokens=1)).results()  # cancels have landed
-                return results
-
-            got = tokens_of(asyncio.run(main()))
+            got = tokens_of(run_with_cancels(engine, batch, rng))
+            run(engine, req([1, 2, 3], max_tokens=1))  # a fresh request completing: the cancels have landed
             assert got == [e for e, (_, cancel) in zip(expected, batch) if not cancel]
             blocks = engine.block_manager
             assert not any(blocks.refcount)  # no hints: nothing holds a block when idle

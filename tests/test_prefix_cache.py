@@ -12,11 +12,13 @@ import asyncio
 import random
 
 import pytest
-from parrot.backends import Fill, Gen, GenerationRequest, GenResult, PrefixHint, TokenDelta
+from parrot.backends import Fill, Gen, GenerationRequest, PrefixHint, TokenDelta
 from parrot.backends.block_manager import BlockManager, BlockTable
 from parrot.backends.prefix_cache import PrefixCache
 from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
 from parrot.semantic_vars import SamplingConfig
+
+from engine_runs import per_block, run, run_with_cancels, tokens_of
 
 TEXT = (
     "You are a careful assistant for a company that builds serving systems for large language "
@@ -34,16 +36,6 @@ SUFFIXES = [
 ]
 
 
-def run(engine: TorchEngine, *requests: GenerationRequest) -> list[tuple[list[GenResult], object]]:
-    """Submit all requests at once (so they batch) and collect their results."""
-
-    async def main():
-        streams = [engine.submit(r) for r in requests]
-        return await asyncio.gather(*(s.results() for s in streams))
-
-    return asyncio.run(main())
-
-
 def greedy(max_tokens: int) -> SamplingConfig:
     return SamplingConfig(max_tokens=max_tokens)
 
@@ -54,10 +46,6 @@ def request(prefix, suffix, key: str | None = "sys", max_tokens: int = 8) -> Gen
     ]
     hint = PrefixHint(key, len(prefix)) if key is not None else None
     return GenerationRequest(program, prefix_hint=hint)
-
-
-def tokens_of(results) -> list[tuple[int, ...]]:
-    return [res[0][0].token_ids for res in results]
 
 
 @pytest.fixture(scope="module")
@@ -268,9 +256,7 @@ def test_entries_are_evicted_lru_when_the_pool_runs_short(tiny_llama_dir, prompt
     prefix, suffixes = prompts
     # Distinct 40-token prefixes (three blocks each) and a pool of 14 blocks.
     prefixes = {k: [prefix[0]] + [(t + i * 7) % 900 + 3 for t in prefix[1:40]] for i, k in enumerate("abcdefg")}
-    cfg = baseline.model.config
-    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
-    engine = make_engine(tiny_llama_dir, kv_cache_bytes=per_block * 14, max_model_len=128)
+    engine = make_engine(tiny_llama_dir, kv_cache_bytes=per_block(baseline) * 14, max_model_len=128)
     assert engine.capacity().total_blocks == 14
     used: list[str] = []
     try:
@@ -360,10 +346,8 @@ def test_fuzz_random_groups_cancels_and_evictions(tiny_llama_dir, prompts, basel
     keys = {
         k: [prefix[0]] + [rng.randrange(3, 900) for _ in range(rng.randrange(4, 60))] for k in ("x", "y", "z")
     }
-    cfg = baseline.model.config
-    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
     engine = make_engine(
-        tiny_llama_dir, max_running=5, max_step_tokens=24, kv_cache_bytes=per_block * 12, max_model_len=128
+        tiny_llama_dir, max_running=5, max_step_tokens=24, kv_cache_bytes=per_block(baseline) * 12, max_model_len=128
     )
     try:
         for _ in range(6):
@@ -374,19 +358,7 @@ def test_fuzz_random_groups_cancels_and_evictions(tiny_llama_dir, prompts, basel
                 batch.append((request(keys[key], suffix, key=key, max_tokens=rng.randrange(1, 5)),
                               rng.random() < 0.3))
             expected = tokens_of(run(baseline, *(r for r, _ in batch)))
-
-            async def main():
-                streams = [engine.submit(r) for r, _ in batch]
-                for s, (_, cancel) in zip(streams, batch):
-                    if cancel:
-                        if rng.random() < 0.5:
-                            await asyncio.sleep(rng.random() * 0.01)
-                        s.cancel()
-                return await asyncio.gather(
-                    *(s.results() for s, (_, cancel) in zip(streams, batch) if not cancel)
-                )
-
-            got = tokens_of(asyncio.run(main()))
+            got = tokens_of(run_with_cancels(engine, batch, rng))
             assert got == [e for e, (_, cancel) in zip(expected, batch) if not cancel]
             # Let cancellations land: a fresh request completing proves the loop moved past them.
             run(engine, request(keys["x"], [5], key="x", max_tokens=1))

@@ -97,6 +97,26 @@ def test_map_reduce_runs_across_two_actors_with_prefix_affinity(engines):
     assert all(e.capacity().running == 0 for e in engines)
 
 
+def test_compression_scores_with_the_actors_model(engines):
+    """A marked input behind Ray engines is compressed by a model job in the
+    first actor (its own weights), not by a model loaded in this process."""
+    runtime = LocalRuntime(engines)
+    text = workflows.SAMPLE_DOCUMENT
+    with P.Session(runtime) as s:
+        plain = P.SemanticFunction("Notes: {{input:notes}}\nA: {{output:a|max_tokens=2}}")(text)
+        marked = P.SemanticFunction("Notes: {{input:notes|compress=0.4}}\nA: {{output:a|max_tokens=2}}")(text)
+        plain.get(), marked.get()
+    call_plain, call_marked = runtime.session_view(s.id).calls
+    assert call_plain.compression is None and call_marked.state == "done"
+    stats = call_marked.compression
+    assert stats is not None and stats["model"] == "actor-0"  # scored where actor-0's weights live
+    assert len(call_marked.compressed_inputs["notes"]) < len(text)
+    assert stats["compressed_tokens"] < stats["original_tokens"]
+    # The engine prefilled the shorter prompt.
+    assert (call_marked.prefill_tokens + call_marked.cached_tokens
+            < call_plain.prefill_tokens + call_plain.cached_tokens)
+
+
 def _kill_on_first_token(runtime: LocalRuntime, engines: list[RayEngine], *, restart: bool):
     """Kill the actor that streams the first token of a ``key_facts`` call (the
     long one, so the kill lands mid-call), from inside that token's event;

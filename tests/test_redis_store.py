@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # so `tests.redis_server` imports under a bare `p
 from parrot.dataflow import AppScheduler, LocalRuntime  # noqa: E402
 from parrot.dataflow.store import KINDS, MemoryStore  # noqa: E402
 from parrot.semantic_vars import (  # noqa: E402
-    CallSpec,
+    Call,
     FunctionSpec,
     ParrotError,
     SamplingConfig,
@@ -286,8 +286,8 @@ def test_runtime_restarts_from_redis(redis_url, default_engine, caplog):
     caplog.set_level(logging.WARNING, logger="parrot.dataflow.runtime")
     prefix = f"restart-{uuid.uuid4().hex[:8]}"
     topic, draft, final = new_id("var"), new_id("var"), new_id("var")
-    a = CallSpec(new_id("call"), FIRST, inputs={"topic": topic}, outputs={"draft": draft})
-    b = CallSpec(new_id("call"), SECOND, inputs={"draft": draft}, outputs={"final": final})
+    a = Call(new_id("call"), FIRST, inputs={"topic": topic}, outputs={"draft": draft})
+    b = Call(new_id("call"), SECOND, inputs={"draft": draft}, outputs={"final": final})
 
     async def before_crash():
         store = CountingRedisStore.from_url(redis_url, prefix=prefix)
@@ -355,9 +355,9 @@ def test_an_invalid_call_in_a_batch_leaves_the_store_unchanged(redis_url, defaul
         topic = new_id("var")
         await runtime.create_variable(session, topic, "topic")
         before = await load_all(store)
-        good = CallSpec(new_id("call"), FIRST, inputs={"topic": topic}, outputs={"draft": new_id("var")})
-        bad = CallSpec(new_id("call"), SECOND, inputs={"draft": "var-does-not-exist"}, outputs={"final": new_id("var")})
-        constant = CallSpec(new_id("call"), FIRST, constants={"topic": "birds"}, outputs={"draft": new_id("var")})
+        good = Call(new_id("call"), FIRST, inputs={"topic": topic}, outputs={"draft": new_id("var")})
+        bad = Call(new_id("call"), SECOND, inputs={"draft": "var-does-not-exist"}, outputs={"final": new_id("var")})
+        constant = Call(new_id("call"), FIRST, constants={"topic": "birds"}, outputs={"draft": new_id("var")})
         with pytest.raises(UnknownVariableError, match="var-does-not-exist"):
             await runtime.submit_calls(session, [good, constant, bad])
         after = await load_all(store)

@@ -87,6 +87,33 @@ def test_workflow_through_a_remote_engine_matches_direct_completions(live_server
         runtime.portal.call(runtime.shutdown())
 
 
+def test_compression_behind_a_remote_engine_scores_with_a_local_model(live_server, key, default_model_dir):
+    """A remote engine (here: a second Parrot server) holds no model to score
+    with: marked inputs are compressed by the local scorer model (the
+    configured model folder), and the server prefills the shorter prompt."""
+    from parrot.backends.models import resolve_model
+
+    engine = RemoteEngine(live_server.url, api_key=key, tokenizer=default_model_dir, name="remote-c")
+    assert not engine.runs_model_jobs
+    runtime = LocalRuntime([engine])
+    text = workflows.SAMPLE_DOCUMENT
+    try:
+        with P.Session(runtime) as s:
+            plain = P.SemanticFunction("Notes: {{input:notes}}\nA: {{output:a|max_tokens=2}}")(text)
+            marked = P.SemanticFunction("Notes: {{input:notes|compress=0.4}}\nA: {{output:a|max_tokens=2}}")(text)
+            plain.get(), marked.get()
+        call_plain, call_marked = runtime.session_view(s.id).calls
+        assert call_marked.state == "done", call_marked.error
+        stats = call_marked.compression
+        assert stats is not None and stats["model"] == str(resolve_model(None))
+        assert len(call_marked.compressed_inputs["notes"]) < len(text)
+        # Usage came from the server: it saw the shorter prompt.
+        assert (call_marked.prefill_tokens + call_marked.cached_tokens
+                < call_plain.prefill_tokens + call_plain.cached_tokens)
+    finally:
+        runtime.portal.call(runtime.shutdown())
+
+
 def model_name(client) -> str:
     return client.models.list().data[0].id
 

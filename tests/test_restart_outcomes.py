@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:  # so `tests.redis_server` imports under a bare `p
 from tests.redis_server import redis_url  # noqa: E402,F401  (a real redis-server)
 
 from parrot.dataflow import AppScheduler, LocalRuntime  # noqa: E402
-from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig  # noqa: E402
+from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig  # noqa: E402
 from parrot.server.redis_store import RedisStore  # noqa: E402
 
 ASK = FunctionSpec("ask", "Q: {{input:q}} A: {{output:a}}", {"a": SamplingConfig(max_tokens=3)})
@@ -39,8 +39,8 @@ def test_restart_keeps_call_stats_and_closes_ephemeral_sessions(redis_url, defau
         runtime = LocalRuntime([default_engine], store=store, scheduler=HoldingScheduler())
         kept = await runtime.open_session(namespace="t")
         one_shot = await runtime.open_session(namespace="t", ephemeral=True)
-        await runtime.submit_calls(kept, [CallSpec("call-kept", ASK, {}, {"q": "one"}, {"a": "var-kept"})])
-        await runtime.submit_calls(one_shot, [CallSpec("call-oneshot", HELD, {}, {"q": "two"}, {"a": "var-oneshot"})])
+        await runtime.submit_calls(kept, [Call("call-kept", ASK, {}, {"q": "one"}, {"a": "var-kept"})])
+        await runtime.submit_calls(one_shot, [Call("call-oneshot", HELD, {}, {"q": "two"}, {"a": "var-oneshot"})])
         await runtime.get_variable(kept, "var-kept")
         task = runtime._tasks.get("call-kept")
         if task is not None:

@@ -13,6 +13,7 @@ import pytest
 import parrot as P
 from parrot import workflows
 from parrot.dataflow import LocalRuntime, build_request
+from parrot.semantic_vars import Call
 
 
 @P.semantic_function(max_tokens=6)
@@ -69,11 +70,24 @@ def test_runtime_outputs_equal_the_engine_run_directly(runtime, default_engine):
 
 
 def test_first_output_is_released_before_the_call_finishes(runtime):
-    with P.Session(runtime) as s:
-        name, tag = title("anything")
-        tag.get()
-    call = runtime.graph.session_calls(s.id)[0]
-    assert runtime.graph.variables[name.id].set_at <= runtime.graph.variables[tag.id].set_at <= call.finished_at
+    """A call reading a producer's first output is placed on the engine while
+    the producer still generates its second: an output does not wait for its call."""
+    producer = P.SemanticFunction("Title for: {{input:s}}\nTitle: {{output:name|max_tokens=3}}\n"
+                                  "Story: {{output:story|max_tokens=48}}", name="producer")
+    events: list[dict] = []
+    unsubscribe = runtime.subscribe(events.append)
+    try:
+        with P.Session(runtime) as s:
+            name, story = producer("anything")
+            follow = summarize(name)
+            follow.get(), story.get()
+    finally:
+        unsubscribe()
+    made, read = runtime.session_view(s.id).calls
+    states = [(e["call_id"], e["state"]) for e in events if e["type"] == "call_state"]
+    assert states.index((read.id, "running")) < states.index((made.id, "done"))
+    assert read.started_at < made.finished_at
+    assert runtime.variable(name.id).set_at <= read.started_at
 
 
 def test_async_api(runtime):
@@ -299,7 +313,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
     """A long-running service stays bounded: past ``keep_closed_sessions``
     the oldest closed session leaves the graph and the store; one whose
     variables another session still reads waits until that one goes."""
-    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig, UnknownSessionError
+    from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig, UnknownSessionError
 
     ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
     runtime = LocalRuntime([default_engine], keep_closed_sessions=1)
@@ -309,7 +323,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
     async def one_call_session(name: str, inputs: dict | None = None) -> str:
         sid = await runtime.open_session()
         consts = {} if inputs else {"q": name}
-        await runtime.submit_calls(sid, [CallSpec(f"call-{name}", ask, inputs or {}, consts, {"a": f"var-{name}"})])
+        await runtime.submit_calls(sid, [Call(f"call-{name}", ask, inputs or {}, consts, {"a": f"var-{name}"})])
         await runtime.get_variable(sid, f"var-{name}")
         return sid
 
@@ -350,7 +364,7 @@ def test_closed_sessions_beyond_the_limit_are_forgotten_in_graph_and_store(defau
 
 
 def test_restore_applies_the_closed_session_limit(default_engine):
-    from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+    from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig
 
     ask = FunctionSpec("ask", "Q: {{input:q}}\nA: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
     first = LocalRuntime([default_engine], keep_closed_sessions=None)
@@ -359,7 +373,7 @@ def test_restore_applies_the_closed_session_limit(default_engine):
         sids = []
         for i in range(3):
             sid = await first.open_session()
-            await first.submit_calls(sid, [CallSpec(f"call-{i}", ask, {}, {"q": str(i)}, {"a": f"var-{i}"})])
+            await first.submit_calls(sid, [Call(f"call-{i}", ask, {}, {"q": str(i)}, {"a": f"var-{i}"})])
             await first.get_variable(sid, f"var-{i}")
             await first.close_session(sid)
             sids.append(sid)
@@ -406,3 +420,26 @@ def test_concurrent_async_reads_wait_for_the_batch_they_read(default_engine):
     values = runtime.portal.call(app())
     assert len(values) == 4 and all(isinstance(v, str) for v in values)
     assert runtime.client_requests["submit"] == 1
+
+
+def test_the_public_read_api_answers_what_the_service_asks(runtime):
+    """Owners, summaries, views and the non-waiting poll, as the server reads them."""
+    portal = runtime.portal
+    sid = portal.call(runtime.open_session(namespace="tenant-a"))
+    portal.call(runtime.create_variable(sid, "free-1", "free"))
+    spec = P.SemanticFunction("Echo {{input:x}} {{output:y|max_tokens=2}}", name="echo").spec
+    portal.call(runtime.submit_calls(sid, [Call("call-1", spec, {"x": "free-1"}, {}, {"y": "out-1"})]))
+    assert runtime.session_owner(sid) == "tenant-a" and runtime.session_owner("nope") is None
+    assert runtime.variable_owner("out-1") == "tenant-a" and runtime.variable_owner("nope") is None
+    assert runtime.session_summaries("tenant-a") == [(sid, True, 1)] and runtime.session_summaries("b") == []
+    # A poll records the read's objective and returns at once (the call waits for its input).
+    var = runtime.poll_variable(sid, "out-1", "throughput")
+    assert var.value is None and runtime.variable("out-1").perf == "throughput"
+    assert runtime.call("call-1").state == "waiting" and runtime.input_values("call-1") == {}
+    portal.call(runtime.set_variable(sid, "free-1", "hello"))
+    assert runtime.input_values("call-1") == {"x": "hello"}
+    assert isinstance(portal.call(runtime.get_variable(sid, "out-1")), str)
+    view = runtime.session_view(sid)
+    assert [c.id for c in view.calls] == ["call-1"] and set(view.variables) >= {"free-1", "out-1"}
+    portal.call(runtime.close_session(sid))
+    assert runtime.session_summaries("tenant-a") == [(sid, False, 1)]

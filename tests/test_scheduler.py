@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from parrot.dataflow import AppScheduler, DataflowGraph, FifoScheduler, ObjectiveAnalyzer, PrefixIndex
-from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig
+from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig
 
 S = "session-1"
 SYSTEM = "You are a meticulous assistant on a software team. " * 3
@@ -28,7 +28,7 @@ class Program:
         self.prefixes = PrefixIndex(min_chars=32)
 
     def call(self, call_id, fn=UNARY, inputs=None, constants=None):
-        spec = CallSpec(call_id, fn, inputs or {}, constants or {}, {"y": f"{call_id}.y"})
+        spec = Call(call_id, fn, inputs or {}, constants or {}, {"y": f"{call_id}.y"})
         node = self.graph.add_call(S, spec)
         self.prefixes.add(node, self.graph, "tenant-a")
         self.analyzer.on_call_added(node)
@@ -103,7 +103,7 @@ def test_shared_system_prompt_is_found_per_tenant_before_running():
     # The same prompt under another tenant is another key.
     other = PrefixIndex(min_chars=32)
     p.graph.add_variable("sys2", "system", S, SYSTEM)
-    c = p.graph.add_call(S, CallSpec("u3", ASK, {"system": "sys2"}, {"q": "hi"}, {"y": "u3.y"}))
+    c = p.graph.add_call(S, Call("u3", ASK, {"system": "sys2"}, {"q": "hi"}, {"y": "u3.y"}))
     other.add(c, p.graph, "tenant-b")
     other.add(p.graph.calls["u1"], p.graph, "tenant-b")
     assert other.hint_for(c).key != hint_a.key
@@ -117,7 +117,7 @@ def test_a_public_function_shares_only_its_constant_head_across_tenants():
     index = PrefixIndex(min_chars=32)
 
     def boundaries(call_id, fn, tenant, doc="a shared document " * 3):
-        node = graph.add_call(S, CallSpec(call_id, fn, {}, {"doc": doc, "q": call_id}, {"y": f"{call_id}.y"}))
+        node = graph.add_call(S, Call(call_id, fn, {}, {"doc": doc, "q": call_id}, {"y": f"{call_id}.y"}))
         index.add(node, graph, tenant)
         return [b.key for b in index.boundaries[call_id]]
 
@@ -134,7 +134,7 @@ def test_prefix_counts_keep_the_most_recently_reached_keys():
     graph = DataflowGraph()
     index = PrefixIndex(min_chars=32, max_keys=2)
     for i, system in enumerate([SYSTEM, SYSTEM.upper(), SYSTEM.lower(), SYSTEM]):
-        node = graph.add_call(S, CallSpec(f"c{i}", ASK, {}, {"system": system, "q": "hi"}, {"y": f"c{i}.y"}))
+        node = graph.add_call(S, Call(f"c{i}", ASK, {}, {"system": system, "q": "hi"}, {"y": f"c{i}.y"}))
         index.add(node, graph, "tenant-a")
     # Each call reaches two boundaries (after the system prompt, after "User: ");
     # only the last call's two are kept, seen once since the first call's were evicted.

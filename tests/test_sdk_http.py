@@ -11,7 +11,7 @@ import pytest
 
 import parrot as P
 from parrot import workflows
-from parrot.semantic_vars import CallSpec, FunctionSpec, SamplingConfig, new_id
+from parrot.semantic_vars import Call, FunctionSpec, SamplingConfig, new_id
 from parrot.semantic_vars import session as session_module
 from parrot.semantic_vars.http_runtime import (
     AuthenticationError,
@@ -101,7 +101,7 @@ def test_same_program_same_text_in_process_and_over_http(runtime, http, live_ser
 
 def test_template_error_from_the_server_keeps_its_position(http):
     bad = FunctionSpec("bad", "Hello {{input:x}} then {{output:y", {"y": SamplingConfig(max_tokens=2)})
-    call = CallSpec(new_id("call"), bad, constants={"x": "1"}, outputs={"y": new_id("var")})
+    call = Call(new_id("call"), bad, constants={"x": "1"}, outputs={"y": new_id("var")})
     sid = http.portal.call(http.open_session())
     try:
         with pytest.raises(P.TemplateError) as info:

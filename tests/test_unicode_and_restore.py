@@ -87,15 +87,15 @@ def test_a_call_whose_output_id_is_its_own_id_is_refused_and_leaves_nothing(live
 
 
 def test_the_in_process_runtime_refuses_it_too(runtime):
-    from parrot.semantic_vars import CallSpec, FunctionSpec, InvalidArgumentError, SamplingConfig
+    from parrot.semantic_vars import Call, FunctionSpec, InvalidArgumentError, SamplingConfig
 
     spec = FunctionSpec("f", "Q: {{input:q}} A: {{output:a}}", {"a": SamplingConfig(max_tokens=2)})
 
     async def body():
         sid = await runtime.open_session()
         with pytest.raises(InvalidArgumentError) as e:
-            await runtime.submit_calls(sid, [CallSpec("call-u1", spec, {}, {"q": "ok"}, {"a": "var-u1"}),
-                                             CallSpec("call-u2", spec, {}, {"q": BAD}, {"a": "var-u2"})])
+            await runtime.submit_calls(sid, [Call("call-u1", spec, {}, {"q": "ok"}, {"a": "var-u1"}),
+                                             Call("call-u2", spec, {}, {"q": BAD}, {"a": "var-u2"})])
         assert e.value.field == "calls.1.constants.q"
         with pytest.raises(InvalidArgumentError):
             await runtime.create_variable(sid, "var-u3", "v", BAD)
@@ -108,7 +108,7 @@ def test_the_in_process_runtime_refuses_it_too(runtime):
 
 def test_restore_skips_records_it_cannot_read_and_starts(redis_url, default_engine, caplog):  # noqa: F811
     from parrot.dataflow import LocalRuntime
-    from parrot.semantic_vars import CallFailedError, CallSpec, FunctionSpec, SamplingConfig
+    from parrot.semantic_vars import CallFailedError, Call, FunctionSpec, SamplingConfig
     from parrot.server.redis_store import RedisStore
     from parrot.server.service import ParrotService
 
@@ -121,7 +121,7 @@ def test_restore_skips_records_it_cannot_read_and_starts(redis_url, default_engi
         await service.start()
         tenant, api_key = await service.create_tenant("t")
         sid = await service.open_session(tenant)
-        await service.runtime.submit_calls(sid, [CallSpec("call-good", spec, {}, {"q": "kept"}, {"a": "var-good"})])
+        await service.runtime.submit_calls(sid, [Call("call-good", spec, {}, {"q": "kept"}, {"a": "var-good"})])
         value = await service.runtime.get_variable(sid, "var-good")
         # What an older version could store: a call whose constant holds a lone
         # surrogate, a record that is not JSON, and one with fields missing.

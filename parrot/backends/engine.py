@@ -171,13 +171,33 @@ class EngineCapacity:
 
 
 class TokenizerLike(Protocol):
+    """What layers above an engine use of its tokenizer: the model's own
+    (:class:`~parrot.backends.tokenizer.Tokenizer`) or a remote engine's
+    stand-in (:class:`~parrot.backends.remote_engine.ApproxTokenizer`)."""
+
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
+    #: Whether a plain prompt starts with BOS (as the model's tokenizer does it).
+    prompt_bos: bool
+    #: The vocabulary's size; None when unknown (a stand-in tokenizer).
+    vocab_size: int | None
+    #: Whether :meth:`chat_frame` and :meth:`chat_prompt` can render chat
+    #: turns with the model's template (False: no local template at all).
+    renders_chat: bool
 
     def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         """Token ids; ``special=True`` reads control tokens written in the
         text (a template's own text), the default reads them as plain text."""
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_frame(self, messages: Sequence[dict[str, str]] = ()) -> tuple[list[int], list[int]]:
+        """Token ids the chat template puts before and after one more user
+        turn (``ValueError`` when the template cannot render the turns)."""
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The chat template's text of ``messages`` ready to prompt with
+        (generation prompt added, no leading BOS: the engine adds its own);
+        ``ValueError`` when the template cannot render them."""
 
 
 class Mailbox(Protocol):

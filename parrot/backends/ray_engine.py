@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from parrot.semantic_vars import EngineError, EngineUnavailableError
 
@@ -44,6 +44,8 @@ from .spec import EngineSpec
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 
 class EngineActor:
     """The body of an engine actor (``ray.remote`` is applied in :meth:`RayEngine.start`)."""
@@ -55,7 +57,13 @@ class EngineActor:
     def ready(self) -> dict[str, Any]:
         """What the proxy needs once: the tokenizer and the starting capacity."""
         return {"tokenizer": self.engine.tokenizer, "capacity": self.engine.capacity(), "name": self.engine.name,
-                "model_id": self.engine.model_id, "max_model_len": self.engine.max_model_len}
+                "model_id": self.engine.model_id, "max_model_len": self.engine.max_model_len,
+                "runs_model_jobs": self.engine.runs_model_jobs}
+
+    async def run_model_job(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """``fn(engine, *args)`` on the actor's engine, in a worker thread so
+        the actor's event loop keeps streaming other requests meanwhile."""
+        return await asyncio.to_thread(self.engine.run_model_job, fn, *args)
 
     async def ping(self) -> bool:
         return self.engine.healthy()
@@ -87,12 +95,13 @@ class RayEngine(ProxyEngine):
 
     def __init__(self, actor: Any, *, name: str, tokenizer: TokenizerLike, capacity: EngineCapacity,
                  probe_interval_s: float = 0.5, model_id: str | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, runs_model_jobs: bool = False) -> None:
         super().__init__()
         self.actor = actor
         self.name = name
         self._model_id = model_id or name
         self._max_model_len = max_model_len
+        self._runs_model_jobs = runs_model_jobs
         self.tokenizer = tokenizer
         self.probe_interval_s = probe_interval_s
         self._max_running = capacity.max_running
@@ -128,6 +137,18 @@ class RayEngine(ProxyEngine):
     @property
     def max_model_len(self) -> int | None:
         return self._max_model_len
+
+    @property
+    def runs_model_jobs(self) -> bool:
+        """True when the actor's engine holds a Parrot model (a torch engine)."""
+        return self._runs_model_jobs
+
+    def run_model_job(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Runs ``fn(engine, *args)`` in the actor, beside its engine, and
+        returns the result (blocking: call it off the event loop)."""
+        if not self._runs_model_jobs:
+            return super().run_model_job(fn, *args)
+        return _ray().get(self.actor.run_model_job.remote(fn, args))
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         if not self._healthy:
@@ -303,7 +324,7 @@ def start_engines(
     ]
     infos = ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
     return [RayEngine(a, name=s.name, tokenizer=i["tokenizer"], capacity=i["capacity"], model_id=i["model_id"],
-                      max_model_len=i["max_model_len"])
+                      max_model_len=i["max_model_len"], runs_model_jobs=i["runs_model_jobs"])
             for a, s, i in zip(actors, specs, infos)]
 
 

@@ -67,8 +67,17 @@ class ApproxTokenizer:
 
     bos_token_id: int | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    prompt_bos = False
+    vocab_size: int | None = None
+    renders_chat = False  # no chat template here: chat turns go as plain text
     approximate = True
     BYTES_PER_ID = 4
+
+    def chat_frame(self, messages: Sequence[dict[str, str]] = ()) -> tuple[list[int], list[int]]:
+        raise ValueError("the served model's tokenizer has no chat template")
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        raise ValueError("the served model's tokenizer has no chat template")
 
     def encode(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         # ``special`` changes nothing here: the remote server tokenizes the text.

@@ -71,9 +71,25 @@ class Tokenizer:
             return self._backend.decode(list(token_ids), skip_special_tokens=True)
         return self.hf.decode(list(token_ids), skip_special_tokens=True)
 
+    #: The model's chat template is here (a model without one raises ValueError on use).
+    renders_chat = True
+
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         """The prompt the model's own chat template makes of ``messages``."""
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The chat template's text of ``messages`` ready to prompt with: the
+        engine puts BOS before every prompt, so a BOS the template writes too
+        is dropped. Raises ``ValueError`` when the template rejects them."""
+        try:
+            text = self.apply_chat_template(messages)
+        except Exception as exc:  # jinja's raise_exception, a model without a template, ...
+            raise ValueError(f"the model's chat template rejected the messages: {exc}") from exc
+        bos = self.hf.bos_token
+        if bos and self.bos_token_id is not None and text.startswith(bos):
+            text = text[len(bos):]
+        return text
 
     def chat_frame(self, messages: Sequence[dict[str, str]] = ()) -> tuple[list[int], list[int]]:
         """Token ids the chat template puts before and after one more user turn.

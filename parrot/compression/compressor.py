@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from parrot.backends.torch_engine import TorchEngine
 from parrot.compression.scorer import ScoringContext, TokenScorer, resolve_device
 from parrot.semantic_vars.errors import InvalidArgumentError
 
@@ -261,7 +262,7 @@ class Compressor:
         self.min_tokens = _check_int("min_tokens", min_tokens, 0)
         if isinstance(model, TokenScorer):
             self.scorer = model
-        elif model is not None and hasattr(model, "model") and hasattr(model, "tokenizer"):
+        elif isinstance(model, TorchEngine):
             if device is not None and resolve_device(device) != torch.device(model.device):
                 raise InvalidArgumentError("device", f"the engine's model is on {model.device}, not {device}")
             self.scorer = TokenScorer.from_engine(model, max_batch_tokens=max_batch_tokens)

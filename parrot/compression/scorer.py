@@ -34,6 +34,7 @@ from parrot.semantic_vars.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from parrot.backends.model import LlamaFamilyModel
     from parrot.backends.tokenizer import Tokenizer
+    from parrot.backends.torch_engine import TorchEngine
 
 __all__ = ["ScoringContext", "TokenScorer", "resolve_device"]
 
@@ -163,9 +164,9 @@ class TokenScorer:
 
         dev = resolve_device(device)
         if path is None:
-            from parrot.backends.default_model import default_model_path
+            from parrot.backends.models import TEST_MODEL, resolve_model
 
-            folder = default_model_path()
+            folder = resolve_model(TEST_MODEL)
         else:
             folder = Path(path).expanduser()
         try:
@@ -176,19 +177,21 @@ class TokenScorer:
         return cls(model, tokenizer, name=str(folder), **options)
 
     @classmethod
-    def from_engine(cls, engine: Any, **options: Any) -> "TokenScorer":
-        """Score with a running engine's model and tokenizer (weights shared).
+    def from_engine(cls, engine: "TorchEngine", **options: Any) -> "TokenScorer":
+        """Score with a running torch engine's model and tokenizer (weights shared).
 
         Scoring runs in the caller's thread with KV caches of its own; the
-        engine's weights are only read, so the engine keeps serving.
+        engine's weights are only read, so the engine keeps serving. Any
+        other engine holds no model here: give it a job instead
+        (:meth:`~parrot.backends.engine.Engine.run_model_job`).
         """
-        model = getattr(engine, "model", None)
-        tokenizer = getattr(engine, "tokenizer", None)
-        if model is None or tokenizer is None or not hasattr(model, "compute_logits"):
+        from parrot.backends.torch_engine import TorchEngine
+
+        if not isinstance(engine, TorchEngine):
             raise InvalidArgumentError(
-                "engine", "needs an engine with a Parrot model and tokenizer (a TorchEngine)"
+                "engine", f"needs a TorchEngine (the engine with a Parrot model here), got {type(engine).__name__}"
             )
-        return cls(model, tokenizer, name=getattr(engine, "name", None), **options)
+        return cls(engine.model, engine.tokenizer, name=engine.name, **options)
 
     # ---------------------------------------------------------------- tokens
     def encode(self, text: str) -> list[int]:

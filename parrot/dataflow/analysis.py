@@ -21,9 +21,6 @@ from parrot.semantic_vars import Perf
 
 from .graph import CallNode, DataflowGraph, TaskGroup
 
-#: A call's objective is what a read asked for: one type for both.
-Objective = Perf
-
 
 class ObjectiveAnalyzer:
     """Keeps ``call.objective``, ``call.latency_critical`` and ``call.group`` up to date."""
@@ -54,7 +51,7 @@ class ObjectiveAnalyzer:
             if perf is not None:
                 self.on_get(out_id, perf)
 
-    def on_get(self, var_id: str, perf: Objective) -> None:
+    def on_get(self, var_id: str, perf: Perf) -> None:
         """Propagate a read's annotation to every call upstream of ``var_id``."""
         producer = self.graph.variables[var_id].producer
         stack = [producer] if producer is not None else []

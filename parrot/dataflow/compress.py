@@ -12,11 +12,14 @@ with the model of the runtime's first engine that runs model jobs
 (:meth:`Engine.run_model_job`; weights shared, not copied: the scores come
 from the weights that will read the prompt), where that model lives: in this
 process for a torch engine, in the engine's process for a process engine.
-Else the model folder ``$PARROT_MODEL`` or the embedded default is loaded here.
+Else (remote engines hold no model here) a scorer model is loaded in this
+process on first use: the runtime's ``scorer_model`` setting, else
+``$PARROT_MODEL`` or the default model (:func:`parrot.backends.models.resolve_model`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -49,12 +52,15 @@ class InputCompression:
 
     ``compressor`` is a ready one; otherwise the first of ``engines`` that
     runs model jobs scores with its own model (in its own process when it has
-    one), and failing that the default model folder is loaded here on first use.
+    one), and failing that ``scorer_model`` (a model name or folder; None:
+    the default model) is loaded here on first use.
     """
 
-    def __init__(self, engines: Sequence["Engine"] = (), compressor: "Compressor | None" = None) -> None:
+    def __init__(self, engines: Sequence["Engine"] = (), compressor: "Compressor | None" = None,
+                 scorer_model: "str | os.PathLike[str] | None" = None) -> None:
         self._engine = None if compressor is not None else next((e for e in engines if e.runs_model_jobs), None)
         self._compressor = compressor
+        self._scorer_model = scorer_model
         self._lock = threading.Lock()
 
     @property
@@ -62,10 +68,10 @@ class InputCompression:
         """The local compressor, built on first use (blocking: may load a model)."""
         with self._lock:
             if self._compressor is None:
+                from parrot.backends.models import resolve_model
                 from parrot.compression import Compressor
-                from parrot.dataflow.runtime import default_model_dir
 
-                self._compressor = Compressor(default_model_dir())
+                self._compressor = Compressor(resolve_model(self._scorer_model))
             return self._compressor
 
     def apply(self, rates: Mapping[str, float], values: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:

@@ -17,7 +17,7 @@ import networkx as nx
 
 from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
-    CallSpec,
+    Call,
     DataflowCycleError,
     FunctionSpec,
     InvalidArgumentError,
@@ -81,7 +81,7 @@ class CallNode:
     # engine's TokenLogprob entries); not persisted.
     logprobs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Deduced by the analyser (see analysis.py); None until a read says.
-    objective: Literal["latency", "throughput"] | None = None
+    objective: Perf | None = None  # what the reads downstream ask for
     latency_critical: bool = False
     wants_throughput: bool = False
     group: str | None = None
@@ -110,6 +110,18 @@ class TaskGroup:
     members: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SessionView:
+    """One session's part of the graph, for display (the nodes are the
+    graph's own: read them, do not change them)."""
+
+    session_id: str
+    open: bool
+    calls: list[CallNode]  # in submission order
+    variables: dict[str, VariableNode]  # the session's own and every one its calls read or write
+    groups: dict[str, TaskGroup]  # the task groups its calls belong to
+
+
 class DataflowGraph:
     """Calls and variables of every session, with readiness tracking."""
 
@@ -136,7 +148,7 @@ class DataflowGraph:
         self.graph.add_node(var_id, kind="variable")
         return var
 
-    def _validate_call(self, session_id: str, spec: CallSpec, template: Template) -> None:
+    def _validate_call(self, session_id: str, spec: Call, template: Template) -> None:
         """Every check of :meth:`add_call`, before anything is changed."""
         if spec.call_id in self.calls or spec.call_id in self.variables:
             raise InvalidArgumentError("call_id", f"{spec.call_id!r} is already in use")
@@ -184,7 +196,7 @@ class DataflowGraph:
                         f"{spec.function.name}(): output {name!r} would feed its own input through the graph"
                     )
 
-    def add_call(self, session_id: str, spec: CallSpec) -> CallNode:
+    def add_call(self, session_id: str, spec: Call) -> CallNode:
         """Add a call, its constant inputs and its outputs. Raises before
         changing anything if the call is invalid or would close a cycle."""
         template = parse_template(spec.function.template)
@@ -304,6 +316,14 @@ class DataflowGraph:
 
     def session_calls(self, session_id: str) -> list[CallNode]:
         return [self.calls[cid] for cid in self._session_calls.get(session_id, ())]
+
+    def session_view(self, session_id: str, *, open: bool) -> SessionView:
+        """The session's calls, variables and task groups (see :class:`SessionView`)."""
+        calls = self.session_calls(session_id)
+        var_ids = {v for c in calls for v in [*c.inputs.values(), *c.outputs.values()]}
+        var_ids |= set(self._session_vars.get(session_id, ()))
+        groups = {c.group: self.groups[c.group] for c in calls if c.group and c.group in self.groups}
+        return SessionView(session_id, open, calls, {v: self.variables[v] for v in sorted(var_ids)}, groups)
 
     def removable_session(self, session_id: str) -> tuple[list[str], list[str]] | None:
         """The ``(call ids, variable ids)`` :meth:`remove_session` would

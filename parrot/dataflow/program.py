@@ -108,12 +108,11 @@ def build_request(
     first_gen_seen = False
     user_end = len(segments)  # chat: segments before this index are the user's turn
     tail: list[int] = []
-    add_bos = bool(getattr(tokenizer, "prompt_bos", True))
+    add_bos = tokenizer.prompt_bos
     carry = ""  # trailing spaces of a text, tokenized with the segment after it
     if function.chat:
-        frame = getattr(tokenizer, "chat_frame", None)
-        if frame is not None:
-            head, tail = frame(function.chat_messages())
+        if tokenizer.renders_chat:
+            head, tail = tokenizer.chat_frame(function.chat_messages())
             add_bos = False  # the chat template writes BOS where the model wants one
         else:  # no local chat template (a remote engine without a tokenizer folder): the turns as plain text
             turns = "".join(f"{m['content']}\n\n" for m in function.chat_messages())

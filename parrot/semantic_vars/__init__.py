@@ -28,7 +28,7 @@ from .errors import (
 from .constraint import Constraint
 from .function import Input, Output, SemanticFunction, semantic_function
 from .portal import Portal
-from .runtime import PERF_VALUES, CallSpec, FunctionSpec, Perf, Runtime, check_perf, new_id
+from .runtime import PERF_VALUES, Call, FunctionSpec, Perf, Runtime, check_perf, new_id
 from .sampling import SamplingConfig
 from .session import Session, current_session, default_runtime, set_default_runtime_factory
 from .template import Placeholder, Template, Text
@@ -36,7 +36,7 @@ from .variable import SemanticVariable
 
 __all__ = [
     "AuthenticationError", "ContextLengthError", "ParrotTimeoutError", "PromptTooLongError", "QuotaExceededError",
-    "CallFailedError", "CallSpec", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
+    "CallFailedError", "Call", "Constraint", "ConstraintError", "DataflowCycleError", "EngineError", "EngineUnavailableError", "FunctionSpec", "Input",
     "InvalidArgumentError", "NoActiveSessionError", "Output", "OutputParseError", "PERF_VALUES", "ParrotError", "Perf",
     "Placeholder", "Portal", "Runtime", "SamplingConfig", "SamplingConfigError", "SemanticFunction",
     "SemanticVariable", "Session", "SessionClosedError", "Template", "TemplateError", "Text",

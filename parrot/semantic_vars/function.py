@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence, overload
 
 from .constraint import Constraint
 from .errors import ConstraintError, InvalidArgumentError, TemplateError
-from .runtime import CallSpec, FunctionSpec, new_id
+from .runtime import Call, FunctionSpec, new_id
 from .sampling import SamplingConfig
 from .template import Placeholder, Template, compress_rate
 from .variable import SemanticVariable
@@ -248,7 +248,7 @@ class SemanticFunction:
                 )
         call_id = new_id("call")
         outputs = {name: new_id("var") for name in self.output_names}
-        session.submit(CallSpec(call_id=call_id, function=self.spec, inputs=inputs, constants=constants, outputs=outputs))
+        session.submit(Call(call_id=call_id, function=self.spec, inputs=inputs, constants=constants, outputs=outputs))
         handles = tuple(
             SemanticVariable(session, outputs[n], n, producer=call_id, parse=self._parser(n)) for n in self.output_names
         )

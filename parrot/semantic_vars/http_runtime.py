@@ -23,7 +23,6 @@ stays free of it; this module imports nothing outside ``semantic_vars``.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter
 from typing import Any, Mapping, NoReturn, Sequence
@@ -47,8 +46,9 @@ from .errors import (
     UnknownVariableError,
     VariableAlreadySetError,
 )
+from .env import env_flag
 from .portal import Portal
-from .runtime import CallSpec, FunctionSpec, Perf, Runtime, check_perf
+from .runtime import Call, FunctionSpec, Perf, Runtime, check_perf
 
 API = "/api/v1"
 #: Seconds the server holds one long-poll ``GET`` of a variable.
@@ -170,8 +170,8 @@ def function_body(spec: FunctionSpec) -> dict[str, Any]:
     return body
 
 
-def call_body(call: CallSpec) -> dict[str, Any]:
-    """A :class:`CallSpec` as one entry of a submit request."""
+def call_body(call: Call) -> dict[str, Any]:
+    """A :class:`Call` as one entry of a submit request."""
     return {
         "call_id": call.call_id,
         "function": function_body(call.function),
@@ -179,10 +179,6 @@ def call_body(call: CallSpec) -> dict[str, Any]:
         "constants": dict(call.constants),
         "outputs": dict(call.outputs),
     }
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")
 
 
 class HttpRuntime(Runtime):
@@ -220,7 +216,7 @@ class HttpRuntime(Runtime):
         super().__init__(portal)
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.request_level = _env_flag("PARROT_REQUEST_LEVEL") if request_level is None else request_level
+        self.request_level = env_flag("PARROT_REQUEST_LEVEL") if request_level is None else request_level
         self.poll_timeout = float(poll_timeout)
         if not reconnect_s >= 0:
             raise InvalidArgumentError("reconnect_s", f"must be >= 0 seconds, got {reconnect_s}")
@@ -305,7 +301,7 @@ class HttpRuntime(Runtime):
             "set", "PUT", self._path("sessions", session_id, "variables", var_id), json={"value": value}
         )
 
-    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+    async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """All calls in one request (all or none are added); a batch larger than
         the server's per-request limit goes in consecutive requests."""
         bodies = [call_body(c) for c in calls]

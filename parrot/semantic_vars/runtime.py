@@ -87,8 +87,10 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
-class CallSpec:
-    """One call of a semantic function.
+class Call:
+    """One call of a semantic function, as a runtime receives it. Every layer
+    names it so: the dataflow keeps it as a node (``CallNode``), HTTP carries
+    it as ``CallBody``, an engine runs it as a ``GenerationRequest``.
 
     ``inputs`` binds input names to variable ids, ``constants`` binds input
     names to literal text, ``outputs`` names the ids the outputs will get.
@@ -129,7 +131,7 @@ class Runtime(ABC):
         """Give a free variable its value (once)."""
 
     @abstractmethod
-    async def submit_calls(self, session_id: str, calls: Sequence[CallSpec]) -> None:
+    async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """Add calls to the DAG in one message; each runs as soon as its
         inputs are set. Seeing them together lets the runtime group them."""
 

@@ -32,6 +32,14 @@ PENALTY_MAX = 2.0
 LOGIT_BIAS_MAX = 100.0
 
 
+def _option(default: Any, description: str | None = None, **bounds: float) -> Any:
+    """A sampling field: its default, what it means, and its bounds."""
+    metadata: dict[str, Any] = dict(bounds)
+    if description is not None:
+        metadata["description"] = description
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How one output is generated.
@@ -56,16 +64,21 @@ class SamplingConfig:
     token ids (pairs ``(token id, bias)``, or a mapping).
     """
 
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: int | None = None
-    constraint: Constraint | None = None
-    logprobs: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Each field's metadata holds its accepted bounds in pydantic's terms
+    # (ge, gt, le, max_length) and a description: the HTTP models are
+    # derived from these fields (parrot.server.models.SamplingBody).
+    max_tokens: int = _option(128, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = _option(0.0, "0 is greedy", ge=0, le=TEMPERATURE_MAX)
+    top_p: float = _option(1.0, gt=0, le=1)
+    stop: tuple[str, ...] = _option((), max_length=MAX_STOP_STRINGS)
+    seed: int | None = _option(None, ge=SEED_MIN, le=SEED_MAX)
+    constraint: Constraint | None = _option(None, "constrained decoding of the output")
+    logprobs: int | None = _option(None, "per-token logprobs and this many alternatives", ge=0, le=MAX_LOGPROBS)
+    frequency_penalty: float = _option(0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    presence_penalty: float = _option(0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    logit_bias: tuple[tuple[int, float], ...] = _option(
+        (), f"token id -> bias in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]", max_length=MAX_LOGIT_BIAS
+    )
 
     def __post_init__(self) -> None:
         bias = self.logit_bias

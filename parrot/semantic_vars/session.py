@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Callable
 
 from .errors import NoActiveSessionError, SessionClosedError
-from .runtime import CallSpec, Runtime, new_id
+from .runtime import Call, Runtime, new_id
 from .variable import SemanticVariable
 
 _current: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("parrot_session", default=None)
@@ -64,7 +64,7 @@ class Session:
         self.id: str | None = None
         self.closed = False
         self._tokens: list[contextvars.Token["Session | None"]] = []
-        self._buffer: list[CallSpec] = []
+        self._buffer: list[Call] = []
         self._buffer_lock = threading.Lock()
         # Batches handed to the runtime by aflush() and not yet acknowledged:
         # a concurrent aget() must not read a variable before its call exists.
@@ -142,7 +142,7 @@ class Session:
         var._value = value
         return var
 
-    def submit(self, call: CallSpec) -> None:
+    def submit(self, call: Call) -> None:
         """Queue a call for the runtime (used by :class:`SemanticFunction`)."""
         self._require_open()
         with self._buffer_lock:
@@ -150,7 +150,7 @@ class Session:
         if self.runtime.request_level:
             self.flush()
 
-    def _take_buffer(self) -> list[CallSpec]:
+    def _take_buffer(self) -> list[Call]:
         with self._buffer_lock:
             calls, self._buffer = self._buffer, []
         return calls

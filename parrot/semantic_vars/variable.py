@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from .errors import OutputParseError, ParrotTimeoutError
-from .runtime import Perf, check_perf
+from .runtime import Perf, Runtime, check_perf
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class VariableOwner(Protocol):
+    """What a variable needs of its session (a
+    :class:`~parrot.semantic_vars.session.Session`, which imports this module):
+    its id and runtime, and to send the calls it still holds before a read."""
+
+    id: str
+    runtime: Runtime
+
+    def flush(self) -> None: ...
+
+    async def aflush(self) -> None: ...
 
 
 class SemanticVariable:
@@ -25,7 +35,7 @@ class SemanticVariable:
 
     def __init__(
         self,
-        session: "Session",
+        session: VariableOwner,
         var_id: str,
         name: str,
         producer: str | None = None,

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from typing import Any
 
-from parrot.dataflow.graph import CallNode, DataflowGraph
+from parrot.dataflow.graph import CallNode, SessionView
 from parrot.semantic_vars.template import Placeholder
 
 # CallNode's monotonic timestamps, in the order a call passes them.
@@ -60,17 +60,14 @@ def session_t0(calls: list[CallNode]) -> float:
     return min((c.submitted_at for c in calls), default=time.monotonic())
 
 
-def session_dag(graph: DataflowGraph, session_id: str, *, open: bool) -> dict[str, Any]:
+def session_dag(view: SessionView) -> dict[str, Any]:
     """The session's DAG as JSON: calls (state, objective, group, shared
     prefix, engine, tokens, timings, compression), variables, task groups."""
-    calls = graph.session_calls(session_id)
+    calls = view.calls
     t0 = session_t0(calls)
-    var_ids = {v for c in calls for v in [*c.inputs.values(), *c.outputs.values()]}
-    var_ids |= {v.id for v in graph.variables.values() if v.session_id == session_id}
-    groups = {c.group for c in calls if c.group}
     return {
-        "session_id": session_id,
-        "open": open,
+        "session_id": view.session_id,
+        "open": view.open,
         "now": _since(time.monotonic(), t0),
         "calls": [
             {
@@ -87,23 +84,23 @@ def session_dag(graph: DataflowGraph, session_id: str, *, open: bool) -> dict[st
                 "var_id": v.id, "name": v.name, "ready": v.is_set, "constant": v.constant,
                 "producer": v.producer, "perf": v.perf, "error": v.error,
             }
-            for v in (graph.variables[i] for i in sorted(var_ids))
+            for v in view.variables.values()
         ],
         "groups": [
-            {"group_id": g, "consumer": graph.groups[g].consumer, "members": graph.groups[g].members}
-            for g in sorted(groups)
-            if g in graph.groups
+            {"group_id": g, "consumer": view.groups[g].consumer, "members": view.groups[g].members}
+            for g in sorted(view.groups)
         ],
     }
 
 
-def call_detail(graph: DataflowGraph, call: CallNode) -> dict[str, Any]:
-    """One call in full: its prompt as segments (text, and each variable with
-    its value where known), its inputs and outputs with values, timings."""
-    t0 = session_t0(graph.session_calls(call.session_id))
+def call_detail(view: SessionView, call: CallNode) -> dict[str, Any]:
+    """One call of the session ``view`` shows in full: its prompt as segments
+    (text, and each variable with its value where known), its inputs and
+    outputs with values, timings."""
+    t0 = session_t0(view.calls)
 
     def var_view(name: str, var_id: str) -> dict[str, Any]:
-        v = graph.variables[var_id]
+        v = view.variables[var_id]
         return {"name": name, "var_id": var_id, "value": v.value, "ready": v.is_set,
                 "constant": v.constant, "error": v.error}
 

@@ -8,12 +8,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot.semantic_vars import (
+    AuthenticationError,
     CallFailedError,
     ContextLengthError,
     DataflowCycleError,
     EngineError,
     InvalidArgumentError,
     ParrotError,
+    PromptTooLongError,
+    QuotaExceededError,
     SessionClosedError,
     TemplateError,
     UnknownVariableError,
@@ -23,7 +26,6 @@ from parrot.semantic_vars import (
 from parrot.dataflow.store import StoreUnavailableError
 
 from .disconnect import ClientDisconnected
-from .tenancy import AuthenticationError, PromptTooLongError, QuotaExceededError
 
 # Most specific first: the first class that matches decides the status.
 STATUS: list[tuple[type[BaseException], int]] = [

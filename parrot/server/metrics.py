@@ -71,7 +71,7 @@ class ServiceMetrics:
         if event["type"] != "call_state" or event["state"] not in ("done", "failed", "cancelled"):
             return
         self.calls.labels(event["state"]).inc()
-        call = self.runtime.graph.calls.get(event["call_id"])
+        call = self.runtime.call(event["call_id"])
         if call is not None and event["state"] == "done":
             self.latency.labels(self.function_label(call.function)).observe((call.finished_at or time.monotonic()) - call.submitted_at)
 

@@ -2,28 +2,21 @@
 
 Every request model forbids unknown fields, so a typo is a 422 naming the
 field rather than a silently ignored option, and is strict about types
-(``"10"`` is not an integer, ``true`` is not a number). Sampling bounds come
-from :mod:`parrot.semantic_vars.sampling`, the one place they are defined.
+(``"10"`` is not an integer, ``true`` is not a number). :class:`SamplingBody`
+is derived from :class:`parrot.semantic_vars.SamplingConfig`'s fields, the one
+place sampling options and their bounds are defined.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import dataclasses
+from typing import Annotated, Any, get_type_hints
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from parrot.semantic_vars.constraint import MAX_CHOICES, MAX_SPEC_CHARS
-from parrot.semantic_vars.sampling import (
-    LOGIT_BIAS_MAX,
-    MAX_LOGIT_BIAS,
-    MAX_LOGPROBS,
-    MAX_STOP_STRINGS,
-    MAX_TOKENS_LIMIT,
-    PENALTY_MAX,
-    SEED_MAX,
-    SEED_MIN,
-    TEMPERATURE_MAX,
-)
+from parrot.semantic_vars.runtime import Perf  # noqa: F401  (the routes' query type: one objective type)
+from parrot.semantic_vars.sampling import SamplingConfig
 from parrot.semantic_vars.validation import unicode_problem
 
 
@@ -37,7 +30,6 @@ def _valid_unicode(text: str) -> str:
 #: A string from a request body; lone surrogates are a 422 naming the field.
 UserText = Annotated[str, AfterValidator(_valid_unicode)]
 
-Perf = Literal["latency", "throughput"]
 ID = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
@@ -68,21 +60,29 @@ class ConstraintBody(Strict):
     strict: bool | None = Field(default=None, description="json_schema: no properties beyond the schema's (default true)")
 
 
-class SamplingBody(Strict):
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX, description="0 is greedy")
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: list[UserText] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    constraint: ConstraintBody | None = Field(default=None, description="constrained decoding of the output")
-    logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS, description="per-token logprobs and this many alternatives"
-    )
-    frequency_penalty: float | None = Field(default=None, ge=-PENALTY_MAX, le=PENALTY_MAX)
-    presence_penalty: float | None = Field(default=None, ge=-PENALTY_MAX, le=PENALTY_MAX)
-    logit_bias: dict[str, float] | None = Field(
-        default=None, max_length=MAX_LOGIT_BIAS, description=f"token id -> bias in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
-    )
+#: How a sampling option travels in JSON where that differs from its Python
+#: type (the rest keep theirs: ints, floats, optional ints).
+_SAMPLING_WIRE: dict[str, Any] = {
+    "stop": list[UserText],
+    "constraint": ConstraintBody,
+    "logit_bias": dict[str, float],
+}
+
+
+def _sampling_body() -> type[Strict]:
+    """The HTTP model of :class:`SamplingConfig`: every option optional (None:
+    the default), with the bounds and descriptions its fields declare."""
+    hints = get_type_hints(SamplingConfig)
+    options: dict[str, Any] = {}
+    for f in dataclasses.fields(SamplingConfig):
+        wire = _SAMPLING_WIRE.get(f.name, hints[f.name])
+        options[f.name] = (wire | None, Field(default=None, **f.metadata))
+    model = create_model("SamplingBody", __base__=Strict, __module__=__name__, **options)
+    model.__doc__ = "Sampling options of an output (see parrot.semantic_vars.SamplingConfig); omitted: the default."
+    return model
+
+
+SamplingBody = _sampling_body()
 
 
 class FunctionBody(Strict):

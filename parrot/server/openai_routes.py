@@ -259,19 +259,10 @@ def chat_prompt(service: ParrotService, plain: list[dict[str, str]]) -> Prompt:
     marker = f"\x00{new_id('content')}:"  # a string no message holds; a template passes it through
     contents = [msg["content"] for msg in plain]
     marked = [{"role": msg["role"], "content": f"{marker}{i}\x00"} for i, msg in enumerate(plain)]
-    tokenizer = service.runtime.engines[0].tokenizer
-    apply = getattr(tokenizer, "apply_chat_template", None)
-    if apply is None:
-        raise InvalidArgumentError("messages", "the served model's tokenizer has no chat template")
     try:
-        text = apply(marked)
-    except Exception as exc:  # jinja's raise_exception, a model without a template, ...
-        raise InvalidArgumentError("messages", f"the model's chat template rejected the messages: {exc}") from exc
-    # The engine puts BOS before every prompt; a template that writes it too
-    # would make two.
-    bos = getattr(getattr(tokenizer, "hf", None), "bos_token", None)
-    if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
-        text = text[len(bos):]
+        text = service.runtime.tokenizer.chat_prompt(marked)
+    except ValueError as exc:
+        raise InvalidArgumentError("messages", str(exc)) from exc
     return _split_markers(text, marker, contents)
 
 
@@ -316,7 +307,7 @@ def _sampling(service: ParrotService, tenant: Tenant, body: _Sampling, prompt: P
     worst case."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     # Counted as the engine will get it (chat frame, BOS and all).
-    n_prompt = prompt_token_count(prompt.function("count"), prompt.constants, service.runtime.engines[0].tokenizer)
+    n_prompt = prompt_token_count(prompt.function("count"), prompt.constants, service.runtime.tokenizer)
     limit = _context_limit(service)
     if limit is not None:
         if n_prompt >= limit:
@@ -356,7 +347,7 @@ def _logit_bias(service: ParrotService, bias: dict[str, float] | None) -> dict[i
     """OpenAI's ``logit_bias`` (token id strings) as ids of the served vocabulary."""
     if not bias:
         return None
-    size = getattr(service.runtime.engines[0].tokenizer, "vocab_size", None) or 1 << 31
+    size = service.runtime.tokenizer.vocab_size or 1 << 31
     out: dict[int, float] = {}
     for key, value in bias.items():
         if not key.isdigit() or int(key) >= size:
@@ -399,10 +390,13 @@ class CallRun:
                 sent += len(event["text"])
                 yield event["text"]
                 continue
-            call = self.service.runtime.graph.calls[self.call_id]
+            call = self.service.runtime.call(self.call_id)
+            assert call is not None  # its session stays open (and the call known) until close()
             if call.state != "done":
                 raise CallFailedError(f"the call {call.state}: {call.error}")
-            self.value = self.service.runtime.graph.variables[self.var_id].value or ""
+            var = self.service.runtime.variable(self.var_id)
+            assert var is not None
+            self.value = var.value or ""
             if len(self.value) > sent:  # whatever the token events did not carry
                 yield self.value[sent:]
             self.prompt_tokens = call.prefill_tokens + call.cached_tokens
@@ -623,7 +617,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
     runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, COMPLETION_FUNCTION, body.n or 1)
     rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
     echo = prompt if body.echo else ""
-    tokenizer = service.runtime.engines[0].tokenizer
+    tokenizer = service.runtime.tokenizer
 
     def chunk(index: int, text: str | None, finish_reason: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -673,8 +667,8 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         raise InvalidArgumentError("messages", exc.errors()[0]["msg"]) from exc
     plain = chat_messages(messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    tokenizer = service.runtime.engines[0].tokenizer
-    if plain and plain[-1]["role"] == "user" and hasattr(tokenizer, "chat_frame"):
+    tokenizer = service.runtime.tokenizer
+    if plain and plain[-1]["role"] == "user" and tokenizer.renders_chat:
         # A chat call: the model's template frames the turns, and no message's
         # text is ever read as special tokens or template text.
         prompt = Prompt.of_text(plain[-1]["content"], history=tuple((m["role"], m["content"]) for m in plain[:-1]))

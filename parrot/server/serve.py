@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from parrot.backends.engine import Engine
 from parrot.backends.spec import EngineSpec
+from parrot.semantic_vars.env import env_flag
 
 from .service import ParrotService
 from .tenancy import Quotas
@@ -15,10 +16,6 @@ from .tenancy import Quotas
 #: On SIGTERM, how long requests still in flight (a client still long-polling
 #: or streaming) may run before uvicorn cancels them and the process exits.
 SHUTDOWN_GRACE_S = 10.0
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "") not in ("", "0", "false")
 
 
 def _urls(value: str | None) -> list[str]:
@@ -93,13 +90,13 @@ class ServerSettings:
             engines=int(env["PARROT_ENGINES"]) if env.get("PARROT_ENGINES") else None,
             redis_url=env.get("PARROT_REDIS_URL"),
             admin_key=env.get("PARROT_ADMIN_KEY"),
-            request_level=_flag(env.get("PARROT_REQUEST_LEVEL")),
+            request_level=env_flag("PARROT_REQUEST_LEVEL"),
             keep_closed_sessions=_keep(env.get("PARROT_KEEP_CLOSED_SESSIONS")),
             ray_address=env.get("PARROT_RAY_ADDRESS") or None,
             engine_gpus=float(env.get("PARROT_ENGINE_GPUS", "0")),
             engine_cpus=float(env.get("PARROT_ENGINE_CPUS", "1")),
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
-            engine_process=_flag(env.get("PARROT_ENGINE_PROCESS", "1")),
+            engine_process=env_flag("PARROT_ENGINE_PROCESS", default=True),
             max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
@@ -195,8 +192,9 @@ async def build_service(settings: ServerSettings) -> ParrotService:
         from .redis_store import RedisStore
 
         store = RedisStore.from_url(settings.redis_url)
+    # Remote engines hold no model to score compression with: the model setting names the local scorer.
     runtime = LocalRuntime(engines, store=store, request_level=settings.request_level,
-                           keep_closed_sessions=settings.keep_closed_sessions)
+                           keep_closed_sessions=settings.keep_closed_sessions, scorer_model=settings.model)
     return ParrotService(runtime, admin_key=settings.admin_key, default_quotas=settings.default_quotas)
 
 

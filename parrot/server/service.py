@@ -19,7 +19,7 @@ from parrot.dataflow.program import prompt_token_count
 from parrot.semantic_vars.template import parse_template
 from parrot.semantic_vars import (
     CallFailedError,
-    CallSpec,
+    Call,
     ConstraintError,
     FunctionSpec,
     InvalidArgumentError,
@@ -108,15 +108,14 @@ class ParrotService:
             except Exception:
                 log.exception("restore: skipped the unreadable function record %r", r.get("id"))
         requeued = await self.runtime.restore()
-        for call in self.runtime.graph.calls.values():
-            owner = self.runtime.sessions[call.session_id].namespace
+        for call in self.runtime.calls():
+            owner = self.runtime.session_owner(call.session_id) or ""
             self.call_owner[call.id] = owner
             if call.state not in FINAL_STATES:
                 worst = 0
                 tenant = self.tenants.get(owner)
                 if tenant is not None and tenant.quotas.tokens_per_minute is not None:
-                    values = {k: v for k, v in self.runtime.graph.input_values(call).items() if v is not None}
-                    worst = self._worst_case(call.function, values, {})
+                    worst = self._worst_case(call.function, self.runtime.input_values(call.id), {})
                 self.meter(owner).admit({call.id: worst})
         if requeued:
             log.info("restored %d unfinished calls", requeued)
@@ -137,8 +136,9 @@ class ParrotService:
             return
         meter = self.meter(owner)
         if event["call_id"] in meter.in_flight:
-            call = self.runtime.graph.calls[event["call_id"]]
-            meter.finish(call.id, call.prefill_tokens + call.cached_tokens + call.generated_tokens)
+            call = self.runtime.call(event["call_id"])
+            if call is not None:
+                meter.finish(call.id, call.prefill_tokens + call.cached_tokens + call.generated_tokens)
 
     def meter(self, tenant_id: str) -> QuotaMeter:
         return self.meters.setdefault(tenant_id, QuotaMeter())
@@ -183,15 +183,12 @@ class ParrotService:
 
     # -- ownership ----------------------------------------------------------
     def owned_session(self, tenant: Tenant, session_id: str) -> str:
-        state = self.runtime.sessions.get(session_id)
-        if state is None or state.namespace != tenant.id:
+        if self.runtime.session_owner(session_id) != tenant.id:
             raise UnknownSessionError(f"unknown session {session_id!r}")
         return session_id
 
     def owned_variable(self, tenant: Tenant, var_id: str, *, field: str = "var_id") -> None:
-        var = self.runtime.graph.variables.get(var_id)
-        state = self.runtime.sessions.get(var.session_id) if var else None
-        if state is None or state.namespace != tenant.id:
+        if self.runtime.variable_owner(var_id) != tenant.id:
             raise UnknownVariableError(f"{field}: unknown variable {var_id!r}", field=field)
 
     # -- sessions -----------------------------------------------------------
@@ -201,11 +198,7 @@ class ParrotService:
         return await self.runtime.open_session(namespace=tenant.id, ephemeral=ephemeral)
 
     def list_sessions(self, tenant: Tenant) -> list[tuple[str, bool, int]]:
-        out = []
-        for sid, state in self.runtime.sessions.items():
-            if state.namespace == tenant.id:
-                out.append((sid, state.open, len(self.runtime.graph.session_calls(sid))))
-        return out
+        return self.runtime.session_summaries(tenant.id)
 
     async def close_session(self, tenant: Tenant, session_id: str, *, cancel: bool) -> None:
         await self.runtime.close_session(self.owned_session(tenant, session_id), cancel=cancel)
@@ -248,13 +241,13 @@ class ParrotService:
         """Long-poll: wait up to ``timeout`` seconds for the value."""
         self.owned_session(tenant, session_id)
         self.owned_variable(tenant, var_id)
-        var = self.runtime.graph.variables[var_id]
+        var = self.runtime.variable(var_id)
+        assert var is not None  # owned_variable found it
         try:
-            if timeout > 0 or var.is_set or var.error is not None:
-                await asyncio.wait_for(self.runtime.get_variable(session_id, var_id, perf), timeout=max(timeout, 1e-3))
+            if timeout > 0:
+                await asyncio.wait_for(self.runtime.get_variable(session_id, var_id, perf), timeout=timeout)
             else:
-                self.runtime.graph.annotate_get(var_id, perf)
-                self.runtime.analyzer.on_get(var_id, perf)
+                self.runtime.poll_variable(session_id, var_id, perf)
         except (asyncio.TimeoutError, CallFailedError):
             pass
         return VariableState(var_id=var_id, name=var.name, ready=var.is_set, value=var.value, error=var.error)
@@ -278,7 +271,10 @@ class ParrotService:
         unsubscribe = self.runtime.subscribe(listener)
         try:
             while True:
-                var = self.runtime.graph.variables[var_id]
+                var = self.runtime.variable(var_id)
+                if var is None:
+                    yield {"event": "error", "data": "the variable was forgotten with its closed session"}
+                    return
                 if var.is_set:
                     yield {"event": "value", "data": var.value}
                     return
@@ -313,10 +309,12 @@ class ParrotService:
         worker thread: a large schema must not stall other tenants), so a
         regex or schema the grammar library rejects is this request's 422
         naming the output, never a failed call later."""
-        tokenizer = self.runtime.engines[0].tokenizer if self.runtime.engines else None
-        if getattr(tokenizer, "hf", None) is None:
-            return  # remote engines: they refuse constraints themselves
         from parrot.backends.constraints import check
+        from parrot.backends.tokenizer import Tokenizer
+
+        tokenizer = self.runtime.tokenizer
+        if not isinstance(tokenizer, Tokenizer):
+            return  # no Hugging Face vocabulary here (a remote engine's): the engine refuses constraints itself
 
         for name, config in spec.output_sampling.items():
             if config.constraint is not None:
@@ -326,10 +324,10 @@ class ParrotService:
                     exc.field = f"{where}.function.output_sampling.{name}.{exc.field}"
                     raise
 
-    async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[CallSpec]:
+    async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[Call]:
         """Validate, check ownership and quotas, then submit all or nothing."""
         self.owned_session(tenant, session_id)
-        specs: list[CallSpec] = []
+        specs: list[Call] = []
         batch_outputs: set[str] = set()
         for i, body in enumerate(bodies):
             where = f"calls.{i}"
@@ -351,10 +349,10 @@ class ParrotService:
                 if var_id not in batch_outputs:
                     self.owned_variable(tenant, var_id, field=f"{where}.inputs.{name}")
             for name, var_id in outputs.items():
-                if var_id in self.runtime.graph.variables:
+                if self.runtime.variable(var_id) is not None:
                     self.owned_variable(tenant, var_id, field=f"{where}.outputs.{name}")
             batch_outputs.update(outputs.values())
-            specs.append(CallSpec(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
+            specs.append(Call(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
         self._check_prompt_sizes(tenant, specs)
         meter = self.meter(tenant.id)
         reservations = self._reservations(tenant, specs)
@@ -369,11 +367,12 @@ class ParrotService:
             raise
         for spec in specs:
             self.call_owner[spec.call_id] = tenant.id
-            if self.runtime.graph.calls[spec.call_id].state in FINAL_STATES:
+            call = self.runtime.call(spec.call_id)
+            if call is None or call.state in FINAL_STATES:
                 meter.release([spec.call_id])
         return specs
 
-    def _reservations(self, tenant: Tenant, specs: list[CallSpec]) -> dict[str, int]:
+    def _reservations(self, tenant: Tenant, specs: list[Call]) -> dict[str, int]:
         """Each call's worst-case tokens (0 when the tenant has no token quota)."""
         if tenant.quotas.tokens_per_minute is None:
             return {spec.call_id: 0 for spec in specs}
@@ -383,18 +382,17 @@ class ParrotService:
             bound.update({v: spec.function.output_sampling[name].max_tokens for name, v in spec.outputs.items()
                           if name in spec.function.output_sampling})
         out: dict[str, int] = {}
-        graph = self.runtime.graph
         for spec in specs:
             values = dict(spec.constants)
             unknown: dict[str, int] = {}
             for name, var_id in spec.inputs.items():
-                var = graph.variables.get(var_id)
+                var = self.runtime.variable(var_id)
+                producer = self.runtime.call(var.producer) if var is not None and var.producer else None
                 if var is not None and var.value is not None:
                     values[name] = var.value
                 elif var_id in bound:
                     unknown[name] = bound[var_id]
-                elif var is not None and var.producer in graph.calls:
-                    producer = graph.calls[var.producer]
+                elif producer is not None:
                     out_name = next((n for n, v in producer.outputs.items() if v == var_id), None)
                     unknown[name] = producer.function.output_sampling[out_name].max_tokens if out_name else 0
             out[spec.call_id] = self._worst_case(spec.function, values, unknown)
@@ -404,15 +402,14 @@ class ParrotService:
         """Tokens a call may use at most: its prompt from what is known now
         (plus a bound per input still unknown) and every output's max_tokens.
         A free variable set later counts when the call ends."""
-        tokenizer = self.runtime.engines[0].tokenizer
-        prompt = prompt_token_count(function, values, tokenizer)
+        prompt = prompt_token_count(function, values, self.runtime.tokenizer)
         return prompt + sum(unknown.values()) + sum(c.max_tokens for c in function.output_sampling.values())
 
-    def _check_prompt_sizes(self, tenant: Tenant, specs: list[CallSpec]) -> None:
+    def _check_prompt_sizes(self, tenant: Tenant, specs: list[Call]) -> None:
         limit = tenant.quotas.max_prompt_tokens
         if limit is None:
             return
-        tokenizer = self.runtime.engines[0].tokenizer
+        tokenizer = self.runtime.tokenizer
         for i, spec in enumerate(specs):
             # What is known now: the template's text and the constant inputs.
             n = prompt_token_count(spec.function, spec.constants, tokenizer)
@@ -424,12 +421,12 @@ class ParrotService:
     def dag(self, tenant: Tenant, session_id: str) -> dict[str, Any]:
         """The session's DAG as JSON (see :func:`parrot.server.dag_view.session_dag`)."""
         self.owned_session(tenant, session_id)
-        return session_dag(self.runtime.graph, session_id, open=self.runtime.sessions[session_id].open)
+        return session_dag(self.runtime.session_view(session_id))
 
     def call_detail(self, tenant: Tenant, session_id: str, call_id: str) -> dict[str, Any]:
         """One call of the tenant's session in full: prompt, values, timings."""
         self.owned_session(tenant, session_id)
-        call = self.runtime.graph.calls.get(call_id)
+        call = self.runtime.call(call_id)
         if call is None or call.session_id != session_id:
             raise UnknownVariableError(f"call_id: unknown call {call_id!r} in session {session_id!r}", field="call_id")
-        return call_detail(self.runtime.graph, call)
+        return call_detail(self.runtime.session_view(session_id), call)
