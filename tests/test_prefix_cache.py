@@ -405,7 +405,9 @@ def test_requests_arriving_together_compute_an_uncached_prefix_once(tiny_llama_d
             max_step_tokens=32, dedup_inflight_prefixes=dedup))
 
         async def main():
-            streams = [engine.submit(GenerationRequest([Fill(p), Gen(SamplingConfig(max_tokens=6))])) for p in prompts]
+            with engine.scheduler.lock:  # all four are queued before the engine admits any
+                streams = [engine.submit(GenerationRequest([Fill(p), Gen(SamplingConfig(max_tokens=6))]))
+                           for p in prompts]
             return await asyncio.gather(*(s.results() for s in streams))
 
         try:
