@@ -102,6 +102,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
             engine_process=False if args.engine_in_process else None, max_running=args.max_running,
+            max_step_tokens=args.max_step_tokens, prefix_cache=False if args.no_prefix_cache else None,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -242,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
     serve.add_argument("--max-running", type=int, default=None, metavar="N",
                        help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
+    serve.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
+                       help="tokens one torch engine step may hold, prefill chunks and decodes together: small for a "
+                            "latency-preferring server, large for throughput (default: $PARROT_MAX_STEP_TOKENS, "
+                            "else 2048; at least --max-running)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="turn the torch engines' automatic prefix cache off (no KV reuse across requests, "
+                            "prefix hints ignored; default: on, $PARROT_PREFIX_CACHE=0 does the same)")
     serve.add_argument("--engine-in-process", action="store_true",
                        help="run the torch engines in the API process (default: each in its own process; "
                             "$PARROT_ENGINE_PROCESS=0 does the same)")

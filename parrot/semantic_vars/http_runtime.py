@@ -197,6 +197,8 @@ class HttpRuntime(Runtime):
     A waiting ``get`` whose server drops or refuses the connection (a
     restart) reconnects for up to ``reconnect_s`` seconds before it raises
     :class:`ParrotConnectionError`; other requests raise at once.
+    ``event_hooks`` are httpx event hooks (coroutine functions) run on every
+    request and response the runtime sends, e.g. to trace or delay them.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class HttpRuntime(Runtime):
         connect_timeout: float = CONNECT_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
         reconnect_s: float = RECONNECT_S,
+        event_hooks: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
         import httpx  # here, not at module level: `import parrot` must not import httpx
 
@@ -231,6 +234,9 @@ class HttpRuntime(Runtime):
         self._poll_http_timeout = httpx.Timeout(self.poll_timeout + request_timeout, connect=connect_timeout)
         # Closing a session waits for its calls, which may take long.
         self._close_http_timeout = httpx.Timeout(None, connect=connect_timeout)
+        # httpx event hooks ({"request": [...], "response": [...]}, coroutine
+        # functions): to log, trace or delay every request the runtime sends.
+        self.event_hooks = {k: list(v) for k, v in (event_hooks or {}).items()}
         self._client: Any = None  # httpx.AsyncClient, made on the portal loop
 
     def __repr__(self) -> str:
@@ -244,7 +250,8 @@ class HttpRuntime(Runtime):
             headers = {"Accept": "application/json", "User-Agent": "parrot-sdk"}
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key}"
-            self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self._timeout)
+            self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self._timeout,
+                                             event_hooks=self.event_hooks)
         return self._client
 
     async def _request(self, kind: str, method: str, path: str, *, timeout: Any = None, **kwargs: Any) -> Any:

@@ -83,6 +83,7 @@ class SamplingBody(Strict):
     logit_bias: dict[str, float] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS, description=f"token id -> bias in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
     )
+    ignore_eos: bool | None = Field(default=None, description="true: generate past end-of-sequence, exactly max_tokens")
 
 
 class FunctionBody(Strict):
