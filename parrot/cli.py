@@ -7,7 +7,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from parrot.server.serve import ServerSettings
 
 
 def _say(message: str) -> None:
@@ -90,9 +93,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The :class:`~parrot.server.serve.ServerSettings` that `parrot serve`
+    runs with these parsed arguments (and the environment); ``SystemExit``
+    naming a setting that cannot work."""
     try:
-        from parrot.server.serve import ServerSettings, run
+        from parrot.server.serve import ServerSettings
     except ImportError as exc:
         raise SystemExit(f"parrot serve needs the service's libraries ({exc.name}): pip install 'parrot-serve[server]'")
     try:
@@ -106,6 +112,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
+    return settings
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    from parrot.server.serve import run
+
     if settings.ray_address and settings.torch_engines:
         try:
             import ray  # noqa: F401
