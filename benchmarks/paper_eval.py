@@ -522,7 +522,7 @@ def read_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("parrot_engine_tokens"):
+            if sample.name == "parrot_engine_tokens_total":
                 key = f"tokens_{sample.labels['kind']}"
             elif sample.name == "parrot_kv_blocks":
                 key = f"blocks_{sample.labels['state']}"
