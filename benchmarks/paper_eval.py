@@ -95,19 +95,19 @@ _CHAT_WORDS = ("the a tram line crew signal depot night shift report repair trac
 # pool, in token positions (bytes follow from the model's shape and dtype).
 # The paper sizes are chosen so that each workload's default run (all modes,
 # all rounds) takes about 1-2 minutes on one H200 with the Llama-3-8B shape.
-_SERVER = {"paper": {"latency": (32, 512), "throughput": (256, 8192)},
+_SERVER = {"paper": {"latency": (32, 512), "throughput": (128, 4096)},
            "small": {"latency": (8, 128), "throughput": (64, 1024)},
            "tiny": {"latency": (4, 64), "throughput": (16, 256)}}
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "chain": {
         # The paper: 10 documents, 1,024-token chunks, outputs of 25-100 tokens.
         # Here 5 documents per run and 2 rounds: 10 documents per mode.
-        "paper": {"docs": 5, "chunks": 4, "chunk_tokens": 1024, "sweep": [50], "rounds": 2, "kv_pool_tokens": 80_000},
+        "paper": {"docs": 5, "chunks": 3, "chunk_tokens": 1024, "sweep": [50], "rounds": 2, "kv_pool_tokens": 80_000},
         "small": {"docs": 2, "chunks": 3, "chunk_tokens": 256, "sweep": [16], "rounds": 2, "kv_pool_tokens": 16_384},
         "tiny": {"docs": 1, "chunks": 2, "chunk_tokens": 48, "sweep": [4], "rounds": 1, "kv_pool_tokens": 4096},
     },
     "chain-chat": {
-        "paper": {"docs": 3, "chunks": 4, "chunk_tokens": 1024, "output_tokens": 50, "sweep": [2.0, 3.5],
+        "paper": {"docs": 2, "chunks": 4, "chunk_tokens": 1024, "output_tokens": 50, "sweep": [2.0, 3.5],
                   "chat_prompt_tokens": 256, "chat_output_tokens": 64, "rounds": 2, "kv_pool_tokens": 80_000},
         "small": {"docs": 1, "chunks": 3, "chunk_tokens": 256, "output_tokens": 16, "sweep": [2.0],
                   "chat_prompt_tokens": 64, "chat_output_tokens": 16, "rounds": 2, "kv_pool_tokens": 16_384},
@@ -132,7 +132,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": {"system_tokens": 96, "output_tokens": 4, "sweep": [4], "rounds": 1, "kv_pool_tokens": 4096},
     },
     "gpts": {
-        "paper": {"apps": 4, "system_tokens": 3000, "requests": 64, "output_tokens": 100, "sweep": [4.0, 16.0],
+        "paper": {"apps": 4, "system_tokens": 3000, "requests": 32, "output_tokens": 100, "sweep": [4.0, 16.0],
                   "rounds": 2, "kv_pool_tokens": 80_000},
         "small": {"apps": 3, "system_tokens": 512, "requests": 16, "output_tokens": 16, "sweep": [4.0],
                   "rounds": 2, "kv_pool_tokens": 16_384},
@@ -811,7 +811,8 @@ def measure(workload: str, servers: dict[str, Server], s: dict[str, Any], sweep:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="chain")
+    parser.add_argument("--workload", nargs="+", choices=(*WORKLOADS, "all"), default=["chain"],
+                        help="one or more workloads, or all (those with the same KV pool share one set of servers)")
     parser.add_argument("--sizes", choices=("paper", "small", "tiny"), default=None,
                         help="preset sizes (default: paper on CUDA, tiny on CPU)")
     parser.add_argument("--sweep", type=float, nargs="+", help="the workload's swept values (see the list above)")
@@ -836,7 +837,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--random-model-dir", metavar="PATH", help="where random checkpoints are cached")
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="PATH",
-                        help="write figures and context here (default: benchmarks/results/paper_eval-<host>-<workload>.json)")
+                        help="with one workload: write figures and context here (default, and with several: "
+                             "benchmarks/results/paper_eval-<host>-<workload>.json)")
     parser.add_argument("--no-json", action="store_true", help="write no JSON file")
     args = parser.parse_args(argv)
     if args.client_rtt_ms < 0:
@@ -852,13 +854,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = args.sizes or ("paper" if args.device.startswith("cuda") else "tiny")
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    names = list(WORKLOADS) if "all" in args.workload else list(dict.fromkeys(args.workload))
     model_path, weights = resolve_model(args)
     from parrot.backends.tokenizer import Tokenizer
     from parrot.backends.torch_engine import TorchEngineConfig
 
     tokenizer = Tokenizer(model_path)
     count: Counter = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    from parrot.backends.checkpoint import read_model_config
+
+    positions = read_model_config(model_path).max_position_embeddings
     per_token = kv_bytes_per_token(model_path, args.device)
     block_bytes = per_token * TorchEngineConfig().block_size
     strict = not args.device.startswith("cuda")
@@ -874,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in names:
         pools.setdefault(args.kv_pool_tokens or SIZES[name][sizes]["kv_pool_tokens"], []).append(name)
     for pool, group in pools.items():
-        max_len = min(MAX_MODEL_LEN, pool - 4 * TorchEngineConfig().block_size)
+        max_len = min(MAX_MODEL_LEN, positions, pool - 4 * TorchEngineConfig().block_size)
         progress(f"{', '.join(group)} ({sizes} sizes): modes {args.modes}, KV pool {pool} tokens "
                  f"({pool * per_token / 2**30:.2f} GiB) per server")
         servers = start_servers(args.modes, model_path, args.device, sizes, pool * per_token, max_len, args)
@@ -883,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 asyncio.run(warm_up(server, Texts("warm-up", count)))
             for name in group:
                 payloads.append(run_one_workload(name, servers, sizes, pool, max_len, args, count, context, weights,
-                                                 block_bytes, strict, host, per_token))
+                                                 block_bytes, strict, host, per_token, single=len(names) == 1))
         finally:
             stop_servers(servers)
     return {"workloads": payloads}
@@ -891,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run_one_workload(name: str, servers: dict[str, Server], sizes: str, pool: int, max_len: int,
                      args: argparse.Namespace, count: Counter, context: dict[str, Any], weights: str,
-                     block_bytes: int, strict: bool, host: str, per_token: int) -> dict[str, Any]:
+                     block_bytes: int, strict: bool, host: str, per_token: int, single: bool) -> dict[str, Any]:
     """Measure workload ``name`` on running servers; print its table and write its JSON."""
     s = dict(SIZES[name][sizes])
     sweep = args.sweep or s["sweep"]
@@ -909,7 +914,7 @@ def run_one_workload(name: str, servers: dict[str, Server], sizes: str, pool: in
           f"client RTT {args.client_rtt_ms:g} ms simulated)")
     print(format_table(points, SWEEP_NAMES[name]))
     if not args.no_json:
-        write_json(args.json if args.json and args.workload != "all" else
+        write_json(args.json if args.json and single else
                    Path("benchmarks/results") / f"paper_eval-{host}-{name}.json", payload)
     return payload
 
