@@ -742,6 +742,10 @@ def ratios(per_mode: dict[str, dict[str, float | None]]) -> dict[str, dict[str, 
                      "throughput": over(p["throughput_apps_per_s"], m["throughput_apps_per_s"]),
                      "chat_s_per_token": over(m["chat_s_per_token_mean"], p["chat_s_per_token_mean"]),
                      "prefill_tokens": over(m["prefill_tokens"], p["prefill_tokens"])}
+    # The request-level baseline at its best: whichever APC config did better on each figure.
+    apc = [out[m] for m in ("latency", "throughput") if m in out]
+    if apc:
+        out["best_apc"] = {k: min((r[k] for r in apc if r[k] is not None), default=None) for k in apc[0]}
     return out
 
 
@@ -757,6 +761,23 @@ def format_table(points: list[dict[str, Any]], unit: str) -> str:
                          f"{fmt(m['chat_s_per_token_mean'], '.4f')} | {fmt(m['chat_s_per_token_p99'], '.4f')} | "
                          f"{fmt(m['prefill_tokens'], '.0f')} | {fmt(m['prefix_tokens_saved'], '.0f')} | "
                          f"{fmt((m['kv_peak_bytes'] or 0) / 2**20, '.1f')} | {fmt(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
+def format_summary(points: list[dict[str, Any]], unit: str) -> str:
+    """One line per sweep value: Parrot against the best APC config and against no-APC (> 1: Parrot better)."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines = []
+    for pt in points:
+        parts = []
+        for mode, label in (("best_apc", "best APC config"), ("no-apc", "no-APC")):
+            r = pt["ratios"].get(mode)
+            if r:
+                parts.append(f"vs {label}: JCT {fmt(r['jct_mean'])}, throughput {fmt(r['throughput'])}, "
+                             f"chat s/token {fmt(r['chat_s_per_token'])}")
+        if parts:
+            lines.append(f"{unit}={pt['point']:g}: Parrot " + "; ".join(parts)
+                         + ("" if pt["outputs_identical"] else "  (outputs differ between modes: bf16)"))
     return "\n".join(lines)
 
 
@@ -913,6 +934,7 @@ def run_one_workload(name: str, servers: dict[str, Server], sizes: str, pool: in
     print(f"\n{name} ({sizes} sizes, {context['device_name']}, {weights}; medians of {rounds} round(s), "
           f"client RTT {args.client_rtt_ms:g} ms simulated)")
     print(format_table(points, SWEEP_NAMES[name]))
+    print(format_summary(points, SWEEP_NAMES[name]))
     if not args.no_json:
         write_json(args.json if args.json and single else
                    Path("benchmarks/results") / f"paper_eval-{host}-{name}.json", payload)

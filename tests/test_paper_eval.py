@@ -30,7 +30,9 @@ def test_every_workload_runs_with_equal_outputs_on_every_mode(tmp_path, default_
         # Same texts in every mode of a round, greedy, float32: the same outputs (strict on CPU, or main raised).
         assert point["outputs_identical"], point["mismatches"]
         assert {r["mode"] for r in point["runs"]} == set(paper_eval.MODES)
-        assert set(point["ratios"]) == set(paper_eval.MODES) - {"parrot"}
+        assert set(point["ratios"]) == (set(paper_eval.MODES) - {"parrot"}) | {"best_apc"}
+        best = point["ratios"]["best_apc"]["jct_mean"]
+        assert best == min(point["ratios"][m]["jct_mean"] for m in ("latency", "throughput"))
         for run in point["runs"]:
             assert run["apps"] >= 1 and run["jct_mean_s"] > 0 and run["calls_checked"] >= run["apps"]
             assert run["prefill_tokens"] > 0 and run["decode_tokens"] > 0
@@ -46,6 +48,7 @@ def test_every_workload_runs_with_equal_outputs_on_every_mode(tmp_path, default_
     assert set(payloads["gpts"]["max_rate_under_bound"]) == set(paper_eval.MODES)
     table = capsys.readouterr().out
     assert table.count("| mode | JCT mean s |") == len(paper_eval.WORKLOADS)
+    assert table.count("Parrot vs best APC config") == len(paper_eval.WORKLOADS)
     json.dumps(report)  # every figure is plain data
 
 
