@@ -197,7 +197,10 @@ class Client:
         self.http = httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=3600, event_hooks=hooks)
         self.check = httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=600)
         # Not P.connect(): that would also make it the process's default runtime.
-        self.sdk = HttpRuntime(url, api_key=key, event_hooks=hooks, request_timeout=3600)
+        # The SDK gets the same connection limits as the request-level client:
+        # httpx's default of 100 would queue a program's concurrent long-polls.
+        self.sdk = HttpRuntime(url, api_key=key, request_timeout=3600,
+                               client_options={"event_hooks": hooks, "limits": limits})
         self.sessions: list[str] = []  # Parrot sessions to check after the run
         self.requests = 0
 
@@ -859,7 +862,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="PATH",
                         help="with one workload: write figures and context here (default, and with several: "
-                             "benchmarks/results/paper_eval-<host>-<workload>.json)")
+                             "JSON_DIR/paper_eval-<host>-<workload>.json)")
+    parser.add_argument("--json-dir", metavar="DIR", default="benchmarks/results",
+                        help="folder of the default JSON files (default: benchmarks/results)")
     parser.add_argument("--no-json", action="store_true", help="write no JSON file")
     args = parser.parse_args(argv)
     if args.client_rtt_ms < 0:
@@ -937,7 +942,7 @@ def run_one_workload(name: str, servers: dict[str, Server], sizes: str, pool: in
     print(format_summary(points, SWEEP_NAMES[name]))
     if not args.no_json:
         write_json(args.json if args.json and single else
-                   Path("benchmarks/results") / f"paper_eval-{host}-{name}.json", payload)
+                   Path(args.json_dir) / f"paper_eval-{host}-{name}.json", payload)
     return payload
 
 

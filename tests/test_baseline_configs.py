@@ -73,7 +73,7 @@ def test_sdk_over_http_sends_ignore_eos(live_server, default_model_dir):
         seen.append(request.method)
 
     runtime = HttpRuntime(live_server.url, api_key=live_server.new_tenant("ignore-eos-sdk"),
-                          event_hooks={"request": [hook]})
+                          client_options={"event_hooks": {"request": [hook]}})
     fn = P.SemanticFunction("Report:{{output:r}}", name="forced",
                             defaults=SamplingConfig(max_tokens=4, logit_bias={eos: 100.0}, ignore_eos=True))
     try:
