@@ -178,6 +178,7 @@ class AppResult:
     jct_s: float
     outputs: list[str]
     output_tokens: int = 0  # chat: tokens of the answer (normalized latency = jct / tokens)
+    done_at: float = field(default_factory=time.perf_counter)  # made when the application finished
 
 
 class Client:
@@ -680,16 +681,19 @@ class RunRecord:
     outputs: list[str] = field(default_factory=list, repr=False)
 
 
-def summarize(workload: str, mode: str, point: float, round_no: int, results: list[AppResult], wall: float,
-              deltas: dict[str, float], kv_peak: float, requests: int, calls: int) -> RunRecord:
+def summarize(workload: str, mode: str, point: float, round_no: int, results: list[AppResult], started: float,
+              wall: float, deltas: dict[str, float], kv_peak: float, requests: int, calls: int) -> RunRecord:
     apps = [r for r in results if r.kind == "app"]
+    # Throughput over the time the applications took (background chat still
+    # in flight after the last application is not theirs).
+    apps_wall = max(a.done_at for a in apps) - started
     chats = [r for r in results if r.kind == "chat"]
     jct = [a.jct_s for a in apps]
     chat_norm = [c.jct_s / c.output_tokens for c in chats if c.output_tokens]
     app_norm = [a.jct_s / a.output_tokens for a in apps if a.output_tokens]
     return RunRecord(
         workload, mode, point, round_no, wall, len(apps), statistics.fmean(jct), percentile(jct, 0.5) or 0.0,
-        percentile(jct, 0.99) or 0.0, len(apps) / wall, len(chats),
+        percentile(jct, 0.99) or 0.0, len(apps) / apps_wall, len(chats),
         statistics.fmean(chat_norm) if chat_norm else None, percentile(chat_norm, 0.5), percentile(chat_norm, 0.99),
         statistics.fmean(app_norm) if app_norm else None,
         deltas["tokens_prefill"], deltas["tokens_cached"], deltas["tokens_decode"], kv_peak, requests, calls,
@@ -710,8 +714,8 @@ async def one_run(workload: str, server: Server, mode: str, s: dict[str, Any], p
     finally:
         sampler.close()
         await client.aclose()
-    return summarize(workload, mode, point, round_no, results, wall, deltas, sampler.peak_used_blocks * block_bytes,
-                     client.requests, calls)
+    return summarize(workload, mode, point, round_no, results, t0, wall, deltas,
+                     sampler.peak_used_blocks * block_bytes, client.requests, calls)
 
 
 _FIGURES = ("jct_mean_s", "jct_p50_s", "jct_p99_s", "throughput_apps_per_s", "chat_s_per_token_mean",
