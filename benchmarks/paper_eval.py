@@ -78,6 +78,8 @@ from benchmarks.mixed_serving import MAP_TEMPLATE, fill, percentile, reduce_temp
 MODES = ("parrot", "latency", "throughput", "no-apc")
 WORKLOADS = ("chain", "chain-chat", "chains", "map-reduce", "shared-prompt", "gpts", "multi-agent", "mixed")
 ADMIN_KEY = "pa-bench"
+#: Phases of a call in the server's DAG (see parrot.server.dag_view.call_timings).
+PHASES = ("placement_s", "engine_queue_s", "prefill_s", "decode_s")
 #: Longest context of every server (the longest request here, shared-prompt's, is ~5.6K tokens).
 MAX_MODEL_LEN = 8192
 Counter = Callable[[str], int]
@@ -220,9 +222,13 @@ class Client:
             raise OutputLengthError(f"a completion has {got} tokens, asked {max_tokens}")
         return body["choices"][0]["text"]
 
-    async def check_sessions(self, expected: dict[str, int]) -> int:
-        """Every call of every Parrot session generated its function's max_tokens; returns the calls seen."""
+    async def check_sessions(self, expected: dict[str, int]) -> tuple[int, dict[str, dict[str, float]]]:
+        """Every call of every Parrot session generated its function's max_tokens.
+        Returns the calls seen and, per function, the mean of each phase of
+        its calls in the server's DAG (placement, engine queue, prefill, decode,
+        seconds): where Parrot's time went."""
         calls = 0
+        phases: dict[str, dict[str, list[float]]] = {}
         for sid in self.sessions:
             dag = (await self.check.get(f"/api/v1/sessions/{sid}/dag")).json()
             for call in dag["calls"]:
@@ -231,7 +237,12 @@ class Client:
                 if call["generated_tokens"] != want or call["state"] != "done":
                     raise OutputLengthError(f"{call['function']}: {call['state']}, {call['generated_tokens']} tokens, "
                                             f"asked {want}")
-        return calls
+                timings = call.get("timings") or {}
+                for phase in PHASES:
+                    if timings.get(phase) is not None:
+                        phases.setdefault(call["function"], {}).setdefault(phase, []).append(timings[phase])
+        means = {fn: {ph: statistics.fmean(v) for ph, v in by.items()} for fn, by in phases.items()}
+        return calls, means
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -679,6 +690,8 @@ class RunRecord:
     requests: int  # HTTP completions sent by the request-level client
     calls_checked: int
     outputs: list[str] = field(default_factory=list, repr=False)
+    # Parrot only: per function, the mean seconds of each call phase in the server's DAG.
+    parrot_phases_s: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def summarize(workload: str, mode: str, point: float, round_no: int, results: list[AppResult], started: float,
@@ -710,12 +723,14 @@ async def one_run(workload: str, server: Server, mode: str, s: dict[str, Any], p
         results, lengths = await run_workload(workload, client, mode, s, point, texts)
         wall = time.perf_counter() - t0
         deltas = sampler.stop()
-        calls = await client.check_sessions(lengths) if mode == "parrot" else client.requests
+        calls, phases = await client.check_sessions(lengths) if mode == "parrot" else (client.requests, {})
     finally:
         sampler.close()
         await client.aclose()
-    return summarize(workload, mode, point, round_no, results, t0, wall, deltas,
-                     sampler.peak_used_blocks * block_bytes, client.requests, calls)
+    record = summarize(workload, mode, point, round_no, results, t0, wall, deltas,
+                       sampler.peak_used_blocks * block_bytes, client.requests, calls)
+    record.parrot_phases_s = phases
+    return record
 
 
 _FIGURES = ("jct_mean_s", "jct_p50_s", "jct_p99_s", "throughput_apps_per_s", "chat_s_per_token_mean",
@@ -819,7 +834,9 @@ def measure(workload: str, servers: dict[str, Server], s: dict[str, Any], sweep:
                 progress(f"{workload} {SWEEP_NAMES[workload]}={point:g} round {round_no}/{rounds} {mode:<10} "
                          f"JCT mean {record.jct_mean_s:.3f} s p99 {record.jct_p99_s:.3f} s{chat}  wall {record.wall_s:.2f} s  "
                          f"prefill {record.prefill_tokens:.0f} saved {record.prefix_tokens_saved:.0f}  "
-                         f"KV peak {record.kv_peak_bytes / 2**20:.1f} MiB")
+                         f"KV peak {record.kv_peak_bytes / 2**20:.1f} MiB"
+                         + "".join(f"\n    {fn}: " + ", ".join(f"{ph[:-2]} {v:.3f} s" for ph, v in by.items())
+                                   for fn, by in record.parrot_phases_s.items()))
                 if reference is None:
                     reference = record
                 elif record.outputs != reference.outputs:

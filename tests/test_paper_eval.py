@@ -36,6 +36,8 @@ def test_every_workload_runs_with_equal_outputs_on_every_mode(tmp_path, default_
         for run in point["runs"]:
             assert run["apps"] >= 1 and run["jct_mean_s"] > 0 and run["calls_checked"] >= run["apps"]
             assert run["prefill_tokens"] > 0 and run["decode_tokens"] > 0
+            if run["mode"] == "parrot":  # where Parrot's calls spent their time, per function
+                assert run["parrot_phases_s"] and all("decode_s" in ph for ph in run["parrot_phases_s"].values())
             if run["mode"] == "no-apc":
                 assert run["prefix_tokens_saved"] == 0  # the cache is off on that server
             if name in ("chain-chat", "mixed"):
