@@ -7,7 +7,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from parrot.server.serve import ServerSettings
 
 from parrot.semantic_vars.env import env_flag
 
@@ -92,9 +95,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The :class:`~parrot.server.serve.ServerSettings` that `parrot serve`
+    runs with these parsed arguments (and the environment); ``SystemExit``
+    naming a setting that cannot work."""
     try:
-        from parrot.server.serve import ServerSettings, run
+        from parrot.server.serve import ServerSettings
     except ImportError as exc:
         raise SystemExit(f"parrot serve needs the service's libraries ({exc.name}): pip install 'parrot-serve[server]'")
     try:
@@ -104,9 +110,17 @@ def _run_serve(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
             engine_process=False if args.engine_in_process else None, max_running=args.max_running,
+            max_step_tokens=args.max_step_tokens, prefix_cache=False if args.no_prefix_cache else None,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
+    return settings
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    from parrot.server.serve import run
+
     if settings.ray_address and settings.torch_engines:
         try:
             import ray  # noqa: F401
@@ -244,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
     serve.add_argument("--max-running", type=int, default=None, metavar="N",
                        help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
+    serve.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
+                       help="tokens one torch engine step may hold, prefill chunks and decodes together: small for a "
+                            "latency-preferring server, large for throughput (default: $PARROT_MAX_STEP_TOKENS, "
+                            "else 2048; at least --max-running)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="turn the torch engines' automatic prefix cache off (no KV reuse across requests, "
+                            "prefix hints ignored; default: on, $PARROT_PREFIX_CACHE=0 does the same)")
     serve.add_argument("--engine-in-process", action="store_true",
                        help="run the torch engines in the API process (default: each in its own process; "
                             "$PARROT_ENGINE_PROCESS=0 does the same)")

@@ -351,6 +351,8 @@ class RemoteEngine(ProxyEngine):
             body["presence_penalty"] = sampling.presence_penalty
         if sampling.logit_bias:
             body["logit_bias"] = {str(t): b for t, b in sampling.logit_bias}
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True  # vLLM's and Parrot's extension
         pieces: list[str] = []
         finish: str | None = None
         usage: dict[str, Any] | None = None

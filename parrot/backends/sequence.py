@@ -170,7 +170,7 @@ class Sequence:
 
         finish: FinishReason | None = None
         keep = len(self.gen_ids)
-        if token in self.tokenizer.eos_token_ids:
+        if token in self.tokenizer.eos_token_ids and not gen.sampling.ignore_eos:
             finish, keep = "eos", keep - 1
             text = self._gen_text(self.gen_ids[:keep])
         else:

@@ -25,7 +25,10 @@ class EngineSpec:
     ``model`` (a local Hugging Face folder, a ``.gguf`` file or a model name;
     default ``$PARROT_MODEL``, else the default model, see
     :func:`~parrot.backends.models.resolve_model`) and ``device`` (default: CUDA if visible, else
-    CPU); ``max_running`` bounds its batch.
+    CPU); ``max_running`` bounds its batch, ``max_step_tokens`` the tokens
+    of one engine step (prefill chunks and decodes together: a small cap
+    keeps decode steps short, a large one batches more prefill), and
+    ``prefix_cache=False`` turns the engine's automatic prefix cache off.
 
     ``kind="remote"``: a :class:`~parrot.backends.remote_engine.RemoteEngine`
     on the OpenAI-compatible server at ``url``, serving ``remote_model``
@@ -48,6 +51,8 @@ class EngineSpec:
     tokenizer: str | None = None
     kv_cache_bytes: int | None = None  # torch: KV pool size (default: $PARROT_KV_CACHE_BYTES, else the engine's)
     max_model_len: int | None = None  # torch: longest context (default: $PARROT_MAX_MODEL_LEN, else the model's)
+    max_step_tokens: int | None = None  # torch: tokens per engine step (default: the engine's, 2048)
+    prefix_cache: bool = True  # torch: False turns the automatic prefix cache off
     process: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +66,8 @@ class EngineSpec:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_step_tokens is not None and self.max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
 
     def build(self) -> Engine:
         """The engine, built here (in this process, on this node)."""
@@ -77,8 +84,10 @@ class EngineSpec:
         folder = resolve_model(self.model)  # None: $PARROT_MODEL, else the default model
         sizes = engine_sizes_from_env()
         options = {"max_running": self.max_running, "kv_cache_bytes": self.kv_cache_bytes or sizes["kv_cache_bytes"],
-                   "max_model_len": self.max_model_len or sizes["max_model_len"]}
-        config = TorchEngineConfig(**{k: v for k, v in options.items() if v is not None})
+                   "max_model_len": self.max_model_len or sizes["max_model_len"],
+                   "max_step_tokens": self.max_step_tokens}
+        config = TorchEngineConfig(prefix_cache=self.prefix_cache,
+                                   **{k: v for k, v in options.items() if v is not None})
         if self.process:
             from .process_engine import ProcessEngine
 

@@ -193,6 +193,11 @@ class HttpRuntime(Runtime):
     A waiting ``get`` whose server drops or refuses the connection (a
     restart) reconnects for up to ``reconnect_s`` seconds before it raises
     :class:`ParrotConnectionError`; other requests raise at once.
+    ``client_options`` are extra keyword arguments of the runtime's
+    ``httpx.AsyncClient``: ``event_hooks`` (coroutine functions run on every
+    request and response, e.g. to trace or delay them), ``limits`` (httpx
+    holds at most 100 connections by default; a program reading more
+    outputs at once than that queues its long-polls), ``transport``, ...
     """
 
     def __init__(
@@ -206,6 +211,7 @@ class HttpRuntime(Runtime):
         connect_timeout: float = CONNECT_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
         reconnect_s: float = RECONNECT_S,
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
         import httpx  # here, not at module level: `import parrot` must not import httpx
 
@@ -227,6 +233,7 @@ class HttpRuntime(Runtime):
         self._poll_http_timeout = httpx.Timeout(self.poll_timeout + request_timeout, connect=connect_timeout)
         # Closing a session waits for its calls, which may take long.
         self._close_http_timeout = httpx.Timeout(None, connect=connect_timeout)
+        self.client_options = dict(client_options or {})
         self._client: Any = None  # httpx.AsyncClient, made on the portal loop
 
     def __repr__(self) -> str:
@@ -240,7 +247,8 @@ class HttpRuntime(Runtime):
             headers = {"Accept": "application/json", "User-Agent": "parrot-sdk"}
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key}"
-            self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self._timeout)
+            options = {"base_url": self.url, "headers": headers, "timeout": self._timeout, **self.client_options}
+            self._client = httpx.AsyncClient(**options)
         return self._client
 
     async def _request(self, kind: str, method: str, path: str, *, timeout: Any = None, **kwargs: Any) -> Any:

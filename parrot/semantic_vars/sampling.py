@@ -62,6 +62,12 @@ class SamplingConfig:
     presence * (count > 0)``, counting the tokens this output generated so
     far; ``logit_bias`` adds a bias in [-100, 100] to the logits of the given
     token ids (pairs ``(token id, bias)``, or a mapping).
+
+    ``ignore_eos`` keeps generating past the end-of-sequence token, so the
+    output has exactly ``max_tokens`` tokens unless a stop string ends it
+    (benchmarks use it to make every run do the same work; vLLM's option
+    of that name). It cannot be combined with a ``constraint``, whose shape
+    ends where the grammar lets the model stop.
     """
 
     # Each field's metadata holds its accepted bounds in pydantic's terms
@@ -79,6 +85,7 @@ class SamplingConfig:
     logit_bias: tuple[tuple[int, float], ...] = _option(
         (), f"token id -> bias in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]", max_length=MAX_LOGIT_BIAS
     )
+    ignore_eos: bool = _option(False, "true: generate past end-of-sequence, exactly max_tokens")
 
     def __post_init__(self) -> None:
         bias = self.logit_bias
@@ -143,6 +150,10 @@ class SamplingConfig:
                 )
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise SamplingConfigError("logit_bias", "a token is given twice")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingConfigError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
+        if self.ignore_eos and self.constraint is not None:
+            raise SamplingConfigError("ignore_eos", "cannot be combined with a constraint (the constraint decides where the output ends)")
 
     @property
     def penalized(self) -> bool:

@@ -115,6 +115,8 @@ class _Sampling(_Body):
         default=None, description=f"token id -> bias in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
     )
     user: UserText | None = Field(default=None, description="accepted, ignored")
+    ignore_eos: bool | None = Field(default=None, description="vLLM's extension: generate past end-of-sequence "
+                                    "(exactly max_tokens unless a stop string ends it)")
 
 
 class CompletionRequest(_Sampling):
@@ -333,6 +335,7 @@ def _sampling(service: ParrotService, tenant: Tenant, body: _Sampling, prompt: P
         "frequency_penalty": body.frequency_penalty,
         "presence_penalty": body.presence_penalty,
         "logit_bias": _logit_bias(service, body.logit_bias),
+        "ignore_eos": body.ignore_eos,
     }
     options = {k: v for k, v in options.items() if v is not None}
     config = SamplingConfig().merged(**options)  # SamplingConfigError names the field

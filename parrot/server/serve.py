@@ -68,6 +68,10 @@ class ServerSettings:
     # own process behind a proxy; 0 keeps it in the API process.
     engine_process: bool = True
     max_running: int | None = None  # PARROT_MAX_RUNNING: batch limit of each torch engine (default 32)
+    # PARROT_MAX_STEP_TOKENS: tokens per step of each torch engine (default
+    # 2048): a request-level server's latency/throughput knob.
+    max_step_tokens: int | None = None
+    prefix_cache: bool = True  # PARROT_PREFIX_CACHE=0: the torch engines' automatic prefix cache off
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -98,6 +102,8 @@ class ServerSettings:
             engine_restarts=int(env.get("PARROT_ENGINE_RESTARTS", "3")),
             engine_process=env_flag("PARROT_ENGINE_PROCESS", default=True),
             max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
+            max_step_tokens=int(env["PARROT_MAX_STEP_TOKENS"]) if env.get("PARROT_MAX_STEP_TOKENS") else None,
+            prefix_cache=_flag(env.get("PARROT_PREFIX_CACHE", "1")),
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -122,6 +128,9 @@ class ServerSettings:
             raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
         if self.max_running is not None and self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_step_tokens is not None and self.max_step_tokens < max(1, self.max_running or 32):
+            raise ValueError(f"max_step_tokens must be >= max_running ({self.max_running or 32}: one decode token "
+                             f"each), got {self.max_step_tokens}")
         if self.remote_concurrency < 1:
             raise ValueError(f"remote_concurrency must be >= 1, got {self.remote_concurrency}")
         for url in self.remote_engines:
@@ -141,7 +150,8 @@ class ServerSettings:
         process = self.engine_process and not self.ray_address
         specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process,
                             max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
-                            max_model_len=self.max_model_len)
+                            max_model_len=self.max_model_len, max_step_tokens=self.max_step_tokens,
+                            prefix_cache=self.prefix_cache)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
