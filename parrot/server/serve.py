@@ -103,7 +103,7 @@ class ServerSettings:
             engine_process=env_flag("PARROT_ENGINE_PROCESS", default=True),
             max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             max_step_tokens=int(env["PARROT_MAX_STEP_TOKENS"]) if env.get("PARROT_MAX_STEP_TOKENS") else None,
-            prefix_cache=_flag(env.get("PARROT_PREFIX_CACHE", "1")),
+            prefix_cache=env_flag("PARROT_PREFIX_CACHE", default=True),
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
