@@ -354,7 +354,7 @@ class LocalRuntime(Runtime):
         try:
             for i, spec in enumerate(calls):
                 try:
-                    added.append(self.graph.add_call(session_id, spec))
+                    added.append(self.graph.add_call(session_id, spec, namespace=state.namespace))
                 except ParrotError as exc:
                     # Say which call of the batch was at fault.
                     exc.field = f"calls.{i}" + (f".{exc.field}" if getattr(exc, "field", None) else "")
@@ -601,7 +601,8 @@ class LocalRuntime(Runtime):
                 if record["session_id"] not in self.sessions:
                     raise UnknownSessionError(f"unknown session {record['session_id']!r}")
                 spec = call_spec_from_record(record, values)
-                node = self.graph.add_call(record["session_id"], spec)
+                node = self.graph.add_call(record["session_id"], spec,
+                                           namespace=self.sessions[record["session_id"]].namespace)
                 # Outputs released before the restart stay released, even if the
                 # call later failed: calls that read them may have finished.
                 for out_id in node.outputs.values():
