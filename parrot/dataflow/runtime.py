@@ -360,11 +360,15 @@ class LocalRuntime(Runtime):
                     exc.field = f"calls.{i}" + (f".{exc.field}" if getattr(exc, "field", None) else "")
                     raise
             records: list[Write] = []
+            functions: dict[int, Record] = {}  # one record per function spec of the batch
             for node in added:
                 records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.inputs.values()
                                if self.graph.variables[v].constant)
                 records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.outputs.values())
-                records.append(("call", node.id, call_record(node)))
+                function = functions.get(id(node.function))
+                if function is None:
+                    function = functions[id(node.function)] = node.function.to_dict()
+                records.append(("call", node.id, call_record(node, function)))
             await self.store.write(records)
         except BaseException:
             for node in reversed(added):
@@ -680,8 +684,9 @@ def variable_record(var: VariableNode) -> Record:
             "producer": var.producer, "constant": var.constant}
 
 
-def call_record(call: CallNode) -> Record:
-    return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
+def call_record(call: CallNode, function: Record | None = None) -> Record:
+    """The call's record; ``function`` is its function's record when the caller has it already."""
+    return {"id": call.id, "session_id": call.session_id, "function": function or call.function.to_dict(),
             "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
             "engine": call.engine, "error": call.error, "compression": call.compression,
             "tokens": {"prefill": call.prefill_tokens, "cached": call.cached_tokens, "generated": call.generated_tokens},

@@ -8,6 +8,7 @@ OpenAI-compatible endpoints.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 from contextlib import contextmanager
@@ -55,8 +56,37 @@ def sampling_options(body: SamplingBody) -> dict[str, Any]:
     return body.model_dump(exclude_none=True)
 
 
+#: Function bodies parsed lately, by their JSON: a batch of 10,000 calls of
+#: one function parses it once (specs are immutable, so calls share one).
+_SPECS: collections.OrderedDict[str, FunctionSpec] = collections.OrderedDict()
+_SPECS_KEPT = 256
+_SPEC_KEY_CHARS = 65_536  # larger bodies are parsed each time, not kept
+#: Templates longer than this are parsed in a worker thread, so the event
+#: loop (every tenant's requests) never waits for one.
+OFF_LOOP_CHARS = 20_000
+
+
 def function_spec(body: FunctionBody) -> FunctionSpec:
     """Validate a function body (template, options) into a spec; raises typed errors."""
+    key = body.model_dump_json()
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _parse_function(body)
+        if len(key) <= _SPEC_KEY_CHARS:
+            _SPECS[key] = spec
+            while len(_SPECS) > _SPECS_KEPT:
+                _SPECS.popitem(last=False)
+    return spec
+
+
+async def function_spec_async(body: FunctionBody) -> FunctionSpec:
+    """:func:`function_spec`, in a worker thread when the template is long."""
+    if len(body.template) > OFF_LOOP_CHARS or len(body.system or "") > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(function_spec, body)
+    return function_spec(body)
+
+
+def _parse_function(body: FunctionBody) -> FunctionSpec:
     defaults = SamplingConfig().merged(**sampling_options(body.sampling))
     unknown = set(body.output_sampling) - set(SemanticFunction(body.template).output_names)
     if unknown:
@@ -244,7 +274,7 @@ class ParrotService:
         """Register a function for ``tenant``; with ``tenant=None`` (the admin)
         it is public: every tenant may call it and its template's constant
         head shares one prefix cache entry across tenants."""
-        spec = function_spec(body)
+        spec = await function_spec_async(body)
         owner = PUBLIC_NAMESPACE
         if tenant is None:
             spec = dataclasses.replace(spec, public_prefix=True)
@@ -366,12 +396,14 @@ class ParrotService:
         specs: list[CallSpec] = []
         batch_outputs: set[str] = set()
         for i, body in enumerate(bodies):
+            if i % 512 == 511:
+                await asyncio.sleep(0)  # a large batch lets other requests in while it is checked
             where = f"calls.{i}"
             if (body.function is None) == (body.function_id is None):
                 raise InvalidArgumentError(f"{where}.function", "give exactly one of function and function_id")
             if body.function is not None:
                 try:
-                    spec = function_spec(body.function)
+                    spec = await function_spec_async(body.function)
                 except (TemplateError, InvalidArgumentError) as exc:
                     exc.field = f"{where}.function." + (getattr(exc, "field", None) or "template")
                     raise
