@@ -10,8 +10,10 @@ alternating rounds: *alone*, and *under flood*, while the *flooding*
 tenant's clients (200 clients in all by default) each submit batches of
 ``--flood-batch`` calls back to back, optionally after one huge batch of
 ``--big-batch`` calls. Figures: the quiet tenant's p50/p99 latency under flood
-against alone (the ratio; the target is p99 within 2x), and the calls the
-flood got done meanwhile.
+against alone (the ratio; the target is p99 within 2x), where the server
+spent it (waiting for an engine: placement and engine queue; on the engine:
+prefill and decode, from each call's DAG timings), and the calls the flood
+got done meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def _function(max_tokens: int) -> dict[str, Any]:
     return {"name": "ask", "template": "Q: {{input:q}}\nA: {{output:a}}", "sampling": {"max_tokens": max_tokens}}
 
 
-async def one_program(client: Any, calls: int, max_tokens: int, tag: str, sessions: set[str] | None = None) -> None:
-    """Open a session, submit ``calls`` calls in one batch, read the last output, close."""
+async def one_program(client: Any, calls: int, max_tokens: int, tag: str, sessions: set[str] | None = None,
+                      timings: list[dict[str, Any]] | None = None) -> None:
+    """Open a session, submit ``calls`` calls in one batch, read the last output, close;
+    with ``timings``, append the last call's server-side timings (from its DAG)."""
     r = await client.post("/api/v1/sessions")
     r.raise_for_status()
     sid = r.json()["session_id"]
@@ -42,22 +46,26 @@ async def one_program(client: Any, calls: int, max_tokens: int, tag: str, sessio
     body = {"calls": [{"function": _function(max_tokens), "constants": {"q": f"{tag} question {i}"}} for i in range(calls)]}
     r = await client.post(f"/api/v1/sessions/{sid}/calls", json=body)
     r.raise_for_status()
-    var = r.json()["calls"][-1]["outputs"]["a"]
+    last = r.json()["calls"][-1]
+    var = last["outputs"]["a"]
     state = (await client.get(f"/api/v1/sessions/{sid}/variables/{var}", params={"timeout": 300})).json()
     if not state["ready"]:
         raise RuntimeError(f"the {tag} call was not answered: {state}")
+    if timings is not None:
+        timings.append((await client.get(f"/api/v1/sessions/{sid}/calls/{last['call_id']}")).json()["timings"])
     (await client.delete(f"/api/v1/sessions/{sid}")).raise_for_status()
     if sessions is not None:
         sessions.discard(sid)
 
 
-async def quiet_round(client: Any, clients: int, requests: int, max_tokens: int) -> list[float]:
+async def quiet_round(client: Any, clients: int, requests: int, max_tokens: int,
+                      timings: list[dict[str, Any]] | None = None) -> list[float]:
     latencies: list[float] = []
 
     async def one_client(c: int) -> None:
         for r in range(requests):
             t0 = time.perf_counter()
-            await one_program(client, 1, max_tokens, f"quiet {c}.{r}")
+            await one_program(client, 1, max_tokens, f"quiet {c}.{r}", timings=timings)
             latencies.append(time.perf_counter() - t0)
 
     await asyncio.gather(*(one_client(c) for c in range(clients)))
@@ -144,19 +152,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                          timeout=600, limits=limits)
 
             lat: dict[str, list[float]] = {"alone": [], "flood": []}
+            timings: dict[str, list[dict[str, Any]]] = {"alone": [], "flood": []}
             flood_calls, flood_s = 0, 0.0
             async with client("quiet") as quiet, client("flood") as flooder:
                 await quiet_round(quiet, 2, 1, args.quiet_tokens)  # warm-up
                 for rnd in range(args.rounds):
                     progress(f"round {rnd + 1}/{args.rounds}: quiet tenant alone")
-                    lat["alone"] += await quiet_round(quiet, args.quiet_clients, args.requests, args.quiet_tokens)
+                    lat["alone"] += await quiet_round(quiet, args.quiet_clients, args.requests, args.quiet_tokens,
+                                                      timings["alone"])
                     progress(f"round {rnd + 1}/{args.rounds}: quiet tenant under a flood of {args.flood_clients} clients")
                     flood = Flood(flooder, args.flood_clients, args.flood_batch, args.flood_tokens, args.big_batch)
                     flood.start()
                     await flood.started.wait()  # every flooding client has a request in
                     t0 = time.perf_counter()
                     try:
-                        lat["flood"] += await quiet_round(quiet, args.quiet_clients, args.requests, args.quiet_tokens)
+                        lat["flood"] += await quiet_round(quiet, args.quiet_clients, args.requests, args.quiet_tokens,
+                                                          timings["flood"])
                     finally:
                         flood_s += time.perf_counter() - t0
                         flood_calls += flood.calls_done
@@ -165,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for phase, values in lat.items():
                 out[f"{phase}_p50_ms"] = 1000 * statistics.median(values)
                 out[f"{phase}_p99_ms"] = 1000 * percentile(values, 0.99)
+                # Where the server spent it (the call's DAG timings): waiting
+                # for an engine (placement + engine queue), and on the engine.
+                for part, parts in (("wait", ("placement_s", "engine_queue_s")), ("engine", ("prefill_s", "decode_s"))):
+                    ms = [1000 * sum(t[k] or 0.0 for k in parts) for t in timings[phase]]
+                    out[f"{phase}_{part}_p50_ms"] = statistics.median(ms)
+                    out[f"{phase}_{part}_p99_ms"] = percentile(ms, 0.99)
             out["p50_ratio"] = out["flood_p50_ms"] / out["alone_p50_ms"]
             out["p99_ratio"] = out["flood_p99_ms"] / out["alone_p99_ms"]
             out["flood_calls_per_s"] = flood_calls / flood_s if flood_s else 0.0
@@ -176,9 +193,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"quiet tenant, {args.quiet_clients} clients x {args.requests} calls x {args.rounds} rounds; "
           f"flood: {args.flood_clients} clients x {args.flood_batch}-call batches"
           + (f" after a {args.big_batch}-call batch" if args.big_batch else ""))
-    print(f"{'':>12} {'p50':>10} {'p99':>10}")
-    print(f"{'alone':>12} {figures['alone_p50_ms']:>8.1f}ms {figures['alone_p99_ms']:>8.1f}ms")
-    print(f"{'under flood':>12} {figures['flood_p50_ms']:>8.1f}ms {figures['flood_p99_ms']:>8.1f}ms")
+    print(f"{'':>12} {'p50':>10} {'p99':>10}   server side: {'wait p50':>9} {'wait p99':>9} {'engine p50':>10} {'engine p99':>10}")
+    for phase, label in (("alone", "alone"), ("flood", "under flood")):
+        f = {k[len(phase) + 1:]: v for k, v in figures.items() if k.startswith(phase + "_")}
+        print(f"{label:>12} {f['p50_ms']:>8.1f}ms {f['p99_ms']:>8.1f}ms   {'':>12} {f['wait_p50_ms']:>7.1f}ms "
+              f"{f['wait_p99_ms']:>7.1f}ms {f['engine_p50_ms']:>8.1f}ms {f['engine_p99_ms']:>8.1f}ms")
     print(f"{'ratio':>12} {figures['p50_ratio']:>9.2f}x {figures['p99_ratio']:>9.2f}x   "
           f"(flood: {figures['flood_calls_per_s']:.1f} calls/s)")
     result = {"benchmark": "tenant_fairness", "settings": vars(args), **figures,

@@ -51,7 +51,7 @@ from .graph import FINAL_STATES, CallNode, DataflowGraph, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
-from .store import MemoryStore, Record, StateStore, Write
+from .store import MemoryStore, Record, StateStore, StoreUnavailableError, Write
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -62,6 +62,8 @@ HEALTH_RETRY_S = 0.25
 #: How long ready calls wait for an engine while none is healthy before they
 #: fail (at once when every engine is gone for good).
 ENGINE_WAIT_S = 300.0
+#: Longest pause between two probes of a state store that went away.
+STORE_RETRY_MAX_S = 2.0
 
 
 @dataclass
@@ -131,6 +133,12 @@ class LocalRuntime(Runtime):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ready: dict[str, CallNode] = {}  # ready, not yet placed on an engine
         self._pass_scheduled = False
+        # Call records the store could not take (it was away), newest per
+        # call, written when it answers again; and the calls whose outcome
+        # could not be stored, to run again then.
+        self._unwritten: dict[str, CallNode] = {}
+        self._store_waiters: list[CallNode] = []
+        self._store_watch: asyncio.Task[None] | None = None
         self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
@@ -169,8 +177,39 @@ class LocalRuntime(Runtime):
     async def _persist_call(self, call: CallNode) -> None:
         try:
             await self.store.write([("call", call.id, call_record(call))])
+        except StoreUnavailableError:
+            # Written when the store is back (its newest state), so what a
+            # client was told is what a restart finds.
+            self._unwritten[call.id] = call
+            self._watch_store()
         except Exception:
             log.exception("could not record the state of call %s", call.id)
+
+    def _watch_store(self) -> None:
+        """Start (once) the task that waits for the store to answer again,
+        then writes the records it missed and re-runs the calls it held."""
+        if self._store_watch is None or self._store_watch.done():
+            self._store_watch = asyncio.get_running_loop().create_task(self._store_came_back(), name="store-watch")
+
+    async def _store_came_back(self) -> None:
+        pause = 0.05
+        while True:
+            try:
+                await self.store.ping()
+                while self._unwritten:
+                    call_id, call = next(iter(self._unwritten.items()))
+                    await self.store.write([("call", call_id, call_record(call))])
+                    if self._unwritten.get(call_id) is call:
+                        del self._unwritten[call_id]
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(pause)  # back off while it is away
+                pause = min(2 * pause, STORE_RETRY_MAX_S)
+        held, self._store_waiters = self._store_waiters, []
+        log.info("the state store answers again: %d calls run again", len(held))
+        for call in held:
+            if call.state == "ready":
+                self._dispatch(call)
 
     # -- sessions -------------------------------------------------------
     def _session(self, session_id: str, *, must_be_open: bool = True) -> SessionState:
@@ -512,6 +551,18 @@ class LocalRuntime(Runtime):
             if stream is not None:
                 stream.cancel()
             raise
+        except StoreUnavailableError as exc:
+            # Its outcome could not be stored, so no client has been told it:
+            # the call runs again once the store answers (outputs it stored
+            # stay set). Failing it would tell clients an outcome a restart
+            # would not find.
+            if stream is not None:
+                stream.cancel()
+            log.warning("call %s: the state store is away (%s); it runs again when the store is back", call.id, exc)
+            call.state, call.engine, call.requeues = "ready", None, call.requeues + 1
+            self._call_event(call)
+            self._store_waiters.append(call)
+            self._watch_store()
         except EngineUnavailableError as exc:
             # The engine died under the call: run it again elsewhere. Outputs
             # it already released stay set and are not set twice.
@@ -649,6 +700,8 @@ class LocalRuntime(Runtime):
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         for engine in self.engines:
             await asyncio.to_thread(engine.close)
         await self.store.close()
