@@ -113,13 +113,14 @@ class AdmissionQueue(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         """Every queued item, in the order :meth:`pop` would return them."""
         for rank in sorted(self._ranks):
-            # Round robin over the namespaces in turn order, as pop takes them.
-            queues = [iter(q) for q in self._ranks[rank].values()]
-            while queues:
-                still = []
-                for it in queues:
-                    entry = next(it, None)
-                    if entry is not None:
-                        yield entry[1]
-                        still.append(it)
-                queues = still
+            # Round robin over the namespaces in turn order, as pop takes
+            # them; lazily, so the head costs O(1) however many wait.
+            queues = self._ranks[rank].values()
+            depth, more = 0, True
+            while more:
+                more = False
+                for queue in queues:
+                    if depth < len(queue):
+                        yield queue[depth][1]
+                        more = True
+                depth += 1
