@@ -88,7 +88,12 @@ class Serve:
         assert self.proc is not None
         pid = self.proc.pid
         # Every thread's children: the engine is started from a worker thread.
-        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        children: list[str] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                pass  # a thread that just ended
         for child in children:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
             if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
