@@ -106,3 +106,40 @@ def redis_url() -> Iterator[str]:
     """URL of a real ``redis-server`` shared by the tests of one module."""
     with running_redis_server() as url:
         yield url
+
+
+class DurableRedis:
+    """A ``redis-server`` with an append-only file synced on every write, on
+    one port and folder for its whole life, so it can be stopped and started
+    again with its data (the chaos test restarts it under a workload)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not on PATH (see running_redis_server)", pytrace=False)
+        self.folder = folder
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                 "--appendfsync", "always", "--dir", str(self.folder), "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+            )
+        for _ in range(READY_TRIES):
+            if self.proc.poll() is not None or _ping(self.port):
+                break
+            time.sleep(READY_INTERVAL_S)  # between readiness probes, bounded by READY_TRIES
+        if not _ping(self.port):
+            self.stop()
+            pytest.fail(f"redis-server did not come up on {self.port}; its log:\n"
+                        f"{(self.folder / 'redis.log').read_text(errors='replace')[-2000:]}", pytrace=False)
+
+    def stop(self) -> None:
+        """SIGTERM: the server flushes its append-only file and exits."""
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None

@@ -118,7 +118,7 @@ def test_mixed_serving_runs_both_clients_against_one_server(tmp_path, default_mo
 
 @pytest.mark.parametrize(
     "module", ["benchmarks.app_workloads", "benchmarks.orchestration", "benchmarks.random_model", "benchmarks.kernels",
-               "benchmarks.mixed_serving", "benchmarks.served_engine"]
+               "benchmarks.mixed_serving", "benchmarks.served_engine", "benchmarks.tenant_fairness"]
 )
 def test_help(module, capsys):
     import importlib
@@ -161,3 +161,16 @@ def test_served_engine_compares_both_serve_paths_with_the_engine(tmp_path, defau
         # Greedy: both served paths write the engine's text for every request.
         assert row["process_outputs_identical"] and row["in_process_outputs_identical"]
         assert row["process_over_engine"] > 0 and row["in_process_over_engine"] > 0
+
+
+def test_tenant_fairness_measures_the_quiet_tenant_alone_and_under_flood(tmp_path, default_model_dir):
+    """Structure only: both phases ran in one server and gave figures (no timing asserted)."""
+    from benchmarks import tenant_fairness
+
+    out = tmp_path / "fairness.json"
+    data = tenant_fairness.main(["--model", str(default_model_dir), "--quiet-clients", "2", "--flood-clients", "3",
+                                 "--requests", "1", "--rounds", "1", "--flood-batch", "2", "--flood-tokens", "2",
+                                 "--quiet-tokens", "2", "--json", str(out)])
+    assert json.loads(out.read_text())["p99_ratio"] == data["p99_ratio"] > 0
+    assert data["calls_per_round"] == 2 and data["alone_p50_ms"] > 0 and data["flood_p99_ms"] > 0
+    assert data["context"]["device"] == "cpu"

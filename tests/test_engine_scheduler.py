@@ -33,9 +33,9 @@ class Harness:
         self.tokenizer = tokenizer
         self.events: dict[str, list] = {}
 
-    def submit(self, name: str, prompt_tokens: int, objective, max_tokens: int = 6) -> EngineRequest:
+    def submit(self, name: str, prompt_tokens: int, objective, max_tokens: int = 6, namespace: str = "") -> EngineRequest:
         request = GenerationRequest([Fill(tuple(range(10, 10 + prompt_tokens))), Gen(SamplingConfig(max_tokens=max_tokens))],
-                                    request_id=name, objective=objective)
+                                    request_id=name, objective=objective, namespace=namespace)
         events = self.events.setdefault(name, [])
         seq = Sequence(request, self.kv.new_table(), self.tokenizer, events.append, 4096)
         r = EngineRequest(seq, None, "cpu")  # type: ignore[arg-type]  # no stream: nothing here fails
@@ -107,3 +107,37 @@ def test_admission_order_is_latency_then_unannotated_then_throughput(tokenizer):
                 order.append(r.request_id)
     assert order == ["l", "n", "t"]
     assert h.counters.requests_finished == 3 and h.kv.num_free == 512
+
+
+def _admission_order(h: Harness) -> list[str]:
+    order: list[str] = []
+    while h.scheduler.waiting or h.scheduler.running:
+        h.step()
+        order += [r.request_id for r in h.scheduler.running if r.request_id not in order]
+    return order
+
+
+def test_tenants_take_turns_within_a_rank(tokenizer):
+    """A tenant's backlog does not stall another tenant's request of the same
+    rank: it is admitted at the next free place, not after the backlog."""
+    h = Harness(tokenizer, max_running=1, max_step_tokens=64)
+    for i in range(10):
+        h.submit(f"flood{i}", 4, "throughput", max_tokens=2, namespace="tenant-a")
+    h.submit("quiet0", 4, "throughput", max_tokens=2, namespace="tenant-b")
+    h.submit("quiet1", 4, "throughput", max_tokens=2, namespace="tenant-b")
+    assert [r.request_id for r in h.scheduler.waiting][:5] == ["flood0", "quiet0", "flood1", "quiet1", "flood2"]
+    order = _admission_order(h)
+    assert order[:5] == ["flood0", "quiet0", "flood1", "quiet1", "flood2"]
+    assert order[5:] == [f"flood{i}" for i in range(3, 10)]  # each tenant's own order is kept
+
+
+def test_a_preempted_request_resumes_before_later_arrivals(tokenizer):
+    h = Harness(tokenizer, max_running=1, max_step_tokens=64)
+    queue = h.scheduler.waiting
+    a0 = h.submit("a0", 4, None, max_tokens=2, namespace="tenant-a")
+    assert queue.pop() is a0  # admitted
+    h.submit("b0", 4, None, max_tokens=2, namespace="tenant-b")
+    h.submit("a1", 4, None, max_tokens=2, namespace="tenant-a")
+    queue.push_front(a0)  # preempted: back to the head of its tenant, whose turn is next
+    assert [r.request_id for r in queue] == ["a0", "b0", "a1"]
+    assert [queue.pop().request_id for _ in range(3)] == ["a0", "b0", "a1"] and not queue

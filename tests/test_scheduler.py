@@ -27,10 +27,10 @@ class Program:
         self.analyzer = ObjectiveAnalyzer(self.graph)
         self.prefixes = PrefixIndex(min_chars=32)
 
-    def call(self, call_id, fn=UNARY, inputs=None, constants=None):
+    def call(self, call_id, fn=UNARY, inputs=None, constants=None, tenant="tenant-a"):
         spec = Call(call_id, fn, inputs or {}, constants or {}, {"y": f"{call_id}.y"})
-        node = self.graph.add_call(S, spec)
-        self.prefixes.add(node, self.graph, "tenant-a")
+        node = self.graph.add_call(S, spec, namespace=tenant)
+        self.prefixes.add(node, self.graph, tenant)
         self.analyzer.on_call_added(node)
         return node
 
@@ -260,3 +260,55 @@ def test_fifo_baseline_ignores_objectives_and_groups(two_engines):
     p.call("chat", constants={"x": "another"})
     placed = FifoScheduler().schedule(p.ready(), p.graph, two_engines)
     assert [c.id for c, _ in placed] == ["m0", "chat"]
+
+
+def test_tenants_take_turns_for_the_engines(two_engines):
+    """Another tenant's call that became ready after a flood is placed in the
+    same pass, not after the flood: tenants take turns within a class."""
+    p = Program()
+    for i in range(12):
+        p.call(f"a{i}", constants={"x": f"flood question number {i}"}, tenant="tenant-a")
+    p.call("b0", constants={"x": "the quiet tenant's one question"}, tenant="tenant-b")
+    sched = AppScheduler(queue_depth=0)  # room for 8 on the two idle engines
+    placed = [c.id for c, _ in sched.schedule(p.ready(), p.graph, two_engines)]
+    assert len(placed) == 8 and placed[:2] == ["a0", "b0"]
+    assert [c for c in placed if c.startswith("a")] == [f"a{i}" for i in range(7)]  # A's own order kept
+
+
+def test_the_tenant_served_least_recently_goes_first(two_engines):
+    p = Program()
+    sched = AppScheduler(queue_depth=0)
+    for i in range(8):
+        p.call(f"a{i}", constants={"x": f"flood question number {i}"}, tenant="tenant-a")
+    first = sched.schedule(p.ready(), p.graph, two_engines)
+    for c, _ in first:
+        c.state = "running"
+    for i in range(8, 16):
+        p.call(f"a{i}", constants={"x": f"flood question number {i}"}, tenant="tenant-a")
+    for i in range(2):
+        p.call(f"b{i}", constants={"x": f"quiet question number {i}"}, tenant="tenant-b")
+    second = [c.id for c, _ in sched.schedule(p.ready(), p.graph, two_engines)]
+    assert second[:4] == ["b0", "a8", "b1", "a9"]
+
+
+def test_a_group_larger_than_a_batch_goes_over_in_parts(two_engines):
+    """A huge fan-out does not fill an engine's queue at once (where other
+    tenants' calls could not pass it): at most an idle engine's room past
+    the engine's room per pass."""
+    p = Program()
+    n = 40
+    for i in range(n):
+        p.call(f"m{i}", constants={"x": f"chunk {i}"})
+    fn = FunctionSpec("reduce", " ".join(f"{{{{input:i{i}}}}}" for i in range(n)) + " {{output:y}}", {"y": SamplingConfig()})
+    p.call("r", fn, inputs={f"i{i}": f"m{i}.y" for i in range(n)})
+    p.call("b0", constants={"x": "the quiet tenant's one question"}, tenant="tenant-b")
+    assert p.graph.calls["m0"].group is not None
+    sched = AppScheduler()  # room 8 per idle engine (a batch of 4 and a queue of 4)
+    placed = sched.schedule(p.ready(), p.graph, two_engines)
+    members = [c.id for c, _ in placed if c.id.startswith("m")]
+    assert "b0" in [c.id for c, _ in placed]
+    assert members == [f"m{i}" for i in range(len(members))] and len(members) < n
+    for c, _ in placed:
+        c.state = "running"
+    rest = [c.id for c, _ in sched.schedule(p.ready(), p.graph, two_engines)]
+    assert rest and rest[0] == f"m{len(members)}"  # the rest of the group, in order, next pass

@@ -60,6 +60,9 @@ class CallNode:
     template: Template
     inputs: dict[str, str]  # input name -> variable id (constants included)
     outputs: dict[str, str]  # output name -> variable id
+    # Whose call it is (its session's namespace: the tenant); the scheduler
+    # shares the engines fairly between namespaces.
+    namespace: str = ""
     state: CallState = "waiting"
     engine: str | None = None
     error: str | None = None
@@ -196,9 +199,10 @@ class DataflowGraph:
                         f"{spec.function.name}(): output {name!r} would feed its own input through the graph"
                     )
 
-    def add_call(self, session_id: str, spec: Call) -> CallNode:
+    def add_call(self, session_id: str, spec: Call, *, namespace: str = "") -> CallNode:
         """Add a call, its constant inputs and its outputs. Raises before
-        changing anything if the call is invalid or would close a cycle."""
+        changing anything if the call is invalid or would close a cycle.
+        ``namespace`` is whose call it is (the session's tenant)."""
         template = parse_template(spec.function.template)
         self._validate_call(session_id, spec, template)
         inputs = dict(spec.inputs)
@@ -208,7 +212,8 @@ class DataflowGraph:
             self.add_variable(const_id, name, session_id, value, constant=True)
             inputs[name] = const_id
             owned.append(const_id)
-        call = CallNode(spec.call_id, session_id, spec.function, template, inputs, dict(spec.outputs))
+        call = CallNode(spec.call_id, session_id, spec.function, template, inputs, dict(spec.outputs),
+                        namespace=namespace)
         # The template's own options win over the function's (most specific).
         call.compress = {**spec.function.input_compression, **template.input_compression}
         call.owned_variables = owned + [v for v in spec.outputs.values() if v not in self.variables]

@@ -52,7 +52,7 @@ from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableN
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
 from .scheduler import AppScheduler, FifoScheduler, Scheduler
-from .store import MemoryStore, Record, StateStore, Write
+from .store import MemoryStore, Record, StateStore, StoreUnavailableError, Write
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -63,6 +63,8 @@ HEALTH_RETRY_S = 0.25
 #: How long ready calls wait for an engine while none is healthy before they
 #: fail (at once when every engine is gone for good).
 ENGINE_WAIT_S = 300.0
+#: Longest pause between two probes of a state store that went away.
+STORE_RETRY_MAX_S = 2.0
 
 
 @dataclass
@@ -134,6 +136,12 @@ class LocalRuntime(Runtime):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ready: dict[str, CallNode] = {}  # ready, not yet placed on an engine
         self._pass_scheduled = False
+        # Call records the store could not take (it was away), newest per
+        # call, written when it answers again; and the calls whose outcome
+        # could not be stored, to run again then.
+        self._unwritten: dict[str, CallNode] = {}
+        self._store_waiters: list[CallNode] = []
+        self._store_watch: asyncio.Task[None] | None = None
         self._streamed: dict[str, int] = {}  # output var -> characters sent as token events
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
@@ -216,8 +224,39 @@ class LocalRuntime(Runtime):
     async def _persist_call(self, call: CallNode) -> None:
         try:
             await self.store.write([("call", call.id, call_record(call))])
+        except StoreUnavailableError:
+            # Written when the store is back (its newest state), so what a
+            # client was told is what a restart finds.
+            self._unwritten[call.id] = call
+            self._watch_store()
         except Exception:
             log.exception("could not record the state of call %s", call.id)
+
+    def _watch_store(self) -> None:
+        """Start (once) the task that waits for the store to answer again,
+        then writes the records it missed and re-runs the calls it held."""
+        if self._store_watch is None or self._store_watch.done():
+            self._store_watch = asyncio.get_running_loop().create_task(self._store_came_back(), name="store-watch")
+
+    async def _store_came_back(self) -> None:
+        pause = 0.05
+        while True:
+            try:
+                await self.store.ping()
+                while self._unwritten:
+                    call_id, call = next(iter(self._unwritten.items()))
+                    await self.store.write([("call", call_id, call_record(call))])
+                    if self._unwritten.get(call_id) is call:
+                        del self._unwritten[call_id]
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(pause)  # back off while it is away
+                pause = min(2 * pause, STORE_RETRY_MAX_S)
+        held, self._store_waiters = self._store_waiters, []
+        log.info("the state store answers again: %d calls run again", len(held))
+        for call in held:
+            if call.state == "ready":
+                self._dispatch(call)
 
     # -- sessions -------------------------------------------------------
     def _session(self, session_id: str, *, must_be_open: bool = True) -> SessionState:
@@ -407,17 +446,21 @@ class LocalRuntime(Runtime):
         try:
             for i, spec in enumerate(calls):
                 try:
-                    added.append(self.graph.add_call(session_id, spec))
+                    added.append(self.graph.add_call(session_id, spec, namespace=state.namespace))
                 except ParrotError as exc:
                     # Say which call of the batch was at fault.
                     exc.field = f"calls.{i}" + (f".{exc.field}" if getattr(exc, "field", None) else "")
                     raise
             records: list[Write] = []
+            functions: dict[int, Record] = {}  # one record per function spec of the batch
             for node in added:
                 records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.inputs.values()
                                if self.graph.variables[v].constant)
                 records.extend(("variable", v, variable_record(self.graph.variables[v])) for v in node.outputs.values())
-                records.append(("call", node.id, call_record(node)))
+                function = functions.get(id(node.function))
+                if function is None:
+                    function = functions[id(node.function)] = node.function.to_dict()
+                records.append(("call", node.id, call_record(node, function)))
             await self.store.write(records)
         except BaseException:
             for node in reversed(added):
@@ -561,6 +604,18 @@ class LocalRuntime(Runtime):
             if stream is not None:
                 stream.cancel()
             raise
+        except StoreUnavailableError as exc:
+            # Its outcome could not be stored, so no client has been told it:
+            # the call runs again once the store answers (outputs it stored
+            # stay set). Failing it would tell clients an outcome a restart
+            # would not find.
+            if stream is not None:
+                stream.cancel()
+            log.warning("call %s: the state store is away (%s); it runs again when the store is back", call.id, exc)
+            call.state, call.engine, call.requeues = "ready", None, call.requeues + 1
+            self._call_event(call)
+            self._store_waiters.append(call)
+            self._watch_store()
         except EngineUnavailableError as exc:
             # The engine died under the call: run it again elsewhere. Outputs
             # it already released stay set and are not set twice.
@@ -654,7 +709,8 @@ class LocalRuntime(Runtime):
                 if record["session_id"] not in self.sessions:
                     raise UnknownSessionError(f"unknown session {record['session_id']!r}")
                 spec = call_spec_from_record(record, values)
-                node = self.graph.add_call(record["session_id"], spec)
+                node = self.graph.add_call(record["session_id"], spec,
+                                           namespace=self.sessions[record["session_id"]].namespace)
                 # Outputs released before the restart stay released, even if the
                 # call later failed: calls that read them may have finished.
                 for out_id in node.outputs.values():
@@ -697,6 +753,8 @@ class LocalRuntime(Runtime):
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         for engine in self.engines:
             await asyncio.to_thread(engine.close)
         await self.store.close()
@@ -732,8 +790,9 @@ def variable_record(var: VariableNode) -> Record:
             "producer": var.producer, "constant": var.constant}
 
 
-def call_record(call: CallNode) -> Record:
-    return {"id": call.id, "session_id": call.session_id, "function": call.function.to_dict(),
+def call_record(call: CallNode, function: Record | None = None) -> Record:
+    """The call's record; ``function`` is its function's record when the caller has it already."""
+    return {"id": call.id, "session_id": call.session_id, "function": function or call.function.to_dict(),
             "inputs": dict(call.inputs), "outputs": dict(call.outputs), "state": call.state,
             "engine": call.engine, "error": call.error, "compression": call.compression,
             "tokens": {"prefill": call.prefill_tokens, "cached": call.cached_tokens, "generated": call.generated_tokens},

@@ -22,6 +22,14 @@ ready work runs.
 3. other throughput calls next;
 4. last, the ready members of groups that still wait for a sibling's input.
 
+Within each of these classes, tenants (call namespaces) take turns: the
+tenant served least recently goes first, so one tenant's 10,000 ready calls
+delay another tenant's call by one placement, not by the whole backlog. A
+group goes past an engine's room by at most an idle engine's room (a
+batch and its queue) per pass, so the rest of a huge fan-out waits in line
+here, where other tenants' calls can pass it, rather than in an engine's
+queue.
+
 A call that finds no room is skipped, not the rest of the pass. Engines see
 each request's objective too and admit latency-critical work first
 (:mod:`parrot.backends.admission`), so handing work over early does not let
@@ -57,13 +65,16 @@ class _Room:
     room: int  # requests it can usefully take now
     load: int  # requests it runs or queues
     prefixes: frozenset[str]
+    window: int = 1  # an idle engine's room: its batch and its queue
 
 
 def _snapshot(engines: Sequence[Engine], queue_depth: int | None = None) -> list[_Room]:
     out = []
     for engine in engines:
         cap = engine.capacity()
-        out.append(_Room(engine, cap.room(queue_depth), cap.running + cap.waiting, cap.cached_prefixes))
+        depth = cap.max_running if queue_depth is None else queue_depth
+        out.append(_Room(engine, cap.room(queue_depth), cap.running + cap.waiting, cap.cached_prefixes,
+                         max(1, cap.max_running + depth)))
     return out
 
 
@@ -93,6 +104,10 @@ class AppScheduler:
         self.queue_depth = queue_depth
         #: Where each prefix key was last sent: the engine most likely to hold it.
         self.affinity: dict[str, Engine] = {}
+        #: When each namespace (tenant) was last given a placement: the one
+        #: served least recently goes first among equals.
+        self.last_served: dict[str, int] = {}
+        self._placements = 0
 
     def _pick(self, rooms: list[_Room], key: str | None) -> _Room | None:
         """The prefix's holder if it has room, else the engine with the most room."""
@@ -109,6 +124,12 @@ class AppScheduler:
         target = self._pick(rooms, calls[0].prefix_key)
         if target is None:
             return False
+        # A group may go past the engine's room by up to an idle engine's
+        # room (a batch and its queue); the rest of a larger one stays ready
+        # for the next pass.
+        calls = calls[:max(0, target.room) + target.window]
+        self._placements += 1
+        self.last_served[calls[0].namespace] = self._placements
         for call in calls:
             out.append((call, target.engine))
             if call.prefix_key is not None:
@@ -125,6 +146,20 @@ class AppScheduler:
         for m in members:
             by_key.setdefault(m.prefix_key, []).append(m)
         return list(by_key.values())
+
+    def _fair(self, units: list[list[CallNode]]) -> list[list[CallNode]]:
+        """Units of one class, tenants taking turns (least recently served
+        first), each tenant's own units in their order."""
+        by_tenant: dict[str, list[list[CallNode]]] = {}
+        for unit in units:
+            by_tenant.setdefault(unit[0].namespace, []).append(unit)
+        if len(by_tenant) < 2:
+            return units
+        turns = sorted(by_tenant.values(), key=lambda us: self.last_served.get(us[0][0].namespace, 0))
+        out: list[list[CallNode]] = []
+        for i in range(max(len(us) for us in turns)):
+            out.extend(us[i] for us in turns if i < len(us))
+        return out
 
     def schedule(self, ready: Sequence[CallNode], graph: DataflowGraph, engines: Sequence[Engine]) -> list[Assignment]:
         rooms = _snapshot(engines, self.queue_depth)
@@ -144,7 +179,8 @@ class AppScheduler:
         for group_id, members in groups.items():
             waiting = any(graph.calls[m].state == "waiting" for m in graph.groups[group_id].members)
             (partial if waiting else complete).extend(self._by_prefix(members))
-        units = [[c] for c in latency] + complete + [[c] for c in throughput] + partial
+        units = [*self._fair([[c] for c in latency]), *self._fair(complete),
+                 *self._fair([[c] for c in throughput]), *self._fair(partial)]
         for unit in units:
             if not any(s.room >= 1 for s in rooms):
                 break  # every engine is full: the rest keeps its place in line

@@ -197,12 +197,16 @@ class Template:
     def __init__(self, source: str) -> None:
         self.source = source
         self.segments: tuple[Segment, ...] = tuple(parse_segments(source))
-        inputs: list[str] = []
-        outputs: list[str] = []
+        # dicts, not lists: membership stays O(1) for templates of 10,000 outputs
+        inputs: dict[str, None] = {}
+        outputs: dict[str, None] = {}
         compression: dict[str, float] = {}
+        #: The first placeholder of each (kind, name), for :meth:`placeholder`.
+        self._first: dict[tuple[str, str], Placeholder] = {}
         for seg in self.segments:
             if not isinstance(seg, Placeholder):
                 continue
+            self._first.setdefault((seg.kind, seg.name), seg)
             if seg.kind == "output":
                 if seg.name in outputs:
                     raise TemplateError(f"duplicate output {seg.name!r}", position=seg.position, template=source)
@@ -210,14 +214,13 @@ class Template:
                     raise TemplateError(
                         f"{seg.name!r} is used both as an input and as an output", position=seg.position, template=source
                     )
-                outputs.append(seg.name)
+                outputs[seg.name] = None
             else:
                 if seg.name in outputs:
                     raise TemplateError(
                         f"{seg.name!r} is used both as an input and as an output", position=seg.position, template=source
                     )
-                if seg.name not in inputs:  # an input may be quoted twice
-                    inputs.append(seg.name)
+                inputs[seg.name] = None  # an input may be quoted twice
                 rate = _input_compression(seg, source)
                 if rate is not None:
                     if compression.get(seg.name, rate) != rate:
@@ -238,10 +241,10 @@ class Template:
 
     def placeholder(self, kind: PlaceholderKind, name: str) -> Placeholder:
         """The first placeholder of ``kind`` named ``name``."""
-        for p in self.placeholders:
-            if p.kind == kind and p.name == name:
-                return p
-        raise KeyError(f"no {kind} placeholder named {name!r}")
+        try:
+            return self._first[(kind, name)]
+        except KeyError:
+            raise KeyError(f"no {kind} placeholder named {name!r}") from None
 
     @property
     def constant_prefix(self) -> str:

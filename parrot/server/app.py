@@ -111,7 +111,9 @@ async def stream_variable(session_id: str, var_id: str, tenant: TenantDep, servi
 async def submit_calls(session_id: str, body: m.CallsSubmit, tenant: TenantDep, service: ServiceDep) -> m.CallsSubmitted:
     """Submit calls (all or none); the DAG is resolved server-side."""
     specs = await service.submit_calls(tenant, session_id, body.calls)
-    return m.CallsSubmitted(calls=[m.CallSubmitted(call_id=s.call_id, outputs=dict(s.outputs)) for s in specs])
+    public = lambda i: service.public_id(tenant, i)  # noqa: E731
+    return m.CallsSubmitted(calls=[m.CallSubmitted(call_id=public(s.call_id), outputs={k: public(v) for k, v in s.outputs.items()})
+                                   for s in specs])
 
 
 @api.get("/sessions/{session_id}/dag", tags=["dag"])

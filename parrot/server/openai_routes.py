@@ -445,7 +445,9 @@ def usage(runs: list[CallRun]) -> dict[str, Any]:
 
 async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sampling: SamplingBody, name: str) -> CallRun:
     """Open a session for ``tenant`` and submit one call generating after ``prompt``."""
-    call_id, var_id = new_id("call"), new_id("var")
+    public_call, public_var = new_id("call"), new_id("var")
+    # The graph and its events name them in the tenant's id namespace.
+    call_id, var_id = service.internal_id(tenant, public_call), service.internal_id(tenant, public_var)
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def listener(event: dict[str, Any]) -> None:
@@ -459,11 +461,11 @@ async def start_call(service: ParrotService, tenant: Tenant, prompt: Prompt, sam
                   queue, service.runtime.subscribe(listener))
     try:
         body = CallBody(
-            call_id=call_id,
+            call_id=public_call,
             function=FunctionBody(name=name, template=prompt.template + OUTPUT, sampling=sampling,
                                   chat=prompt.history is not None, history=list(prompt.history or ())),
             constants=prompt.constants,
-            outputs={"completion": var_id},
+            outputs={"completion": public_var},
         )
         # No objective: one request says nothing about the application it
         # belongs to, so the engine admits it after latency-critical calls
@@ -618,7 +620,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, service: Servi
     sampling = _sampling(service, tenant, body, Prompt.of_text(prompt), "prompt", body.max_tokens, 16,  # 16: OpenAI's default
                          logprobs=body.logprobs)
     runs = await start_calls(service, tenant, Prompt.of_text(prompt), sampling, COMPLETION_FUNCTION, body.n or 1)
-    rid, created = f"cmpl-{runs[0].call_id}", int(time.time())
+    rid, created = f"cmpl-{service.public_id(tenant, runs[0].call_id)}", int(time.time())
     echo = prompt if body.echo else ""
     tokenizer = service.runtime.tokenizer
 
@@ -690,7 +692,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, servi
         # schema or regex is this request's 4xx naming the field.
         await asyncio.to_thread(grammar.check, constraint, tokenizer)
     runs = await start_calls(service, tenant, prompt, sampling, CHAT_FUNCTION, body.n or 1)
-    rid, created = f"chatcmpl-{runs[0].call_id}", int(time.time())
+    rid, created = f"chatcmpl-{service.public_id(tenant, runs[0].call_id)}", int(time.time())
 
     def message(run: CallRun, text: str) -> tuple[dict[str, Any], str]:
         """The choice's message and finish reason (tool calls when the text is one)."""

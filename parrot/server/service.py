@@ -8,9 +8,11 @@ OpenAI-compatible endpoints.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
-from typing import Any, AsyncIterator
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Iterator
 
 from parrot.dataflow import LocalRuntime
 from parrot.dataflow.graph import FINAL_STATES
@@ -23,6 +25,7 @@ from parrot.semantic_vars import (
     ConstraintError,
     FunctionSpec,
     InvalidArgumentError,
+    ParrotError,
     Perf,
     SamplingConfig,
     SemanticFunction,
@@ -33,6 +36,7 @@ from parrot.semantic_vars import (
 )
 
 from .dag_view import call_detail, session_dag
+from .id_scope import internal_id, public_text, public_view
 from .models import CallBody, FunctionBody, SamplingBody, VariableState
 from .tenancy import (
     AuthenticationError,
@@ -52,8 +56,37 @@ def sampling_options(body: SamplingBody) -> dict[str, Any]:
     return body.model_dump(exclude_none=True)
 
 
+#: Function bodies parsed lately, by their JSON: a batch of 10,000 calls of
+#: one function parses it once (specs are immutable, so calls share one).
+_SPECS: collections.OrderedDict[str, FunctionSpec] = collections.OrderedDict()
+_SPECS_KEPT = 256
+_SPEC_KEY_CHARS = 65_536  # larger bodies are parsed each time, not kept
+#: Templates longer than this are parsed in a worker thread, so the event
+#: loop (every tenant's requests) never waits for one.
+OFF_LOOP_CHARS = 20_000
+
+
 def function_spec(body: FunctionBody) -> FunctionSpec:
     """Validate a function body (template, options) into a spec; raises typed errors."""
+    key = body.model_dump_json()
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _parse_function(body)
+        if len(key) <= _SPEC_KEY_CHARS:
+            _SPECS[key] = spec
+            while len(_SPECS) > _SPECS_KEPT:
+                _SPECS.popitem(last=False)
+    return spec
+
+
+async def function_spec_async(body: FunctionBody) -> FunctionSpec:
+    """:func:`function_spec`, in a worker thread when the template is long."""
+    if len(body.template) > OFF_LOOP_CHARS or len(body.system or "") > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(function_spec, body)
+    return function_spec(body)
+
+
+def _parse_function(body: FunctionBody) -> FunctionSpec:
     defaults = SamplingConfig().merged(**sampling_options(body.sampling))
     unknown = set(body.output_sampling) - set(SemanticFunction(body.template).output_names)
     if unknown:
@@ -187,9 +220,35 @@ class ParrotService:
             raise UnknownSessionError(f"unknown session {session_id!r}")
         return session_id
 
-    def owned_variable(self, tenant: Tenant, var_id: str, *, field: str = "var_id") -> None:
-        if self.runtime.variable_owner(var_id) != tenant.id:
+    def owned_variable(self, tenant: Tenant, var_id: str, *, field: str = "var_id") -> str:
+        """The internal id of the tenant's variable ``var_id`` (a public id);
+        an id of another tenant reads as one nobody uses."""
+        key = internal_id(tenant.id, var_id)
+        if self.runtime.variable_owner(key) != tenant.id:
             raise UnknownVariableError(f"{field}: unknown variable {var_id!r}", field=field)
+        return key
+
+    # -- ids: each tenant names its variables and calls in its own namespace --
+    @staticmethod
+    def internal_id(tenant: Tenant, public_id: str) -> str:
+        """Where the tenant's ``public_id`` (a variable or call id) lives in
+        the graph and the store (see :mod:`parrot.server.id_scope`)."""
+        return internal_id(tenant.id, public_id)
+
+    @staticmethod
+    def public_id(tenant: Tenant, internal: str) -> str:
+        """The id the tenant wrote (or was given) for ``internal``."""
+        return public_text(tenant.id, internal)
+
+    @staticmethod
+    @contextmanager
+    def _public_errors(tenant: Tenant) -> Iterator[None]:
+        """Errors of the runtime quote internal ids: show the tenant its own."""
+        try:
+            yield
+        except ParrotError as exc:
+            exc.args = tuple(public_text(tenant.id, a) if isinstance(a, str) else a for a in exc.args)
+            raise
 
     # -- sessions -----------------------------------------------------------
     async def open_session(self, tenant: Tenant, *, ephemeral: bool = False) -> str:
@@ -208,7 +267,7 @@ class ParrotService:
         """Register a function for ``tenant``; with ``tenant=None`` (the admin)
         it is public: every tenant may call it and its template's constant
         head shares one prefix cache entry across tenants."""
-        spec = function_spec(body)
+        spec = await function_spec_async(body)
         owner = PUBLIC_NAMESPACE
         if tenant is None:
             spec = dataclasses.replace(spec, public_prefix=True)
@@ -227,39 +286,42 @@ class ParrotService:
 
     # -- variables ------------------------------------------------------------
     async def create_variable(self, tenant: Tenant, session_id: str, var_id: str | None, name: str, value: str | None) -> str:
+        """Declare a free variable; returns its (public) id."""
         self.owned_session(tenant, session_id)
         var_id = var_id or new_id("var")
-        await self.runtime.create_variable(session_id, var_id, name, value)
+        with self._public_errors(tenant):
+            await self.runtime.create_variable(session_id, internal_id(tenant.id, var_id), name, value)
         return var_id
 
     async def set_variable(self, tenant: Tenant, session_id: str, var_id: str, value: str) -> None:
         self.owned_session(tenant, session_id)
-        self.owned_variable(tenant, var_id)
-        await self.runtime.set_variable(session_id, var_id, value)
+        key = self.owned_variable(tenant, var_id)
+        with self._public_errors(tenant):
+            await self.runtime.set_variable(session_id, key, value)
 
     async def get_variable(self, tenant: Tenant, session_id: str, var_id: str, perf: Perf, timeout: float) -> VariableState:
         """Long-poll: wait up to ``timeout`` seconds for the value."""
         self.owned_session(tenant, session_id)
-        self.owned_variable(tenant, var_id)
-        var = self.runtime.variable(var_id)
+        key = self.owned_variable(tenant, var_id)
+        var = self.runtime.variable(key)
         assert var is not None  # owned_variable found it
         try:
             if timeout > 0:
-                await asyncio.wait_for(self.runtime.get_variable(session_id, var_id, perf), timeout=timeout)
+                await asyncio.wait_for(self.runtime.get_variable(session_id, key, perf), timeout=timeout)
             else:
-                self.runtime.poll_variable(session_id, var_id, perf)
+                self.runtime.poll_variable(session_id, key, perf)
         except (asyncio.TimeoutError, CallFailedError):
             pass
-        return VariableState(var_id=var_id, name=var.name, ready=var.is_set, value=var.value, error=var.error)
+        error = public_text(tenant.id, var.error) if var.error is not None else None
+        return VariableState(var_id=var_id, name=var.name, ready=var.is_set, value=var.value, error=error)
 
     def stream_variable(self, tenant: Tenant, session_id: str, var_id: str) -> AsyncIterator[dict[str, Any]]:
         """Token deltas of an output as they are generated, then its value.
         Ownership is checked now (raising), before any event is awaited."""
         self.owned_session(tenant, session_id)
-        self.owned_variable(tenant, var_id)
-        return self._variable_events(var_id)
+        return self._variable_events(tenant, self.owned_variable(tenant, var_id))
 
-    async def _variable_events(self, var_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def _variable_events(self, tenant: Tenant, var_id: str) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         def listener(event: dict[str, Any]) -> None:
@@ -279,7 +341,7 @@ class ParrotService:
                     yield {"event": "value", "data": var.value}
                     return
                 if var.error is not None:
-                    yield {"event": "error", "data": var.error}
+                    yield {"event": "error", "data": public_text(tenant.id, var.error)}
                     return
                 event = await queue.get()
                 if event["type"] == "token":
@@ -297,7 +359,7 @@ class ParrotService:
         try:
             while True:
                 event = await queue.get()
-                yield event
+                yield public_view(tenant.id, event)
                 if event["type"] == "session_closed":
                     return
         finally:
@@ -325,17 +387,21 @@ class ParrotService:
                     raise
 
     async def submit_calls(self, tenant: Tenant, session_id: str, bodies: list[CallBody]) -> list[Call]:
-        """Validate, check ownership and quotas, then submit all or nothing."""
+        """Validate, check ownership and quotas, then submit all or nothing.
+        The bodies name ids as the tenant does; the calls returned are in
+        internal ids (:meth:`public_id` gives them back)."""
         self.owned_session(tenant, session_id)
         specs: list[Call] = []
         batch_outputs: set[str] = set()
         for i, body in enumerate(bodies):
+            if i % 512 == 511:
+                await asyncio.sleep(0)  # a large batch lets other requests in while it is checked
             where = f"calls.{i}"
             if (body.function is None) == (body.function_id is None):
                 raise InvalidArgumentError(f"{where}.function", "give exactly one of function and function_id")
             if body.function is not None:
                 try:
-                    spec = function_spec(body.function)
+                    spec = await function_spec_async(body.function)
                 except (TemplateError, InvalidArgumentError) as exc:
                     exc.field = f"{where}.function." + (getattr(exc, "field", None) or "template")
                     raise
@@ -345,14 +411,14 @@ class ParrotService:
             outputs = body.outputs
             if outputs is None:
                 outputs = {name: new_id("var") for name in spec.output_sampling}
+            inputs = {name: internal_id(tenant.id, v) for name, v in body.inputs.items()}
+            outputs = {name: internal_id(tenant.id, v) for name, v in outputs.items()}
             for name, var_id in body.inputs.items():
-                if var_id not in batch_outputs:
+                if inputs[name] not in batch_outputs:
                     self.owned_variable(tenant, var_id, field=f"{where}.inputs.{name}")
-            for name, var_id in outputs.items():
-                if self.runtime.variable(var_id) is not None:
-                    self.owned_variable(tenant, var_id, field=f"{where}.outputs.{name}")
             batch_outputs.update(outputs.values())
-            specs.append(Call(body.call_id or new_id("call"), spec, body.inputs, body.constants, outputs))
+            call_id = internal_id(tenant.id, body.call_id or new_id("call"))
+            specs.append(Call(call_id, spec, inputs, body.constants, outputs))
         self._check_prompt_sizes(tenant, specs)
         meter = self.meter(tenant.id)
         reservations = self._reservations(tenant, specs)
@@ -361,7 +427,8 @@ class ParrotService:
         # concurrent submits of one tenant cannot both pass the check.
         meter.admit(reservations)
         try:
-            await self.runtime.submit_calls(session_id, specs)
+            with self._public_errors(tenant):
+                await self.runtime.submit_calls(session_id, specs)
         except BaseException:
             meter.release(reservations)
             raise
@@ -421,12 +488,12 @@ class ParrotService:
     def dag(self, tenant: Tenant, session_id: str) -> dict[str, Any]:
         """The session's DAG as JSON (see :func:`parrot.server.dag_view.session_dag`)."""
         self.owned_session(tenant, session_id)
-        return session_dag(self.runtime.session_view(session_id))
+        return public_view(tenant.id, session_dag(self.runtime.session_view(session_id)))
 
     def call_detail(self, tenant: Tenant, session_id: str, call_id: str) -> dict[str, Any]:
         """One call of the tenant's session in full: prompt, values, timings."""
         self.owned_session(tenant, session_id)
-        call = self.runtime.call(call_id)
+        call = self.runtime.call(internal_id(tenant.id, call_id))
         if call is None or call.session_id != session_id:
             raise UnknownVariableError(f"call_id: unknown call {call_id!r} in session {session_id!r}", field="call_id")
-        return call_detail(self.runtime.session_view(session_id), call)
+        return public_view(tenant.id, call_detail(self.runtime.session_view(session_id), call))
