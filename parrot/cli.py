@@ -102,6 +102,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, ray_address=args.ray_address, engine_gpus=args.engine_gpus,
             remote_engines=args.remote_engine, remote_model=args.remote_model,
             engine_process=False if args.engine_in_process else None, max_running=args.max_running,
+            sparse_config=args.sparse_config,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "$PARROT_REMOTE_ENGINES, comma-separated; key in $PARROT_REMOTE_API_KEY)")
     serve.add_argument("--remote-model", default=None,
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
+    serve.add_argument("--sparse-config", default=None, metavar="JSON",
+                       help="sparse prefill pattern config for the torch engines, written by "
+                            "python -m parrot.backends.sparse_calibration (default: $PARROT_SPARSE_CONFIG, else dense)")
     serve.add_argument("--max-running", type=int, default=None, metavar="N",
                        help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
     serve.add_argument("--engine-in-process", action="store_true",

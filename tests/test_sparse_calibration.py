@@ -106,3 +106,17 @@ def test_command_line_writes_a_config_the_engine_accepts(trained_model_dir, tmp_
     assert len(config.layers) == 30 and "layer 29" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--calibration", str(text), "--out", str(out), "--recall", "1.5"])
+
+
+def test_serve_settings_carry_the_sparse_config_to_every_torch_engine(tmp_path, monkeypatch):
+    from parrot.backends.spec import EngineSpec
+    from parrot.cli import build_parser
+    from parrot.server.serve import ServerSettings
+
+    path = str(tmp_path / "s.json")
+    args = build_parser().parse_args(["serve", "--sparse-config", path])
+    assert args.sparse_config == path
+    monkeypatch.setenv("PARROT_SPARSE_CONFIG", path)
+    settings = ServerSettings.from_env(engines=2)
+    assert [s.sparse_config for s in settings.engine_specs()] == [path, path]
+    assert EngineSpec(name="e", sparse_config=path).sparse_config == path

@@ -48,6 +48,8 @@ class EngineSpec:
     tokenizer: str | None = None
     kv_cache_bytes: int | None = None  # torch: KV pool size (default: $PARROT_KV_CACHE_BYTES, else the engine's)
     max_model_len: int | None = None  # torch: longest context (default: $PARROT_MAX_MODEL_LEN, else the model's)
+    # torch: a sparse prefill pattern JSON (parrot.backends.sparse_calibration writes one)
+    sparse_config: str | None = None
     process: bool = False
 
     def __post_init__(self) -> None:
@@ -77,7 +79,7 @@ class EngineSpec:
         folder = resolve_model(self.model)  # None: $PARROT_MODEL, else the default model
         sizes = engine_sizes_from_env()
         options = {"max_running": self.max_running, "kv_cache_bytes": self.kv_cache_bytes or sizes["kv_cache_bytes"],
-                   "max_model_len": self.max_model_len or sizes["max_model_len"]}
+                   "max_model_len": self.max_model_len or sizes["max_model_len"], "sparse_prefill": self.sparse_config}
         config = TorchEngineConfig(**{k: v for k, v in options.items() if v is not None})
         if self.process:
             from .process_engine import ProcessEngine
