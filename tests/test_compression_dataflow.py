@@ -160,7 +160,7 @@ def test_question_after_the_input_makes_compression_question_aware(runtime, defa
         out.get()
     call = runtime.graph.calls[out.producer]
     per_input = call.compression["inputs"]["notes"]
-    assert per_input["question"] == "User: Tell me, what is the vault code?"  # from the line break on
+    assert per_input["question"] == "Tell me, what is the vault code?"  # its field label left out
     # The budget is the rate of the input's own tokens; the question is not spliced in with it.
     original = len(default_engine.tokenizer.encode(NOTES, add_bos=False))
     assert per_input["original_tokens"] == original

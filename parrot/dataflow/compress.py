@@ -41,13 +41,16 @@ _engine_compressors_lock = threading.Lock()
 # A question: a run of text ending in "?" that starts after a sentence end or line break.
 _QUESTION = re.compile(r"[^.!?\n]*\?")
 _MAX_QUESTION_CHARS = 1000
+# A field label before the question ("Question: ...", "User: ..."): not part of what is asked.
+_LABEL = re.compile(r"^\s*\w{1,24}:\s+")
 
 
 def questions_after(template: Any, values: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
     """For each compressed input in ``names``, the question the template asks
     after it, if any: the sentences ending in ``?`` in the prompt text
     between the input and the first output placeholder (template text and
-    the values of uncompressed inputs), joined by spaces. Inputs followed by
+    the values of uncompressed inputs), a leading field label such as
+    ``Question:`` left out, joined by spaces. Inputs followed by
     no question are left out. ``template`` is a
     :class:`~parrot.semantic_vars.template.Template`."""
     from parrot.semantic_vars.template import Placeholder
@@ -69,7 +72,7 @@ def questions_after(template: Any, values: Mapping[str, str], names: Sequence[st
                 tail.append(values.get(seg.name) or "")
             else:
                 tail.append(seg.text)
-        asked = " ".join(q.strip() for q in _QUESTION.findall("".join(tail)) if q.strip(" ?"))
+        asked = " ".join(_LABEL.sub("", q).strip() for q in _QUESTION.findall("".join(tail)) if q.strip(" ?"))
         if asked:
             out[name] = asked[-_MAX_QUESTION_CHARS:]
     return out
