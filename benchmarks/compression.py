@@ -33,6 +33,7 @@ import argparse
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -54,14 +55,34 @@ NAMES = (
 
 
 # -- the needle task ------------------------------------------------------------
-def _sentence(rng: random.Random) -> str:
+# Prose filler: grammatical sentences from a few templates, so that a trained
+# model finds the filler as predictable as ordinary text (word salad is the
+# most surprising text there is, which hides what a trained scorer does).
+_PROSE_SUBJECTS = ("the old bridge", "a quiet market", "the morning train", "the village school", "our small garden",
+                   "the north road", "the harbor office", "a wooden cart", "the evening light", "the town library",
+                   "the river path", "a narrow street", "the copper kettle", "the winter wind", "the bakery")
+_PROSE_VERBS = ("stood near", "looked over", "was close to", "ran along", "faced", "was built beside", "led past",
+                "opened onto", "was quiet after", "seemed far from", "was painted like", "waited beside")
+_PROSE_OBJECTS = ("the river", "the hills", "the main square", "the station", "the old church", "the fields",
+                  "the harbor", "the market hall", "the forest", "the town gate", "the meadow", "the mill")
+_PROSE_TAILS = ("", "", " in the spring", " for many years", " on most days", " after the rain", " in the evening",
+                " during the long summer", ", as people in the town often said", ", which visitors liked")
+
+
+def _sentence(rng: random.Random, filler: str = "prose") -> str:
+    if filler == "prose":
+        text = f"{rng.choice(_PROSE_SUBJECTS)} {rng.choice(_PROSE_VERBS)} {rng.choice(_PROSE_OBJECTS)}{rng.choice(_PROSE_TAILS)}"
+        return text[0].upper() + text[1:] + "."
     words = [rng.choice(FILLER_WORDS) for _ in range(rng.randint(8, 16))]
     return " ".join(words).capitalize() + "."
 
 
-def make_needle_text(rng: random.Random, *, paragraphs: int, sentences: int, facts: int) -> tuple[list[str], list[dict[str, str]]]:
-    """Filler paragraphs with ``facts`` planted facts (each in its own paragraph when possible)."""
-    paras = [[_sentence(rng) for _ in range(sentences)] for _ in range(paragraphs)]
+def make_needle_text(
+    rng: random.Random, *, paragraphs: int, sentences: int, facts: int, filler: str = "prose"
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Filler paragraphs (``filler``: ``"prose"`` or ``"salad"``) with ``facts``
+    planted facts (each in its own paragraph when possible)."""
+    paras = [[_sentence(rng, filler) for _ in range(sentences)] for _ in range(paragraphs)]
     where = rng.sample(range(paragraphs), k=min(facts, paragraphs)) + [rng.randrange(paragraphs) for _ in range(max(0, facts - paragraphs))]
     planted: list[dict[str, str]] = []
     used_ids: set[int] = set()
@@ -87,36 +108,68 @@ def _random_drop(rng: random.Random, ids: list[int], keep: int) -> list[int]:
     return [ids[i] for i in chosen]
 
 
+_WORDS = re.compile(r"\w+")
+
+
+def glued_words(original: str, compressed: str) -> list[str]:
+    """Words of ``compressed`` that are two words of ``original`` run together
+    ("every12" from "every 12"): what a reader would misread."""
+    known = set(_WORDS.findall(original))
+    glued = []
+    for w in _WORDS.findall(compressed):
+        if w in known:
+            continue
+        if any(w[:k] in known and w[k:] in known for k in range(1, len(w))):
+            glued.append(w)
+    return glued
+
+
+METHODS = ("llmlingua", "llmlingua, perplexity coarse", "llmlingua, peak coarse", "longllmlingua",
+           "token-level only", "token-level, no forcing", "random drop")
+
+
 def run_needle(compressor: Any, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     drop_rng = random.Random(args.seed + 1)
-    methods = ["llmlingua", "longllmlingua", "token-level only", "token-level, no forcing", "random drop"]
+    methods = [m for m in METHODS if m not in args.skip_method]
     stats: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in methods}
-    texts = [make_needle_text(rng, paragraphs=args.paragraphs, sentences=args.sentences, facts=args.facts) for _ in range(args.trials)]
+    texts = [make_needle_text(rng, paragraphs=args.paragraphs, sentences=args.sentences, facts=args.facts,
+                              filler=args.filler) for _ in range(args.trials)]
     token_counts = [compressor.count_tokens("\n\n".join(d)) for d, _ in texts]
     progress(f"needle: {args.trials} texts of {min(token_counts)}-{max(token_counts)} tokens, {args.facts} facts each")
     for factor in args.rates:
         rate = 1.0 / factor
         label = f"{factor:g}x"
-        acc: dict[str, dict[str, list[float]]] = {m: {"hits": [], "ratio": []} for m in methods}
+        acc: dict[str, dict[str, list[Any]]] = {m: {"hits": [], "ratio": [], "glued": []} for m in methods}
+
+        def record(method: str, result: Any, facts: list[dict[str, str]], original: str) -> None:
+            acc[method]["hits"] += [f["key"] in result.context for f in facts]
+            acc[method]["ratio"].append(result.ratio)
+            acc[method]["glued"] += glued_words(original, result.context)
+
         for t, (docs, facts) in enumerate(texts):
+            original = "\n\n".join(docs)
             plain = compressor.compress(docs, rate=rate)
-            acc["llmlingua"]["hits"] += [f["key"] in plain.context for f in facts]
-            acc["llmlingua"]["ratio"].append(plain.ratio)
-            fine = compressor.compress(docs, rate=rate, coarse=False)
-            acc["token-level only"]["hits"] += [f["key"] in fine.context for f in facts]
-            acc["token-level only"]["ratio"].append(fine.ratio)
-            bare = compressor.compress(docs, rate=rate, coarse=False, force_numbers=False, force_names=False)
-            acc["token-level, no forcing"]["hits"] += [f["key"] in bare.context for f in facts]
-            acc["token-level, no forcing"]["ratio"].append(bare.ratio)
-            kept = _random_drop(drop_rng, list(plain.original_token_ids), len(plain.kept_token_ids))
-            text = compressor.scorer.decode(kept)
-            acc["random drop"]["hits"] += [f["key"] in text for f in facts]
-            acc["random drop"]["ratio"].append(plain.original_tokens / max(1, len(kept)))
-            for f in facts[: args.questions]:
-                q = compressor.compress(docs, rate=rate, question=f["question"])
-                acc["longllmlingua"]["hits"].append(f["key"] in q.context)
-                acc["longllmlingua"]["ratio"].append(q.ratio)
+            if "llmlingua" in acc:
+                record("llmlingua", plain, facts, original)
+            for crit in ("perplexity", "peak"):
+                if f"llmlingua, {crit} coarse" in acc:
+                    record(f"llmlingua, {crit} coarse", compressor.compress(docs, rate=rate, coarse_criterion=crit),
+                           facts, original)
+            if "token-level only" in acc:
+                record("token-level only", compressor.compress(docs, rate=rate, coarse=False), facts, original)
+            if "token-level, no forcing" in acc:
+                record("token-level, no forcing", compressor.compress(
+                    docs, rate=rate, coarse=False, force_numbers=False, force_names=False), facts, original)
+            if "random drop" in acc:
+                kept = _random_drop(drop_rng, list(plain.original_token_ids), len(plain.kept_token_ids))
+                text = compressor.scorer.decode(kept)
+                acc["random drop"]["hits"] += [f["key"] in text for f in facts]
+                acc["random drop"]["ratio"].append(plain.original_tokens / max(1, len(kept)))
+            if "longllmlingua" in acc:
+                for f in facts[: args.questions]:
+                    q = compressor.compress(docs, rate=rate, question=f["question"])
+                    record("longllmlingua", q, [f], original)
             progress(f"needle {label}: text {t + 1}/{len(texts)} done")
         for m in methods:
             hits = acc[m]["hits"]
@@ -124,6 +177,8 @@ def run_needle(compressor: Any, args: argparse.Namespace) -> dict[str, Any]:
                 "retention": sum(hits) / len(hits) if hits else None,
                 "facts": len(hits),
                 "ratio": statistics.mean(acc[m]["ratio"]) if acc[m]["ratio"] else None,
+                "glued_words": len(acc[m]["glued"]),
+                "glued_examples": sorted(set(acc[m]["glued"]))[:8],
             }
     return {"methods": methods, "results": stats, "token_counts": token_counts}
 
@@ -227,7 +282,8 @@ def format_report(payload: dict[str, Any]) -> str:
             cells = [m]
             for label in labels:
                 r = nd["results"][m][label]
-                cells.append("-" if r["retention"] is None else f"{100 * r['retention']:.0f}% ({r['ratio']:.2f}x)")
+                glued = f", {r['glued_words']} glued" if r.get("glued_words") else ""
+                cells.append("-" if r["retention"] is None else f"{100 * r['retention']:.0f}% ({r['ratio']:.2f}x{glued})")
             rows.append(cells)
         out += ["", "needle: planted facts whose key survives (achieved compression ratio)",
                 _table(["method", *labels], rows)]
@@ -275,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="facts asked per text for the question-aware method (default 2)")
     t.add_argument("--throughput-tokens", type=int, default=4096, metavar="N", help="throughput text size (default 4096)")
     t.add_argument("--repeats", type=int, default=3, metavar="N", help="throughput repeats (default 3)")
+    t.add_argument("--filler", choices=("prose", "salad"), default="prose",
+                   help="needle filler: grammatical sentences (default) or word salad")
+    t.add_argument("--skip-method", choices=METHODS, action="append", default=[], help="leave a needle method out")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--skip", choices=("throughput", "needle"), action="append", default=[], help="skip a part")
     p.add_argument("--json", metavar="PATH", help="write every figure and its context to PATH")
@@ -328,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"benchmark": "compression", "context": context, "options": {
         "rates": args.rates, "trials": args.trials, "paragraphs": args.paragraphs, "sentences": args.sentences,
         "facts": args.facts, "questions": args.questions, "throughput_tokens": args.throughput_tokens,
-        "repeats": args.repeats, "seed": args.seed, "window_tokens": args.window,
+        "repeats": args.repeats, "seed": args.seed, "window_tokens": args.window, "filler": args.filler,
     }}
     if "throughput" not in args.skip:
         payload["throughput"] = run_throughput(compressor, args)

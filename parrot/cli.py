@@ -111,6 +111,7 @@ def serve_settings(args: argparse.Namespace) -> ServerSettings:
             remote_engines=args.remote_engine, remote_model=args.remote_model,
             engine_process=False if args.engine_in_process else None, max_running=args.max_running,
             max_step_tokens=args.max_step_tokens, prefix_cache=False if args.no_prefix_cache else None,
+            sparse_config=args.sparse_config,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "$PARROT_REMOTE_ENGINES, comma-separated; key in $PARROT_REMOTE_API_KEY)")
     serve.add_argument("--remote-model", default=None,
                        help="model id the remote engines serve (default: $PARROT_REMOTE_MODEL, else the first listed)")
+    serve.add_argument("--sparse-config", default=None, metavar="JSON",
+                       help="sparse prefill pattern config for the torch engines, written by "
+                            "python -m parrot.backends.sparse_calibration (default: $PARROT_SPARSE_CONFIG, else dense)")
     serve.add_argument("--max-running", type=int, default=None, metavar="N",
                        help="batch limit of each torch engine (default: $PARROT_MAX_RUNNING, else 32)")
     serve.add_argument("--max-step-tokens", type=int, default=None, metavar="N",

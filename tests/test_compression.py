@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -50,6 +51,11 @@ def long_text() -> str:
     paras[2] += " The access code for vault 17 is 4821 and the courier is named Okonkwo today."
     paras[6] += " Remember the blue heron signal."
     return "\n\n".join(paras)
+
+
+def same_but_spacing(context: str, decoded: str) -> bool:
+    """The context is the kept tokens' text; only the spacing put back between them differs."""
+    return re.sub(r"\s+", "", context) == re.sub(r"\s+", "", decoded)
 
 
 def is_subsequence(small, big) -> bool:
@@ -123,7 +129,7 @@ def test_output_is_a_token_subsequence(compressor, scorer, long_text):
         r = compressor.compress(long_text, **kwargs)
         assert list(r.original_token_ids) == ids
         assert is_subsequence(r.kept_token_ids, ids)
-        assert r.context == scorer.decode(r.kept_token_ids)
+        assert same_but_spacing(r.context, scorer.decode(r.kept_token_ids))
     # A list of segments: the context is the segments joined by the separator.
     docs = paragraphs(5, 30, seed=3)
     r = compressor.compress(docs, rate=0.4)
@@ -173,14 +179,24 @@ def test_question_aware_ranking_mechanism(compressor, scorer):
     assert budget - len(q) < min(lengths[i] + lengths[j] for i in range(4) for j in range(4) if i != j)
     r = compressor.compress(docs, target_tokens=budget, question=question, fine=False)
     assert r.kept_segments == (ranking.order[0],)
-    assert r.context == scorer.decode(r.kept_token_ids)
+    assert same_but_spacing(r.context, scorer.decode(r.kept_token_ids))
 
     # Without a question, segments rank by their own perplexity, highest first.
-    plain = compressor.rank_segments(docs)
+    plain = compressor.rank_segments(docs, criterion="perplexity")
     assert plain.kind == "perplexity"
     for doc, score in zip(docs, plain.scores):
         assert score == pytest.approx(float(scorer.surprisal(scorer.encode(doc)).mean()), abs=1e-4)
     assert list(plain.order) == sorted(range(len(docs)), key=lambda i: -plain.scores[i])
+    # The default: density of force-kept tokens (the first document holds a name), ties by peak surprisal.
+    dense = compressor.rank_segments(docs)
+    assert dense.kind == "entities" and dense.order[0] == 0 and dense.scores[0] > 0
+    assert all(dense.scores[i] == 0 for i in (1, 2, 3))
+    peak = compressor.rank_segments(docs, criterion="peak")
+    assert list(dense.order[1:]) == [i for i in peak.order if i != 0]
+    assert tuple(dense.tiebreak) == tuple(peak.scores)
+    with pytest.raises(InvalidArgumentError) as info:
+        compressor.rank_segments(docs, criterion="loudest")
+    assert info.value.field == "criterion"
 
 
 def test_itpc_conditions_on_the_compressed_prefix(compressor, scorer):
@@ -365,7 +381,8 @@ def test_benchmark_runs_at_its_smallest_and_says_which_weights(default_model_dir
     tp = data["throughput"]
     assert tp["input_tokens"] >= 300 and tp["compress_tokens_per_s"] > 0 and tp["token_level_tokens_per_s"] > 0
     results = data["needle"]["results"]
-    assert set(results) == {"llmlingua", "longllmlingua", "token-level only", "token-level, no forcing", "random drop"}
+    assert set(results) == {"llmlingua", "llmlingua, perplexity coarse", "llmlingua, peak coarse", "longllmlingua",
+                            "token-level only", "token-level, no forcing", "random drop"}
     for method in results.values():
         for label in ("2x", "5x"):
             assert 0.0 <= method[label]["retention"] <= 1.0 and method[label]["facts"] >= 1

@@ -150,6 +150,30 @@ def test_function_option_applies_and_events_carry_the_statistics(runtime):
     assert any(e["state"] == "ready" and e["compression"] for e in mine)
 
 
+def test_question_after_the_input_makes_compression_question_aware(runtime, default_engine):
+    asked = P.SemanticFunction(
+        "Notes: {{input:notes|compress=0.4}}\nUser: {{input:who}}\nAnswer: {{output:answer|max_tokens=2}}",
+        name="asked",
+    )
+    with P.Session(runtime):
+        out = asked(NOTES, "Tell me, what is the vault code?")
+        out.get()
+    call = runtime.graph.calls[out.producer]
+    per_input = call.compression["inputs"]["notes"]
+    assert per_input["question"] == "Tell me, what is the vault code?"  # its field label left out
+    # The budget is the rate of the input's own tokens; the question is not spliced in with it.
+    original = len(default_engine.tokenizer.encode(NOTES, add_bos=False))
+    assert per_input["original_tokens"] == original
+    assert abs(per_input["compressed_tokens"] - round(0.4 * original)) <= max(3, 0.15 * 0.4 * original)
+    assert "vault code?" not in call.compressed_inputs["notes"]
+    # No question after the input: plain (question-free) compression, as before.
+    plain = P.SemanticFunction(MARKED, name="marked")
+    with P.Session(runtime):
+        out = plain(NOTES)
+        out.get()
+    assert "question" not in runtime.graph.calls[out.producer].compression["inputs"]["notes"]
+
+
 def test_short_inputs_pass_unchanged(runtime):
     marked = P.SemanticFunction(MARKED, name="marked")
     with P.Session(runtime):

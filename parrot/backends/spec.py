@@ -53,6 +53,8 @@ class EngineSpec:
     max_model_len: int | None = None  # torch: longest context (default: $PARROT_MAX_MODEL_LEN, else the model's)
     max_step_tokens: int | None = None  # torch: tokens per engine step (default: the engine's, 2048)
     prefix_cache: bool = True  # torch: False turns the automatic prefix cache off
+    # torch: a sparse prefill pattern JSON (parrot.backends.sparse_calibration writes one)
+    sparse_config: str | None = None
     process: bool = False
 
     def __post_init__(self) -> None:
@@ -85,7 +87,7 @@ class EngineSpec:
         sizes = engine_sizes_from_env()
         options = {"max_running": self.max_running, "kv_cache_bytes": self.kv_cache_bytes or sizes["kv_cache_bytes"],
                    "max_model_len": self.max_model_len or sizes["max_model_len"],
-                   "max_step_tokens": self.max_step_tokens}
+                   "max_step_tokens": self.max_step_tokens, "sparse_prefill": self.sparse_config}
         config = TorchEngineConfig(prefix_cache=self.prefix_cache,
                                    **{k: v for k, v in options.items() if v is not None})
         if self.process:

@@ -10,7 +10,17 @@ embedded tiny model by default, any local checkpoint folder, or a running
 for the method and ``python -m parrot.compression --help`` for the command line.
 """
 
-from parrot.compression.compressor import CompressionResult, Compressor, SegmentRanking, compress
+from parrot.compression.compressor import (
+    COARSE_CRITERIA,
+    CompressionResult,
+    Compressor,
+    SegmentRanking,
+    compress,
+    render_kept,
+)
 from parrot.compression.scorer import ScoringContext, TokenScorer
 
-__all__ = ["CompressionResult", "Compressor", "ScoringContext", "SegmentRanking", "TokenScorer", "compress"]
+__all__ = [
+    "COARSE_CRITERIA", "CompressionResult", "Compressor", "ScoringContext", "SegmentRanking", "TokenScorer",
+    "compress", "render_kept",
+]

@@ -47,7 +47,7 @@ from parrot.semantic_vars.env import env_flag
 from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
-from .compress import InputCompression
+from .compress import InputCompression, questions_after
 from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
@@ -495,7 +495,9 @@ class LocalRuntime(Runtime):
         try:
             rates = dict(call.compress)
             values = self.graph.input_values(call)
-            texts, stats = await asyncio.to_thread(self.compression.apply, rates, values)
+            # Question-aware where the template asks something after the input.
+            questions = questions_after(call.template, values, list(rates))
+            texts, stats = await asyncio.to_thread(self.compression.apply, rates, values, questions)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

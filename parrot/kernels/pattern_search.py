@@ -6,7 +6,11 @@ index the pattern would build online is built from the sample's ``q``/``k``
 and scored by *attention-mass recall*: the share of the dense causal softmax
 mass (averaged over query rows) that falls on keys the index visits. Among
 the candidates whose computed fraction of the causal score matrix stays
-within ``max_fraction`` the best recall wins (ties: the cheaper). Recall is
+within ``max_fraction`` the best recall wins (ties: the cheaper). With a
+recall target (``min_recall``) the choice is the other way round, as
+MInference's offline search: the *cheapest* candidate whose recall reaches
+the target (ties: the better recall); a head no sparse candidate serves
+well enough falls back to ``dense``. Recall is
 averaged over the samples given. The result is a
 :class:`SparseAttentionConfig`, saved as JSON with ``config.save(path)``.
 
@@ -23,7 +27,7 @@ forward passes of the model on sample prompts::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -54,13 +58,34 @@ def attention_mass_recall(
     return out
 
 
+def attention_output_error(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Per query head, ``||sparse - dense|| / ||dense||`` of the attention output
+    over the last ``R`` query rows that ``mask [Hq, R, T]`` covers (as
+    :func:`attention_mass_recall`); ``v [T, Hkv, D]``."""
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    first = t - mask.shape[1]
+    causal = torch.ones(t - first, t, dtype=torch.bool, device=q.device).tril(first)
+    out = torch.empty(hq, dtype=torch.float64)
+    for h in range(hq):
+        s = (q[first:, h].float() @ k[:, h // group].float().T) * sc
+        vv = v[:, h // group].float()
+        dense = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ vv
+        sparse = torch.softmax(s.masked_fill(~(causal & mask[h]), float("-inf")), dim=-1).nan_to_num(0.0) @ vv
+        out[h] = (torch.linalg.vector_norm(sparse - dense) / torch.linalg.vector_norm(dense).clamp_min(1e-12)).double()
+    return out
+
+
 def default_candidates(length: int) -> list[HeadPattern]:
     """A small grid of budgets for each pattern, scaled to the sample length."""
     cands = []
     for frac in (1 / 32, 1 / 16, 1 / 8, 1 / 4):
         cands.append(HeadPattern("a_shape", sink=64, window=max(64, int(length * frac))))
         cands.append(HeadPattern("block_sparse", top_k=max(2, int(length * frac) // 64)))
-    for v, s in ((64, 64), (256, 128), (512, 256), (1024, 512), (2048, 1024)):
+    for v, s in ((64, 64), (128, 64), (256, 128), (512, 256), (1024, 512), (2048, 1024)):
         cands.append(HeadPattern("vertical_slash", vertical=min(v, length), slash=min(s, length)))
     return cands
 
@@ -75,8 +100,15 @@ def search_layer(
     last_q: int = 64,
     scale: float | None = None,
     rows: int | None = None,
+    min_recall: float | None = None,
 ) -> tuple[tuple[HeadPattern, ...], dict]:
-    """Best pattern per head of one layer from sample ``(q, k)`` pairs; also each head's scores."""
+    """Best pattern per head of one layer from sample ``(q, k)`` pairs; also each head's scores.
+
+    Without ``min_recall``: the best recall within ``max_fraction``. With it:
+    the least computed fraction whose recall reaches ``min_recall`` (a
+    ``dense`` candidate is added, so every head is served)."""
+    if min_recall is not None and not any(c.kind == "dense" for c in candidates):
+        candidates = [*candidates, HeadPattern("dense")]
     hq = samples[0][0].shape[1]
     recall = torch.zeros(len(candidates), hq, dtype=torch.float64)
     fraction = torch.zeros(len(candidates), hq, dtype=torch.float64)
@@ -92,6 +124,14 @@ def search_layer(
     fraction /= len(samples)
     chosen, stats = [], []
     for h in range(hq):
+        if min_recall is not None:
+            good = [c for c in range(len(candidates)) if recall[c, h] >= min_recall]
+            if not good:
+                good = [max(range(len(candidates)), key=lambda c: float(recall[c, h]))]
+            best = min(good, key=lambda c: (float(fraction[c, h]), -float(recall[c, h])))
+            chosen.append(candidates[best])
+            stats.append({"recall": float(recall[best, h]), "fraction": float(fraction[best, h])})
+            continue
         fits = [c for c in range(len(candidates)) if fraction[c, h] <= max_fraction]
         if not fits:  # nothing fits the budget: the cheapest candidate
             fits = [int(fraction[:, h].argmin())]
@@ -111,8 +151,12 @@ def search_config(
     last_q: int = 64,
     min_length: int = 16384,
     rows: int | None = 1024,
+    min_recall: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SparseAttentionConfig:
-    """Search every layer. ``samples[s][layer]`` is the ``(q, k)`` of layer ``layer`` on sample ``s``."""
+    """Search every layer. ``samples[s][layer]`` is the ``(q, k)`` of layer ``layer`` on sample ``s``
+    (extra tensors after ``k``, such as ``v``, are ignored). ``min_recall``:
+    see :func:`search_layer`; ``progress(layer_done, layers)`` after each layer."""
     if not samples:
         raise ValueError("need at least one sample")
     num_layers = len(samples[0])
@@ -121,12 +165,15 @@ def search_config(
     layers, meta = [], []
     for layer in range(num_layers):
         heads, stats = search_layer(
-            [s[layer] for s in samples], cands, max_fraction=max_fraction,
-            block_m=block_m, block_n=block_n, last_q=last_q, rows=rows,
+            [tuple(s[layer][:2]) for s in samples], cands, max_fraction=max_fraction,
+            block_m=block_m, block_n=block_n, last_q=last_q, rows=rows, min_recall=min_recall,
         )
         layers.append(heads)
         meta.append(stats)
+        if progress is not None:
+            progress(layer + 1, num_layers)
     return SparseAttentionConfig(
         layers, block_m, block_n, last_q, min_length,
-        meta={"max_fraction": max_fraction, "sample_length": length, "samples": len(samples), "layers": meta},
+        meta={"max_fraction": max_fraction, "min_recall": min_recall, "sample_length": length,
+              "samples": len(samples), "layers": meta},
     )

@@ -47,6 +47,7 @@ class ServerSettings:
     device: str | None = None  # PARROT_DEVICE
     kv_cache_bytes: int | None = None  # PARROT_KV_CACHE_BYTES (e.g. 512MiB): each torch engine's KV pool
     max_model_len: int | None = None  # PARROT_MAX_MODEL_LEN: longest context (default: the model's)
+    sparse_config: str | None = None  # PARROT_SPARSE_CONFIG: sparse prefill pattern JSON for the torch engines
     # PARROT_ENGINES: torch engines (in this process, or Ray actors with
     # ray_address); default 1, or 0 when remote engines are given.
     engines: int | None = None
@@ -91,6 +92,7 @@ class ServerSettings:
             **engine_sizes_from_env(),
             model=env.get("PARROT_MODEL"),
             device=env.get("PARROT_DEVICE"),
+            sparse_config=env.get("PARROT_SPARSE_CONFIG") or None,
             engines=int(env["PARROT_ENGINES"]) if env.get("PARROT_ENGINES") else None,
             redis_url=env.get("PARROT_REDIS_URL"),
             admin_key=env.get("PARROT_ADMIN_KEY"),
@@ -151,7 +153,7 @@ class ServerSettings:
         specs = [EngineSpec(name=f"engine-{i}", model=self.model, device=self.device, process=process,
                             max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
                             max_model_len=self.max_model_len, max_step_tokens=self.max_step_tokens,
-                            prefix_cache=self.prefix_cache)
+                            prefix_cache=self.prefix_cache, sparse_config=self.sparse_config)
                  for i in range(self.torch_engines)]
         specs += [
             EngineSpec(name=f"remote-{i}", kind="remote", url=url, remote_model=self.remote_model,
