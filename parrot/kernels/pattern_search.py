@@ -45,17 +45,23 @@ def attention_mass_recall(
     :meth:`SparseIndex.dense_mask`). Heads are processed one at a time to
     bound memory.
     """
-    t, hq, d = q.shape
-    group = hq // k.shape[1]
-    sc = 1.0 / math.sqrt(d) if scale is None else scale
-    first = t - mask.shape[1]
-    causal = torch.ones(t - first, t, dtype=torch.bool, device=q.device).tril(first)
-    out = torch.empty(hq, dtype=torch.float64)
-    for h in range(hq):
-        s = (q[first:, h].float() @ k[:, h // group].float().T) * sc
+    out = torch.empty(q.shape[1], dtype=torch.float64)
+    for h, s, causal, _ in _head_scores(q, k, mask.shape[1], scale):
         p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
         out[h] = (p * mask[h]).sum(-1).mean().double()
     return out
+
+
+def _head_scores(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float | None):
+    """Per query head ``h``: ``(h, scaled float32 scores of the last rows
+    queries [rows, T], their causal mask, h's KV head)``, one head at a time."""
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    first = t - rows
+    causal = torch.ones(rows, t, dtype=torch.bool, device=q.device).tril(first)
+    for h in range(hq):
+        yield h, (q[first:, h].float() @ k[:, h // group].float().T) * sc, causal, h // group
 
 
 def attention_output_error(
@@ -64,15 +70,9 @@ def attention_output_error(
     """Per query head, ``||sparse - dense|| / ||dense||`` of the attention output
     over the last ``R`` query rows that ``mask [Hq, R, T]`` covers (as
     :func:`attention_mass_recall`); ``v [T, Hkv, D]``."""
-    t, hq, d = q.shape
-    group = hq // k.shape[1]
-    sc = 1.0 / math.sqrt(d) if scale is None else scale
-    first = t - mask.shape[1]
-    causal = torch.ones(t - first, t, dtype=torch.bool, device=q.device).tril(first)
-    out = torch.empty(hq, dtype=torch.float64)
-    for h in range(hq):
-        s = (q[first:, h].float() @ k[:, h // group].float().T) * sc
-        vv = v[:, h // group].float()
+    out = torch.empty(q.shape[1], dtype=torch.float64)
+    for h, s, causal, kv_head in _head_scores(q, k, mask.shape[1], scale):
+        vv = v[:, kv_head].float()
         dense = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ vv
         sparse = torch.softmax(s.masked_fill(~(causal & mask[h]), float("-inf")), dim=-1).nan_to_num(0.0) @ vv
         out[h] = (torch.linalg.vector_norm(sparse - dense) / torch.linalg.vector_norm(dense).clamp_min(1e-12)).double()
