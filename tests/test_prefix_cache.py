@@ -400,9 +400,9 @@ def test_requests_arriving_together_compute_an_uncached_prefix_once(tiny_llama_d
     shared = tuple(range(7, 7 + 96))
     prompts = [shared + (200 + i, 300 + i, 400 + i) for i in range(4)]
 
-    def run(dedup: bool) -> tuple[list[tuple[int, ...]], int]:
+    def run(dedup: bool, min_tokens: int = 64, prompts=prompts) -> tuple[list[tuple[int, ...]], int]:
         engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cpu", config=TorchEngineConfig(
-            max_step_tokens=32, dedup_inflight_prefixes=dedup))
+            max_step_tokens=32, dedup_inflight_prefixes=dedup, dedup_min_prefix_tokens=min_tokens))
 
         async def main():
             with engine.scheduler.lock:  # all four are queued before the engine admits any
@@ -424,3 +424,10 @@ def test_requests_arriving_together_compute_an_uncached_prefix_once(tiny_llama_d
     assert with_dedup == without
     assert prefilled_without >= 4 * 99  # each computed the whole prefix
     assert prefilled <= 99 + 3 * (99 - 96 + 16)  # the prefix once; the others their tails (and a re-fed block edge)
+    # A shared head shorter than dedup_min_prefix_tokens, before long distinct
+    # bodies, is not worth a wait: each request computes it.
+    heads = [shared[:32] + tuple(range(500 + 64 * i, 564 + 64 * i)) for i in range(4)]
+    short, prefilled_short = run(True, min_tokens=256, prompts=heads)
+    assert short == run(False, prompts=heads)[0] and prefilled_short == 4 * 96
+    _, prefilled_waiting = run(True, min_tokens=16, prompts=heads)
+    assert prefilled_waiting < 4 * 96  # every shared block awaited: the head computed once

@@ -35,7 +35,10 @@ attached) until that block is published, then starts from the published
 blocks and waits again for the next one while the other request still
 computes it. So N requests that arrive together with one uncached prefix
 compute it once, as a request-level server with an automatic prefix cache
-would want.
+would want. A request waits only when the other computes at least
+``dedup_min_tokens`` of its next positions (or all its full blocks left):
+waiting costs a step, which a short shared head (a template's first line)
+does not repay.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class KVManager:
     """Blocks, the prefix cache and hinted-prefix coordination of one engine."""
 
     def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool, counters: PrefixCounters,
-                 dedup: bool = True) -> None:
+                 dedup: bool = True, dedup_min_tokens: int = 256) -> None:
         self.blocks = BlockManager(num_blocks, block_size)
         self.block_size = block_size
         self.prefix: PrefixCache | None = PrefixCache(self.blocks) if prefix_cache else None
@@ -65,6 +68,7 @@ class KVManager:
         self.computing: dict[str, EngineRequest] = {}  # key -> the request prefilling that prefix
         self.parked: dict[str, list[EngineRequest]] = {}  # key -> requests waiting for it
         self.dedup = dedup
+        self.dedup_min_blocks = max(1, -(-dedup_min_tokens // block_size))
         self.inflight: dict[bytes, EngineRequest] = {}  # digest of a full block being computed -> who computes it
         self.block_waiters: dict[bytes, list[EngineRequest]] = {}  # digest -> requests parked until it is published
 
@@ -168,7 +172,10 @@ class KVManager:
                 parent = block_digest(parent, r.namespace, tokens[i * bs : (i + 1) * bs])
                 chain.append(parent)
             owner = self.inflight.get(chain[0]) if chain else None
-            if owner is not None and owner is not r and not owner.gone:
+            shared = 0  # the next blocks of ours that the owner computes
+            while shared < len(chain) and shared < self.dedup_min_blocks and self.inflight.get(chain[shared]) is owner:
+                shared += 1
+            if owner is not None and owner is not r and not owner.gone and shared >= min(self.dedup_min_blocks, len(chain)):
                 r.parked, r.waits_for = True, chain[0]
                 self.block_waiters.setdefault(chain[0], []).append(r)
                 return

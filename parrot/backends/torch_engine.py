@@ -70,6 +70,10 @@ class TorchEngineConfig:
     # Requests admitted together with one uncached prefix compute it once: a
     # request waits while another computes its next full block (see kv_manager).
     dedup_inflight_prefixes: bool = True
+    # ... when the other request computes at least this many of its next
+    # positions: a shorter shared head is cheaper to compute twice than to
+    # wait a step for (measured in benchmarks/notes/engine-h200.md).
+    dedup_min_prefix_tokens: int = 256
     block_size: int = 16  # token positions per KV block
     # KV pool size: ``kv_cache_bytes`` when set; else ``kv_cache_fraction`` of
     # the free GPU memory after the weights are loaded, or on CPU 256 MiB,
@@ -171,7 +175,8 @@ class TorchEngine(Engine):
         bs = self.config.block_size
         num_blocks = self._pool_blocks()
         self.kv = KVManager(num_blocks, bs, prefix_cache=self.config.prefix_cache, counters=self.counters,
-                            dedup=self.config.dedup_inflight_prefixes)
+                            dedup=self.config.dedup_inflight_prefixes,
+                            dedup_min_tokens=self.config.dedup_min_prefix_tokens)
         self.pool = PagedKVPool(
             c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
         )
