@@ -141,3 +141,30 @@ def test_a_preempted_request_resumes_before_later_arrivals(tokenizer):
     queue.push_front(a0)  # preempted: back to the head of its tenant, whose turn is next
     assert [r.request_id for r in queue] == ["a0", "b0", "a1"]
     assert [queue.pop().request_id for _ in range(3)] == ["a0", "b0", "a1"] and not queue
+
+
+def test_aging_admits_long_waiting_throughput_work_before_a_stream_of_latency_work():
+    """Rank order holds work back at most ``max_wait_s``: then the longest
+    waiting head leaves first, whatever its rank."""
+    from dataclasses import dataclass
+
+    from parrot.backends.admission import AdmissionQueue
+
+    @dataclass
+    class Item:
+        name: str
+        rank: int
+        namespace: str = "t"
+        queued_tokens: int = 1
+
+    queue: AdmissionQueue[Item] = AdmissionQueue(max_wait_s=5.0)
+    queue.push(Item("bulk", rank=2), now=0.0)
+    for t in range(8):
+        queue.push(Item(f"chat{t}", rank=0), now=float(t))
+    assert queue.pop(now=1.0).name == "chat0"  # within the bound: rank order
+    assert queue.head(now=5.0).name == "bulk" and queue.pop(now=5.0).name == "bulk"
+    assert [queue.pop(now=9.0).name for _ in range(len(queue))] == [f"chat{t}" for t in range(1, 8)]
+    plain: AdmissionQueue[Item] = AdmissionQueue()  # no bound: rank order however long it waits
+    plain.push(Item("bulk", rank=2), now=0.0)
+    plain.push(Item("chat", rank=0), now=1.0)
+    assert plain.pop(now=1e9).name == "chat"

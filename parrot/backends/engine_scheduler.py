@@ -83,6 +83,7 @@ class EngineScheduler:
         whole_prompt_from: int | None = None,
         latency_reserve: int = 0,
         latency_step_tokens: int | None = None,
+        admission_max_wait_s: float | None = None,
     ) -> None:
         self.kv = kv
         self.counters = counters
@@ -95,7 +96,8 @@ class EngineScheduler:
         self.whole_prompt_from = whole_prompt_from
         self.latency_reserve = latency_reserve
         self.latency_step_tokens = latency_step_tokens
-        self.waiting: AdmissionQueue[EngineRequest] = AdmissionQueue()
+        # Queued with their submission time: aging counts from there.
+        self.waiting: AdmissionQueue[EngineRequest] = AdmissionQueue(admission_max_wait_s)
         self.running: list[EngineRequest] = []
         self.cancelled: set[str] = set()
 
@@ -104,9 +106,9 @@ class EngineScheduler:
         """Drop cancelled requests, then fill the batch from the queue."""
         self._drop_cancelled()
         while self.waiting and len(self.running) < self.max_running + self.latency_reserve:
-            if len(self.running) >= self.max_running and next(iter(self.waiting)).rank != LATENCY_RANK:
+            if len(self.running) >= self.max_running and self.waiting.head(now).rank != LATENCY_RANK:
                 break  # the reserve is for latency-critical work only
-            r = self.waiting.pop()
+            r = self.waiting.pop(now)
             if r.seq.stats.started_at is None:
                 r.seq.stats.started_at = now
             self.running.append(r)
@@ -239,5 +241,5 @@ class EngineScheduler:
             self.running.remove(victim)
             self.kv.release(victim)
             victim.preempted += 1
-            self.waiting.push_front(victim)
+            self.waiting.push_front(victim, victim.seq.stats.submitted_at)
         self.counters.preemptions += 1

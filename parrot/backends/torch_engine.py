@@ -66,6 +66,10 @@ class TorchEngineConfig:
     # meanwhile. Off by default: on the H200 mixed map-reduce + chat workload
     # a 512-token cap made the applications' JCT 1.5x longer.
     latency_step_tokens: int | None = None
+    # Aging: a request that has waited this long is admitted before
+    # better-ranked ones (None: rank order always), so a steady stream of
+    # latency-critical work cannot starve throughput work.
+    admission_max_wait_s: float | None = 5.0
     prefix_cache: bool = True  # False: no block reuse, prefix hints ignored
     # Requests admitted together with one uncached prefix compute it once: a
     # request waits while another computes its next full block (see kv_manager).
@@ -115,6 +119,8 @@ class TorchEngineConfig:
             raise ValueError(f"cascade_min_prefix_tokens must be >= 1, got {self.cascade_min_prefix_tokens}")
         if self.latency_reserve < 0:
             raise ValueError(f"latency_reserve must be >= 0, got {self.latency_reserve}")
+        if self.admission_max_wait_s is not None and self.admission_max_wait_s < 0:
+            raise ValueError(f"admission_max_wait_s must be >= 0 or None, got {self.admission_max_wait_s}")
         if self.latency_step_tokens is not None and self.latency_step_tokens < 1:
             raise ValueError(f"latency_step_tokens must be >= 1 or None, got {self.latency_step_tokens}")
         if self.block_size < 1:
@@ -209,6 +215,7 @@ class TorchEngine(Engine):
             max_step_tokens=self.config.max_step_tokens, max_model_len=self.max_model_len,
             whole_prompt_from=sparse.min_length if sparse is not None else None,
             latency_reserve=self.config.latency_reserve, latency_step_tokens=self.config.latency_step_tokens,
+            admission_max_wait_s=self.config.admission_max_wait_s,
         )
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"parrot-{self.name}", daemon=True)
@@ -294,7 +301,7 @@ class TorchEngine(Engine):
                 raise EngineError(f"engine {self.name} is closed")
             entry = EngineRequest(seq, stream, self.device, prefix)
             seq.before_finish = lambda: self.scheduler.finish(entry)
-            self.scheduler.waiting.push(entry)
+            self.scheduler.waiting.push(entry, seq.stats.submitted_at)
             self._cond.notify()
         return stream
 
