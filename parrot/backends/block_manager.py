@@ -201,6 +201,7 @@ class BlockTable:
         copies the caller must perform on the KV tensors, or None (nothing
         changed) when the pool has too few free blocks."""
         if num_new_tokens and self.fits_in_place(num_new_tokens):
+            del self.digests[self.length // self.block_size :]  # digests stay those of the full blocks before the write
             return []
         if self.manager.num_free < self.blocks_needed(num_new_tokens):
             return None
