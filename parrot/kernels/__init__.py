@@ -26,6 +26,7 @@ query head ``h`` reads KV head ``h // (Hq // Hkv)``. ``scale`` defaults to
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 
+@functools.cache  # asked per kernel call: the answer cannot change within a process
 def triton_available() -> bool:
     """True when triton is installed (it is needed only for CUDA tensors)."""
     return importlib.util.find_spec("triton") is not None

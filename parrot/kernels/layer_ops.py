@@ -19,6 +19,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import triton_available
+
 # "auto": Triton on CUDA when triton is installed; "torch": the twins always
 # (the side-by-side baseline of benchmarks/engine.py).
 LAYER_OPS_BACKEND = os.environ.get("PARROT_LAYER_OPS", "auto")
@@ -29,11 +31,7 @@ _HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
-    if LAYER_OPS_BACKEND != "auto" or device.type != "cuda" or dtype not in _TRITON_DTYPES:
-        return False
-    from . import triton_available
-
-    return triton_available()
+    return LAYER_OPS_BACKEND == "auto" and device.type == "cuda" and dtype in _TRITON_DTYPES and triton_available()
 
 
 def _triton(x: torch.Tensor) -> bool:
