@@ -200,7 +200,7 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
     suffixes = [prompt(rng, suffix_len) for _ in range(n)]
     hint = PrefixHint("bench-shared", prefix_len)
     out: dict[str, Any] = {"sequences": n, "prefix_tokens": prefix_len, "suffix_tokens": suffix_len, "new_tokens": gen}
-    for label, cascade in (("cascade", True), ("paged", False)):
+    for label, cascade in (("cascade", True), ("paged", False)):  # explicit: the default is on for CUDA
         engine = TorchEngine(model, tok, config=TorchEngineConfig(
             max_running=n, max_step_tokens=max(8192, n * (suffix_len + 1)), cascade_decode=cascade, **cfg))
         try:
@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if "cascade" in parts:
         result["cascade_decode"] = bench_cascade(model, tok, cfg, 4 if q else 64, 256 if q else 4096, 16,
                                                  8 if q else 32)
+        if not q:  # small groups and short prefixes: what turning it on by default costs there
+            result["cascade_decode_small"] = [bench_cascade(model, tok, cfg, n, prefix, 16, 32)
+                                              for n, prefix in ((2, 256), (8, 512), (64, 512), (16, 4096))]
     if hf is not None:
         result["vs_transformers"] = bench_vs_hf(model, hf, tok, cfg, [1, 8] if q else [1, 8, 64], 32 if q else 512,
                                                 8 if q else 128)

@@ -77,14 +77,14 @@ class ServerProcess:
     """`parrot serve` in a child process on a free loopback port."""
 
     def __init__(self, model_path: Any, device: str, admin_key: str, ready_timeout_s: float = 300,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), extra_env: dict[str, str] | None = None) -> None:
         import httpx
 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PARROT_ADMIN_KEY": admin_key}
+        env = {**os.environ, "PARROT_ADMIN_KEY": admin_key, **(extra_env or {})}
         self.log = tempfile.NamedTemporaryFile("w+", prefix="parrot-serve-", suffix=".log", delete=False)
         progress(f"parrot serve on {self.url}, its log: {self.log.name}")
         self.proc = subprocess.Popen(

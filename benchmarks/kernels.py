@@ -226,30 +226,43 @@ def graph_time(fn: Callable[[], object], reps: int, inner: int = 20) -> Callable
         return eager
 
 
+def decode_inputs(n: int, hkv: int, heads: int, prefix: int, suffix: int) -> dict:
+    """N sequences after one shared ``prefix`` with ``suffix`` own tokens each,
+    in a shuffled paged pool (block size 16, head dim 128, bf16)."""
+    d, bs = 128, 16
+    pb, sb = prefix // bs, -(-suffix // bs)
+    nb = pb + n * sb + 8
+    g = torch.Generator(device="cuda").manual_seed(n + hkv)
+    kc = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    vc = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    perm = torch.randperm(nb, generator=g, device="cuda").to(torch.int32)
+    prefix_tables = perm[:pb].view(1, pb)
+    suffix_tables = perm[pb : pb + n * sb].view(n, sb)
+    suffix_lens = torch.full((n,), suffix, dtype=torch.int32, device="cuda")
+    seq_group = torch.zeros(n, dtype=torch.int32, device="cuda")
+    return {
+        "query": torch.randn(n, heads, d, generator=g, device="cuda").to(torch.bfloat16),
+        "key_cache": kc, "value_cache": vc, "prefix_block_tables": prefix_tables,
+        "prefix_lens": torch.tensor([prefix], dtype=torch.int32, device="cuda"), "seq_group": seq_group,
+        "suffix_block_tables": suffix_tables, "suffix_lens": suffix_lens,
+        "plan": K.plan_shared_prefix(seq_group, 1),
+        "joined": torch.cat([prefix_tables.expand(n, -1), suffix_tables], 1).contiguous(),
+        "joined_lens": suffix_lens + prefix,
+    }
+
+
 def bench_decode(ns: list[int], heads: int, kv_heads_list: list[int], prefix: int, suffix: int, reps: int) -> list[dict]:
     rows = []
-    d, bs, inner = 128, 16, 20
+    d, inner = 128, 20
     for hkv in kv_heads_list:
         for n in ns:
             progress(f"decode N={n} Hkv={hkv}")
-            pb, sb = prefix // bs, -(-suffix // bs)
-            nb = pb + n * sb + 8
-            g = torch.Generator(device="cuda").manual_seed(n + hkv)
-            kc = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
-            vc = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
-            perm = torch.randperm(nb, generator=g, device="cuda").to(torch.int32)
-            prefix_tables = perm[:pb].view(1, pb)
-            suffix_tables = perm[pb : pb + n * sb].view(n, sb)
-            prefix_lens = torch.tensor([prefix], dtype=torch.int32, device="cuda")
-            suffix_lens = torch.full((n,), suffix, dtype=torch.int32, device="cuda")
-            seq_group = torch.zeros(n, dtype=torch.int32, device="cuda")
-            joined = torch.cat([prefix_tables.expand(n, -1), suffix_tables], 1).contiguous()
-            joined_lens = suffix_lens + prefix
-            query = torch.randn(n, heads, d, generator=g, device="cuda").to(torch.bfloat16)
-            plan = K.plan_shared_prefix(seq_group, 1)
-            shared = lambda: K.shared_prefix_decode_attention(  # noqa: E731
-                query, kc, vc, prefix_tables, prefix_lens, seq_group, suffix_tables, suffix_lens, plan=plan)
-            paged = lambda: K.paged_decode_attention(query, kc, vc, joined, joined_lens)  # noqa: E731
+            x = decode_inputs(n, hkv, heads, prefix, suffix)
+            args = {k: x[k] for k in ("query", "key_cache", "value_cache", "prefix_block_tables", "prefix_lens",
+                                      "seq_group", "suffix_block_tables", "suffix_lens")}
+            shared = lambda: K.shared_prefix_decode_attention(**args, plan=x["plan"])  # noqa: E731
+            paged = lambda: K.paged_decode_attention(  # noqa: E731
+                x["query"], x["key_cache"], x["value_cache"], x["joined"], x["joined_lens"])
             err = rel_err(shared(), paged())
             times = alternate({"shared": graph_time(shared, reps, inner), "paged": graph_time(paged, reps, inner)}, reps)
             kv_bytes = 2 * hkv * d * 2  # K and V, bf16, per token
@@ -262,8 +275,44 @@ def bench_decode(ns: list[int], heads: int, kv_heads_list: list[int], prefix: in
                 "paged_GBps": n * (prefix + suffix) * kv_bytes / (times["paged"] / inner) / 1e9,
                 "rel_err_shared_vs_paged": err,
             })
-            del kc, vc
+            del x, args
             torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode_passes(ns: list[int], heads: int, hkv: int, prefix: int, suffix: int, reps: int,
+                        options: list[dict]) -> list[dict]:
+    """Where shared-prefix decode's time goes: the prefix pass, the suffix
+    pass and the merge timed one by one (CUDA graphs), for each grid option."""
+    from parrot.kernels.triton_decode import shared_prefix_decode_passes
+
+    rows, inner = [], 20
+    for n in ns:
+        x = decode_inputs(n, hkv, heads, prefix, suffix)
+        args = {k: x[k] for k in ("query", "key_cache", "value_cache", "prefix_block_tables", "prefix_lens",
+                                  "seq_group", "suffix_block_tables", "suffix_lens")}
+        want = K.paged_decode_attention(x["query"], x["key_cache"], x["value_cache"], x["joined"], x["joined_lens"])
+        for opt in options:
+            progress(f"decode passes N={n} Hkv={hkv} {opt}")
+            passes = shared_prefix_decode_passes(**args, plan=x["plan"], **opt)
+
+            def whole(passes=passes):
+                for run in passes:
+                    out = run()
+                return out
+
+            err = rel_err(whole(), want)
+            names = ("prefix", "suffix", "merge") if len(passes) == 3 else ("prefix", "suffix")
+            fns = {name: graph_time(run, reps, inner) for name, run in zip(names, passes)}
+            fns["whole"] = graph_time(whole, reps, inner)
+            times = alternate(fns, reps)
+            kv_bytes = 2 * hkv * 128 * 2
+            rows.append({"N": n, "heads": heads, "kv_heads": hkv, "merge_us": 0.0, **opt,
+                         **{f"{k}_us": v / inner * 1e6 for k, v in times.items()},
+                         "bytes_floor_us": (prefix + n * suffix) * kv_bytes / 4.2e12 * 1e6,
+                         "rel_err_vs_paged": err})
+        del x, args, want
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -280,23 +329,33 @@ def environment() -> dict:
 
 def print_tables(result: dict) -> None:
     print(f"\n# {result['env']['device']}  torch {result['env']['torch']}  triton {result['env']['triton']}")
-    print("\n## sparse prefill vs SDPA flash (1 layer, %d heads, d=128, bf16; index building included)" % result["heads"])
-    print(f"{'T':>8} {'pattern':>15} {'dense ms':>10} {'sparse ms':>10} {'index ms':>9} {'speedup':>8} {'computed':>9} {'rel err':>8}")
-    for r in result["prefill"]:
+    if result.get("decode_passes"):
+        print("\n## shared-prefix decode pass by pass (prefix 4096, suffix 128, bf16, CUDA graphs)")
+        print(f"{'N':>4} {'options':>48} {'prefix us':>10} {'suffix us':>10} {'merge us':>9} {'whole us':>9} {'floor us':>9}")
+        for r in result["decode_passes"]:
+            opts = {k: r[k] for k in ("merge_in_last_pass", "wide_programs_per_sm", "wide_warps") if k in r}
+            print(f"{r['N']:>4} {json.dumps(opts):>48} {r['prefix_us']:>10.1f} {r['suffix_us']:>10.1f} "
+                  f"{r['merge_us']:>9.1f} {r['whole_us']:>9.1f} {r['bytes_floor_us']:>9.1f}")
+    if result.get("prefill"):
+        print("\n## sparse prefill vs SDPA flash (1 layer, %d heads, d=128, bf16; index building included)" % result["heads"])
+        print(f"{'T':>8} {'pattern':>15} {'dense ms':>10} {'sparse ms':>10} {'index ms':>9} {'speedup':>8} {'computed':>9} {'rel err':>8}")
+    for r in result.get("prefill", []):
         if "error" in r:
             print(f"{r['T']:>8} {r['error']}")
             continue
         print(f"{r['T']:>8} {r['pattern']:>15} {r['dense_s']*1e3:>10.2f} {r['sparse_s']*1e3:>10.2f} {r['index_s']*1e3:>9.2f} "
               f"{r['speedup']:>7.2f}x {r['computed_fraction']:>9.4f} {r['output_rel_err_vs_dense']:>8.4f}")
-    print("\n## attention-mass recall (last queries) and output error vs dense")
-    print(f"{'T':>8} {'budget':>52} {'recall':>7} {'min':>6} {'computed':>9} {'rel err':>8} {'vs twin':>8}")
-    for r in result["recall"]:
+    if result.get("recall"):
+        print("\n## attention-mass recall (last queries) and output error vs dense")
+        print(f"{'T':>8} {'budget':>52} {'recall':>7} {'min':>6} {'computed':>9} {'rel err':>8} {'vs twin':>8}")
+    for r in result.get("recall", []):
         twin = "-" if r["kernel_rel_err_vs_twin_8_heads"] is None else f"{r['kernel_rel_err_vs_twin_8_heads']:.1e}"
         print(f"{r['T']:>8} {json.dumps(r['budget']):>52} {r['recall_mean']:>7.3f} {r['recall_min']:>6.3f} "
               f"{r['computed_fraction']:>9.4f} {r['output_rel_err_vs_dense']:>8.4f} {twin:>8}")
-    print("\n## shared-prefix decode vs per-sequence paged decode (prefix 4096, suffix 128, bf16, CUDA graphs)")
-    print(f"{'N':>4} {'Hq/Hkv':>7} {'shared us':>10} {'paged us':>9} {'speedup':>8} {'target':>7} {'bytes bound':>11} {'shared GB/s':>11} {'paged GB/s':>10}")
-    for r in result["decode"]:
+    if result.get("decode"):
+        print("\n## shared-prefix decode vs per-sequence paged decode (prefix 4096, suffix 128, bf16, CUDA graphs)")
+        print(f"{'N':>4} {'Hq/Hkv':>7} {'shared us':>10} {'paged us':>9} {'speedup':>8} {'target':>7} {'bytes bound':>11} {'shared GB/s':>11} {'paged GB/s':>10}")
+    for r in result.get("decode", []):
         print(f"{r['N']:>4} {r['heads']:>3}/{r['kv_heads']:<3} {r['shared_us']:>10.1f} {r['paged_us']:>9.1f} {r['speedup']:>7.2f}x "
               f"{r['target']:>7.1f} {r['kv_bytes_ratio_bound']:>10.1f}x {r['shared_GBps']:>11.0f} {r['paged_GBps']:>10.0f}")
 
@@ -309,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, nargs="*", default=[32, 8])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--parts", nargs="+", choices=("decode", "passes", "recall", "prefill"),
+                    default=["decode", "recall", "prefill"],
+                    help="passes: shared-prefix decode pass by pass over a sweep of grid options (GQA, --kv-heads' last)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -316,9 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
     result = {"env": environment(), "heads": args.heads, "command": " ".join(sys.argv)}
-    result["decode"] = bench_decode(args.decode_n, args.heads, args.kv_heads, 4096, 128, max(args.reps, 20))
-    result["recall"] = bench_recall(args.recall_lengths, args.heads, last_rows=512)
-    result["prefill"] = bench_prefill(args.lengths, args.heads, args.reps)
+    if "decode" in args.parts:
+        result["decode"] = bench_decode(args.decode_n, args.heads, args.kv_heads, 4096, 128, max(args.reps, 20))
+    if "passes" in args.parts:
+        # Defaults first, then the prefix pass's programs per SM and warps around them.
+        options = [{"merge_in_last_pass": True}, {"merge_in_last_pass": False},
+                   *({"wide_programs_per_sm": p, "wide_warps": w} for p, w in ((2.0, 8), (1.0, 4), (2.0, 4)))]
+        result["decode_passes"] = bench_decode_passes(args.decode_n, args.heads, args.kv_heads[-1], 4096, 128,
+                                                      max(args.reps, 20), options)
+    if "recall" in args.parts:
+        result["recall"] = bench_recall(args.recall_lengths, args.heads, last_rows=512)
+    if "prefill" in args.parts:
+        result["prefill"] = bench_prefill(args.lengths, args.heads, args.reps)
     result["wall_s"] = time.time() - t0
     print_tables(result)
     if args.json:

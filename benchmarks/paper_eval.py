@@ -131,7 +131,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         # The paper: a 5,107-token prefix, 8/16/32/64 users, outputs of 200-800 tokens.
         "paper": {"system_tokens": 5107, "output_tokens": 400, "sweep": [64], "rounds": 2, "kv_pool_tokens": 80_000},
         "small": {"system_tokens": 1024, "output_tokens": 32, "sweep": [16], "rounds": 2, "kv_pool_tokens": 16_384},
-        "tiny": {"system_tokens": 96, "output_tokens": 4, "sweep": [4], "rounds": 1, "kv_pool_tokens": 4096},
+        # Above the engine's in-flight dedup threshold (256 positions), so users
+        # arriving together compute the shared prompt once.
+        "tiny": {"system_tokens": 288, "output_tokens": 4, "sweep": [4], "rounds": 1, "kv_pool_tokens": 4096},
     },
     "gpts": {
         "paper": {"apps": 4, "system_tokens": 3000, "requests": 32, "output_tokens": 100, "sweep": [4.0, 16.0],
@@ -151,7 +153,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                   "rounds_per_app": 2, "sweep": [16], "rounds": 2, "kv_pool_tokens": 24_576},
         "small": {"system_tokens": 256, "design_tokens": 512, "code_tokens": 32, "review_tokens": 16,
                   "rounds_per_app": 2, "sweep": [4], "rounds": 2, "kv_pool_tokens": 4096},
-        "tiny": {"system_tokens": 48, "design_tokens": 64, "code_tokens": 4, "review_tokens": 4,
+        "tiny": {"system_tokens": 128, "design_tokens": 192, "code_tokens": 4, "review_tokens": 4,
                  "rounds_per_app": 1, "sweep": [3], "rounds": 1, "kv_pool_tokens": 4096},
     },
     "mixed": {
@@ -626,8 +628,10 @@ def start_servers(modes: Sequence[str], model_path: Path, device: str, sizes: st
     def start(mode: str) -> None:
         try:
             flags = server_args(mode, sizes, kv_bytes, max_model_len, args)
+            env = {"PARROT_STEP_TRACE": str(Path(args.step_trace) / mode)} if args.step_trace else None
             proc = (ThreadServer(model_path, device, flags) if args.server_mode == "thread" else
-                    ServerProcess(model_path, device, ADMIN_KEY, ready_timeout_s=1800, extra_args=flags))
+                    ServerProcess(model_path, device, ADMIN_KEY, ready_timeout_s=1800, extra_args=flags,
+                                  extra_env=env))
             key = httpx.post(proc.url + "/admin/v1/tenants", json={"name": f"bench-{mode}"},
                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60).json()["api_key"]
             model = httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
@@ -887,6 +891,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-dir", metavar="DIR", default="benchmarks/results",
                         help="folder of the default JSON files (default: benchmarks/results)")
     parser.add_argument("--no-json", action="store_true", help="write no JSON file")
+    parser.add_argument("--step-trace", metavar="DIR",
+                        help="each server's engine writes one JSON line per step to DIR/<mode>-*.jsonl "
+                             "(PARROT_STEP_TRACE; process servers only): where the time went")
     args = parser.parse_args(argv)
     if args.client_rtt_ms < 0:
         parser.error("--client-rtt-ms must be >= 0")

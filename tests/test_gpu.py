@@ -162,8 +162,9 @@ def test_triton_decode_and_sparse_prefill_in_the_bf16_engine(tiny_llama_dir, mon
 @needs_cuda
 def test_cascade_decode_on_cuda(tiny_llama_dir):
     """Sequences sharing a hinted prefix decode through the Triton
-    shared-prefix kernel (bf16) with the paged path's first decode tokens, and
-    through the reference twin (float32) with exactly its tokens."""
+    shared-prefix kernel (bf16, inside CUDA graphs) with the paged path's
+    first decode tokens, and through the reference twin (float32, eager) with
+    exactly its tokens."""
     prefix = tuple(range(5, 5 + 300))
     requests = lambda: [  # noqa: E731
         GenerationRequest([Fill(prefix + (400 + i, 9)), Gen(SamplingConfig(max_tokens=16))],
@@ -178,6 +179,8 @@ def test_cascade_decode_on_cuda(tiny_llama_dir):
             try:
                 runs[cascade] = [r[0][0].token_ids for r in _run(engine, requests())]
                 assert (engine.counters.cascade_steps > 0) == cascade
+                # bf16 cascade steps replay CUDA graphs (the Triton kernels have no host sync).
+                assert (engine.runner.graphs.num_cascade_graphs > 0) == (cascade and dtype == torch.bfloat16)
             finally:
                 engine.close()
         if dtype == torch.float32:
@@ -185,3 +188,41 @@ def test_cascade_decode_on_cuda(tiny_llama_dir):
         else:  # bf16 kernels may flip near-ties of random weights after the first decode step
             assert [g[:2] for g in runs[True]] == [w[:2] for w in runs[False]]
             assert all(len(g) == 16 for g in runs[True])
+
+
+@needs_cuda
+def test_cascade_graphs_with_two_groups_and_lone_rows(tiny_llama_dir):
+    """Two prefix groups, a request sharing nothing and a padded batch in one
+    captured cascade step: the first decode step's log-probabilities match
+    eager cascade decode and plain paged decode (bf16, random weights: tokens
+    may flip at near-ties, so the distributions are compared), and every
+    request generates its whole output."""
+    a, b = tuple(range(5, 5 + 160)), tuple(range(900, 900 + 160))
+    sampling = SamplingConfig(max_tokens=12, logprobs=5)
+    requests = lambda: [  # noqa: E731
+        *[GenerationRequest([Fill(a + (400 + i, 9)), Gen(sampling)], prefix_hint=PrefixHint("a", len(a)))
+          for i in range(3)],
+        *[GenerationRequest([Fill(b + (500 + i, 9)), Gen(sampling)], prefix_hint=PrefixHint("b", len(b)))
+          for i in range(3)],
+        GenerationRequest([Fill(tuple(range(2000, 2100))), Gen(sampling)]),
+    ]
+    runs = {}
+    for label, cascade, graphs in (("graphs", True, 64), ("eager", True, 0), ("paged", False, 64)):
+        engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cuda", config=TorchEngineConfig(
+            cascade_decode=cascade, cascade_min_prefix_tokens=64, cuda_graph_max_batch=graphs))
+        try:
+            runs[label] = [r[0][0] for r in _run(engine, requests())]
+            assert (engine.counters.cascade_steps > 0) == cascade
+            if label == "graphs":
+                assert engine.runner.graphs.num_cascade_graphs > 0
+        finally:
+            engine.close()
+    assert all(len(g.token_ids) == 12 for g in runs["graphs"])
+    for i, got in enumerate(runs["graphs"]):
+        step = dict(got.logprobs[1].top)  # the first decode step's five best tokens
+        for other in ("eager", "paged"):
+            want = dict(runs[other][i].logprobs[1].top)
+            assert runs[other][i].token_ids[0] == got.token_ids[0]  # prefill: the same path
+            shared = step.keys() & want.keys()
+            assert len(shared) >= 4, (i, other, step, want)
+            assert max(abs(step[t] - want[t]) for t in shared) < 0.1, (i, other, step, want)

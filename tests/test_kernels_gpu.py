@@ -39,6 +39,12 @@ def shared_prefix_decode_attention_triton(*args, **kwargs):
 
     return fn(*args, **kwargs)
 
+
+def shared_prefix_decode_passes(*args, **kwargs):
+    from parrot.kernels.triton_decode import shared_prefix_decode_passes as fn
+
+    return fn(*args, **kwargs)
+
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
@@ -124,12 +130,34 @@ def test_paged_decode_matches_twin(dtype, d, hq, hkv, bs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_of_a_wide_batch_writes_its_output_in_one_pass(dtype):
+    """Enough sequences that no context is split: the partial pass writes
+    the output itself (no merge kernel), lengths 0 and 1 included."""
+    from parrot.kernels.triton_decode import _passes, _per_sequence_items
+
+    nb, bs, hkv, d = 300, 16, 8, 128
+    kc, vc, g = _cache(nb, bs, hkv, d, dtype, seed=77)
+    lens = torch.randint(0, 200, (160,), generator=g, dtype=torch.int32)
+    lens[:2] = torch.tensor([0, 1])
+    tables = torch.stack([torch.randperm(nb, generator=g)[:13] for _ in lens]).to(torch.int32)
+    query = torch.randn(len(lens), 32, d, generator=g).to(DEVICE, dtype)
+    tables, lens = tables.to(DEVICE), lens.to(DEVICE)
+    assert len(_passes(query, kc, vc, [_per_sequence_items(tables, lens)], None)) == 1  # fused
+    want = R.paged_decode_attention_reference(query, kc, vc, tables, lens)
+    out = paged_decode_attention_triton(query, kc, vc, tables, lens)
+    assert torch.count_nonzero(out[0]) == 0
+    assert _rel_err(out, want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,hq,hkv,bs", [(64, 8, 2, 16), (128, 32, 32, 16), (128, 8, 1, 64)])
 def test_shared_prefix_decode_matches_twin(dtype, d, hq, hkv, bs):
     nb = 400
     kc, vc, g = _cache(nb, bs, hkv, d, dtype, seed=d + bs + 1)
-    # Groups of 40 (several row tiles), 3, 0 members, and 1; prefixes not a multiple of bs, one empty.
+    # Groups of 40 (several row tiles), 3, 0 members, and 1; prefixes not a multiple of bs, one empty;
+    # two rows in no group (-1).
     seq_group = torch.tensor([0] * 40 + [1] * 3 + [3], dtype=torch.int32)[torch.randperm(44, generator=g)]
+    seq_group[torch.nonzero(seq_group == 0)[:2, 0]] = -1
     prefix_lens = torch.tensor([700, 3 * bs + 1, 300, 0], dtype=torch.int32)
     pw = -(-700 // bs)
     perm = torch.randperm(nb, generator=g).to(torch.int32)
@@ -148,6 +176,13 @@ def test_shared_prefix_decode_matches_twin(dtype, d, hq, hkv, bs):
     assert torch.equal(out, again)
     if DEVICE == "cuda":  # the dispatcher takes the Triton path on CUDA
         assert torch.equal(K.shared_prefix_decode_attention(query, kc, vc, *args, plan=plan), out)
+    # The suffix pass merging the prefix slots itself equals a separate merge kernel.
+    for fused in (True, False):
+        *partials, last = shared_prefix_decode_passes(query, kc, vc, *args, plan=plan, merge_in_last_pass=fused)
+        assert len(partials) == (1 if fused else 2)
+        for run in partials:
+            run()
+        assert _rel_err(last(), want) < 1e-2
 
 
 # -- the fused layer ops (RMSNorm with residual, rotary, SwiGLU gate) ----------

@@ -246,6 +246,29 @@ def test_shared_prefix_twin_equals_attention_over_prefix_plus_suffix():
         K.paged_decode_attention(query, kc, vc, joined, joined_lens), atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefix_rows_in_no_group_attend_to_their_own_blocks():
+    """Group -1: the row's suffix is its whole context; the plan lists such rows last, in no group."""
+    hq, hkv, d, bs, nb = 4, 2, 16, 16, 40
+    g = torch.Generator().manual_seed(11)
+    kc, vc = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, d, generator=g)
+    perm = torch.randperm(nb, generator=g).to(torch.int32)
+    prefix_tables, prefix_lens = perm[:3].view(1, 3), torch.tensor([48], dtype=torch.int32)
+    seq_group = torch.tensor([-1, 0, -1, 0], dtype=torch.int32)
+    suffix_tables, suffix_lens = perm[3:11].view(4, 2), torch.tensor([20, 5, 32, 1], dtype=torch.int32)
+    query = torch.randn(4, hq, d, generator=g)
+    out = K.shared_prefix_decode_attention(query, kc, vc, prefix_tables, prefix_lens, seq_group, suffix_tables, suffix_lens)
+    alone = K.paged_decode_attention(query, kc, vc, suffix_tables, suffix_lens)
+    torch.testing.assert_close(out[[0, 2]], alone[[0, 2]], atol=1e-5, rtol=1e-5)
+    joined = torch.cat([prefix_tables.expand(4, -1), suffix_tables], 1)
+    torch.testing.assert_close(out[[1, 3]], K.paged_decode_attention(query, kc, vc, joined, suffix_lens + 48)[[1, 3]],
+                               atol=1e-5, rtol=1e-5)
+    plan = K.plan_shared_prefix(seq_group, 1)
+    assert plan.row_count.tolist() == [2] and plan.row_start.tolist() == [0]
+    assert plan.row_seq.tolist()[:2] == [1, 3] and sorted(plan.row_seq.tolist()[2:]) == [0, 2]
+    with pytest.raises(ValueError, match="below -1"):
+        K.plan_shared_prefix(torch.tensor([-2, 0], dtype=torch.int32), 1)
+
+
 def test_sparse_prefill_dispatch_dense_below_threshold_and_sparse_above():
     t = 96
     q, k, v = _qkv(t, 4, 2, 16, 11)

@@ -223,3 +223,24 @@ def test_cascade_decode_gives_the_same_greedy_text(tiny_llama_dir):
     with_cascade, hits = texts(True)
     assert hits == 3  # the four share the prefix's blocks, so the cascade path ran
     assert with_cascade == texts(False)[0]
+
+
+def test_step_trace_writes_one_line_per_step(tiny_llama_dir, tmp_path, monkeypatch):
+    """PARROT_STEP_TRACE: one JSON line per engine step, naming each request and its tokens."""
+    import json
+
+    monkeypatch.setenv("PARROT_STEP_TRACE", str(tmp_path / "trace"))
+    engine = TorchEngine.from_pretrained(tiny_llama_dir, name="traced")
+    try:
+        req = GenerationRequest([Fill(tuple(range(5, 45))), Gen(SamplingConfig(max_tokens=5))], request_id="r-1")
+        run(engine, req)
+        steps = engine.counters.steps
+    finally:
+        engine.close()
+    (path,) = tmp_path.glob("trace-traced-*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == steps
+    assert lines[0]["prefill"] == 40 and lines[0]["decode"] == 0
+    assert all(line["reqs"][0][0] == "r-1" for line in lines)
+    assert sum(line["decode"] for line in lines) == 4  # the prompt's step gives the first token
+    assert all(a["t"] <= b["t"] for a, b in zip(lines, lines[1:]))

@@ -32,6 +32,13 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels are tested 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+def decode_kernels_capturable(dtype: torch.dtype) -> bool:
+    """Whether decode attention on CUDA runs the Triton kernels for ``dtype``:
+    then shared-prefix (cascade) decode has no host sync and CUDA graphs can
+    capture it."""
+    return _TRITON and dtype in _TRITON_DTYPES
+
+
 def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
     causal: bool = False, scale: float | None = None,
@@ -173,6 +180,6 @@ def sparse_prefill(
 
 
 __all__ = [
-    "ATTENTION_BACKEND", "paged_decode_attention", "paged_prefill_attention", "sdpa", "shared_prefix_decode_attention",
+    "ATTENTION_BACKEND", "decode_kernels_capturable", "paged_decode_attention", "paged_prefill_attention", "sdpa", "shared_prefix_decode_attention",
     "sparse_prefill", "write_kv",
 ]

@@ -101,6 +101,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         context_lens: list[int] = []
+        decode_rows: list[int] = []  # each decode row's index in the flat batch
         decode_tables: list[list[int]] = []
         prefill_meta: list[tuple[int, int, int, int]] = []  # (start, n, past, offset in the flat block list)
         prefill_blocks: list[int] = []
@@ -127,6 +128,7 @@ class ModelRunner:
                 slots.extend(range(base + offset, base + offset + end - pos))
                 pos = end
             if item.decoding:
+                decode_rows.append(start)
                 context_lens.append(past + 1)
                 decode_tables.append(table.blocks)
                 self.counters.decode_tokens += 1
@@ -147,9 +149,12 @@ class ModelRunner:
         num_decode = len(decode_tables)
         groups = (shared_prefix_groups(decode_tables, context_lens, bs, self.cascade_min_tokens)
                   if self.cascade_min_tokens is not None and num_decode > 1 else [])
-        if not groups and graphable:
+        if graphable and (not groups or self.graphs.cascade):
             # Decoders and short prefill chunks: replay a captured graph.
-            logits = self.graphs.run(ids, positions, slots, row_lens, row_tables)
+            graph_groups = [([decode_rows[r] for r in rows], shared) for rows, shared in groups]
+            if graph_groups:
+                self.counters.cascade_steps += 1
+            logits = self.graphs.run(ids, positions, slots, row_lens, row_tables, graph_groups or None)
             for item in plan.items:
                 item.request.table.length += item.tokens
             if prefill_meta:
@@ -202,7 +207,7 @@ class ModelRunner:
         """The cascade layout as flat int lists (for the step's one copy) and
         its shape ``(groups, prefix width, rows, suffix width, max members)``."""
         num_rows = len(tables)
-        group_of = [-1] * num_rows
+        group_of = [-1] * num_rows  # -1: in no group, the row's own blocks are its whole context
         shared_of = [0] * num_rows
         prefixes: list[list[int]] = []
         members: list[list[int]] = []
@@ -211,11 +216,6 @@ class ModelRunner:
                 group_of[r], shared_of[r] = len(prefixes), shared
             prefixes.append(tables[rows[0]][:shared])
             members.append(rows)
-        for r in range(num_rows):  # every other row: a group of its own, empty prefix
-            if group_of[r] < 0:
-                group_of[r] = len(prefixes)
-                prefixes.append([])
-                members.append([r])
         width = max(1, max(len(p) for p in prefixes))
         suffixes = [tables[r][shared_of[r]:] for r in range(num_rows)]
         suffix_width = max(1, max(len(x) for x in suffixes))
@@ -226,6 +226,7 @@ class ModelRunner:
             starts.append(len(order))
             counts.append(len(rows))
             order.extend(rows)
+        order.extend(r for r in range(num_rows) if group_of[r] < 0)
         parts = [prefix_flat, [len(p) for p in prefixes], group_of, suffix_flat, shared_of, list(context_lens),
                  starts, counts, order]
         return parts, (len(prefixes), width, num_rows, suffix_width, max(counts))

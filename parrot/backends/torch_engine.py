@@ -41,8 +41,10 @@ from .kv_manager import KVManager
 from .model import LlamaFamilyModel
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
+from .attention import decode_kernels_capturable
 from .block_manager import BlockManager
 from .sequence import Sequence
+from .step_trace import StepTrace
 from .tokenizer import Tokenizer, read_generation_eos
 
 log = logging.getLogger(__name__)
@@ -99,10 +101,11 @@ class TorchEngineConfig:
     cuda_graph_prefill_positions: int = 160_000
     # Cascade decode: decoding sequences that share at least
     # ``cascade_min_prefix_tokens`` positions of prefix blocks read them once
-    # per step through the shared-prefix kernel. Off by default: such steps
-    # run outside the CUDA graphs, which costs more than the kernel saves
-    # (H200, 8B shape, 64 sequences after a 4K prefix: 22.7 vs 17.0 ms/step).
-    cascade_decode: bool = False
+    # per step through the shared-prefix kernel (inside the CUDA graphs).
+    # None (default): on where that kernel is Triton (CUDA, bf16/fp16), off
+    # elsewhere (the torch twin loops over rows on the host). H200, 8B
+    # shape, 64 sequences after a 4K prefix: 8.0 vs 13.4 ms per step (README).
+    cascade_decode: bool | None = None
     cascade_min_prefix_tokens: int = 256
     # MInference-style sparse prefill: a pattern config (a JSON file written
     # by ``parrot.kernels.pattern_search``, or the loaded config). A prompt
@@ -199,12 +202,16 @@ class TorchEngine(Engine):
         scale = attention_scale(c.head_dim)
         graphs: DecodeGraphs | None = None
         self.reserved_blocks = 0  # blocks the engine holds for itself (the graphs' scratch block)
+        capturable = self.device.type == "cuda" and decode_kernels_capturable(self.dtype)
+        # Whether decode steps group rows by shared prefix blocks (config None: where the kernel is Triton).
+        self.cascade_decode = capturable if self.config.cascade_decode is None else self.config.cascade_decode
         if self.device.type == "cuda" and self.config.cuda_graph_max_batch:
             scratch = self.kv.blocks.allocate()
             assert scratch is not None
             self.reserved_blocks = 1
-            graphs = DecodeGraphs(model, self.pool, scratch, scale, self.config.cuda_graph_max_batch)
-        cascade = self.config.cascade_min_prefix_tokens if self.config.cascade_decode else None
+            graphs = DecodeGraphs(model, self.pool, scratch, scale, self.config.cuda_graph_max_batch,
+                                  cascade=self.cascade_decode and capturable)
+        cascade = self.config.cascade_min_prefix_tokens if self.cascade_decode else None
         self.grammars = GrammarStates(tokenizer, c.vocab_size)  # compiles constrained Gens' grammars
         self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs,
                                   graph_prefill_positions=self.config.cuda_graph_prefill_positions,
@@ -218,6 +225,7 @@ class TorchEngine(Engine):
             admission_max_wait_s=self.config.admission_max_wait_s,
         )
         self._closed = False
+        self.trace = StepTrace.from_env(self.name)  # PARROT_STEP_TRACE: one JSON line per step
         self._thread = threading.Thread(target=self._loop, name=f"parrot-{self.name}", daemon=True)
         self._thread.start()
 
@@ -369,6 +377,8 @@ class TorchEngine(Engine):
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if self.trace is not None:
+            self.trace.close()
         if not self._thread.is_alive():
             # Give the KV pool and the graphs' memory back now, not at garbage collection.
             self.runner.graphs = None
@@ -380,6 +390,8 @@ class TorchEngine(Engine):
         while True:
             with self._cond:
                 while not self._closed and not scheduler.waiting and not scheduler.running:
+                    if self.trace is not None:
+                        self.trace.flush()  # idle: the trace is complete up to now
                     self._cond.wait()
                 if self._closed:
                     for r in scheduler.leave_all():
@@ -403,6 +415,7 @@ class TorchEngine(Engine):
                 scheduler.sweep()
 
     def _step(self, batch: list[EngineRequest]) -> None:
+        started = time.monotonic()
         plan = self.scheduler.plan(batch)
         if not plan.items:
             return
@@ -411,3 +424,5 @@ class TorchEngine(Engine):
         # Publish before sampling: a request that finishes now frees its blocks.
         self.kv.after_forward([item.request for item in plan.items], batch)
         self.runner.sample(samplers, logits)
+        if self.trace is not None:
+            self.trace.record(started, plan)

@@ -139,7 +139,8 @@ def shared_prefix_decode_attention(
     """Decode attention where sequence ``b`` sees its group's prefix, then its own suffix.
 
     ``prefix_block_tables [G, P]`` and ``prefix_lens [G]`` describe each
-    group's shared prefix; ``seq_group [B]`` names each sequence's group;
+    group's shared prefix; ``seq_group [B]`` names each sequence's group
+    (-1: none, its suffix is its whole context);
     ``suffix_block_tables [B, S]`` and ``suffix_lens [B]`` its own tokens
     after the prefix. The result equals :func:`paged_decode_attention` over
     the concatenated context. On CUDA the prefix of a group is read once for

@@ -139,14 +139,17 @@ def shared_prefix_decode_attention_reference(
     Sequence ``b`` attends to its group's prefix (``prefix_block_tables[
     seq_group[b]]``, ``prefix_lens[seq_group[b]]`` tokens) followed by its
     own suffix; the two parts are computed separately and merged by their
-    log-sum-exp.
+    log-sum-exp. ``seq_group[b] == -1``: no shared prefix.
     """
     outs = []
     for b in range(query.shape[0]):
         g = int(seq_group[b])
         q = query[b : b + 1]
-        pre = _paged_part(q, key_cache, value_cache, prefix_block_tables[g], int(prefix_lens[g]), scale)
         suf = _paged_part(q, key_cache, value_cache, suffix_block_tables[b], int(suffix_lens[b]), scale)
+        if g < 0:  # no shared prefix: the suffix is the whole context
+            outs.append(suf[0][0])
+            continue
+        pre = _paged_part(q, key_cache, value_cache, prefix_block_tables[g], int(prefix_lens[g]), scale)
         outs.append(merge_attention_states([pre[0], suf[0]], [pre[1], suf[1]])[0])
     return torch.stack(outs).to(query.dtype)
 
