@@ -210,13 +210,27 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
             full_s = min(run_all(engine, reqs(gen))[0] for _ in range(2))
             out[f"{label}_step_ms"] = (full_s - prefill_s) / (gen - 1) * 1e3
             out[f"{label}_cascade_steps"] = engine.counters.cascade_steps
+            # Where a step goes: host phases of one more run (minus a prefill-only run), and the
+            # captured graph's GPU time alone.
+            phases: dict[str, float] = {}
+            _time_phases(engine, phases)
+            run_all(engine, reqs(gen))
+            full = dict(phases)
+            phases.clear()
+            run_all(engine, reqs(1))
+            out[f"{label}_host_ms_per_step"] = {k: (full[k] - phases.get(k, 0.0)) / (gen - 1) * 1e3 for k in full}
+            context = prefix_len + suffix_len + gen // 2
+            out[f"{label}_graph_replay_ms"] = _graph_replay_ms(
+                engine, n, context, shared_blocks=prefix_len // engine.config.block_size if cascade else 0)
         finally:
             engine.close()
             del engine
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     out["speedup"] = out["paged_step_ms"] / out["cascade_step_ms"]
     say(f"decode of {n} sequences after a shared {prefix_len}-token prefix: cascade {out['cascade_step_ms']:.2f} ms/step"
-        f" vs paged {out['paged_step_ms']:.2f} ms ({out['speedup']:.2f}x)")
+        f" vs paged {out['paged_step_ms']:.2f} ms ({out['speedup']:.2f}x); graph alone "
+        f"{out['cascade_graph_replay_ms'] or 0:.2f} vs {out['paged_graph_replay_ms'] or 0:.2f} ms; host per step "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out["cascade_host_ms_per_step"].items()))
     return out
 
 
@@ -250,17 +264,21 @@ def _kernel_times(prof) -> tuple[dict[str, float], int, dict[str, tuple[float, i
 
 
 @torch.inference_mode()  # the graphs' buffers are inference tensors
-def _graph_replay_ms(engine: TorchEngine, batch: int, context: int) -> float | None:
+def _graph_replay_ms(engine: TorchEngine, batch: int, context: int, shared_blocks: int = 0) -> float | None:
     """GPU time of one captured decode forward (CUDA events over back-to-back
-    replays, no host work between them): the step's floor in this engine."""
+    replays, no host work between them): the step's floor in this engine.
+    ``shared_blocks``: every row's table starts with the same blocks, read
+    once per step (a cascade graph)."""
     graphs = engine.runner.graphs
     if graphs is None or not graphs.accepts(batch):
         return None
     bs = engine.config.block_size
     scratch = graphs.scratch_block
     blocks = -(-context // bs)
-    tables = [[(i * blocks + j) % engine.kv.blocks.num_blocks for j in range(blocks)] for i in range(batch)]
-    args = ([0] * batch, [context - 1] * batch, [scratch * bs] * batch, [context] * batch, tables)
+    total = engine.kv.blocks.num_blocks
+    tables = [[j if j < shared_blocks else (i * blocks + j) % total for j in range(blocks)] for i in range(batch)]
+    groups = [(list(range(batch)), shared_blocks)] if shared_blocks else None
+    args = ([0] * batch, [context - 1] * batch, [scratch * bs] * batch, [context] * batch, tables, groups)
     graphs.run(*args)  # captures the bucket if the run did not
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

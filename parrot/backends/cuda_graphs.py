@@ -11,9 +11,10 @@ values into a scratch block reserved for them and attend to it alone.
 
 Cascade steps (rows grouped by shared prefix blocks, see
 :func:`parrot.backends.model_runner.shared_prefix_groups`) have graphs of
-their own, keyed also by the number of groups (rounded up) and the prefix
-width: each group's prefix is one item of the shared-prefix kernel, rows in
-no group (padding rows too) read their own blocks only, and unused group
+their own, keyed also by the number of groups (rounded up; prefix and
+suffix tables are as wide as the step's tables, so no other size adds
+graphs): each group's prefix is one item of the shared-prefix kernel, rows
+in no group (padding rows too) read their own blocks only, and unused group
 slots have no rows. Only the Triton kernels can be
 captured this way (the torch twin reads lengths on the host).
 """
@@ -37,16 +38,18 @@ Groups = list[tuple[list[int], int]]
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    # int64: ids, positions, slots, context lens [batch each], tables [batch * max_blocks];
-    # cascade graphs then: prefix tables [groups * width], prefix lens, row starts,
-    # row counts [groups each], row order, suffix lens, group of each row [batch each],
-    # suffix tables [batch * max_blocks].
+    # int64: ids, positions, slots, context lens [batch each], then tables
+    # [batch * max_blocks]; or, in cascade graphs, prefix tables [groups *
+    # max_blocks], prefix lens, row starts, row counts [groups each], row
+    # order, suffix lens, group of each row [batch each], suffix tables
+    # [batch * max_blocks].
     buffer: torch.Tensor
     logits: torch.Tensor  # [batch, vocab] float32, written by each replay
 
 
-def _cascade_size(bp: int, mp: int, gp: int, pw: int) -> int:
-    return gp * pw + 3 * gp + 3 * bp + bp * mp if gp else 0
+def _tables_size(bp: int, mp: int, gp: int) -> int:
+    """Entries of a graph's buffer after the four per-row lists."""
+    return gp * mp + 3 * gp + 3 * bp + bp * mp if gp else bp * mp
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -73,7 +76,7 @@ class DecodeGraphs:
         self.device = pool.keys.device
         # Whether cascade steps may be captured (the shared-prefix kernel is Triton).
         self.cascade = cascade
-        self._graphs: dict[tuple[int, int, int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._mempool = torch.cuda.graph_pool_handle()
 
     @property
@@ -83,7 +86,7 @@ class DecodeGraphs:
     @property
     def num_cascade_graphs(self) -> int:
         """Graphs captured for cascade steps (part of ``num_graphs``)."""
-        return sum(1 for _, _, groups, _ in self._graphs if groups)
+        return sum(1 for _, _, groups in self._graphs if groups)
 
     def accepts(self, batch: int) -> bool:
         return 0 < batch <= self.max_batch
@@ -98,13 +101,12 @@ class DecodeGraphs:
         b = len(ids)
         bp = _bucket(b)
         mp = _blocks_bucket(max(len(t) for t in tables))
-        gp = pw = 0
+        gp = 0
         if groups:
             if not self.cascade:
                 raise ValueError("these graphs were built without cascade decode")
             gp = _bucket(len(groups))
-            pw = _blocks_bucket(max(shared for _, shared in groups))
-        key = (bp, mp, gp, pw)
+        key = (bp, mp, gp)
         graph = self._graphs.get(key) or self._capture(*key)
         pad = bp - b
         scratch = self.scratch_block
@@ -114,19 +116,20 @@ class DecodeGraphs:
             *slots, *([scratch * self.block_size] * pad),
             *context_lens, *([1] * pad),
         ]
-        for t in tables:
-            host.extend(t)
-            host.extend([scratch] * (mp - len(t)))
-        host.extend([scratch] * (mp * pad))
         if groups:
-            self._cascade_host(host, groups, context_lens, tables, bp, mp, gp, pw)
+            self._cascade_host(host, groups, context_lens, tables, bp, mp, gp)
+        else:
+            for t in tables:
+                host.extend(t)
+                host.extend([scratch] * (mp - len(t)))
+            host.extend([scratch] * (mp * pad))
         graph.buffer.copy_(torch.frombuffer(array("q", host), dtype=torch.long), non_blocking=True)
         graph.graph.replay()
         return graph.logits[:b]
 
     def _cascade_host(
         self, host: list[int], groups: Groups, context_lens: list[int], tables: list[list[int]],
-        bp: int, mp: int, gp: int, pw: int,
+        bp: int, mp: int, gp: int,
     ) -> None:
         """Append the cascade part of a step's buffer (layout: see ``_Graph``)."""
         scratch, bs = self.scratch_block, self.block_size
@@ -136,10 +139,10 @@ class DecodeGraphs:
         for g, (rows, shared) in enumerate(groups):
             table = tables[rows[0]]
             host.extend(table[:shared])
-            host.extend([scratch] * (pw - shared))
+            host.extend([scratch] * (mp - shared))
             for r in rows:
                 group_of[r], shared_of[r] = g, shared
-        host.extend([scratch] * (pw * (gp - len(groups))))
+        host.extend([scratch] * (mp * (gp - len(groups))))
         host.extend(shared * bs for _, shared in groups)
         host.extend([0] * (gp - len(groups)))
         starts, order = [], []
@@ -161,15 +164,19 @@ class DecodeGraphs:
             host.extend([scratch] * (mp - len(own)))
         host.extend([scratch] * (mp * (bp - b)))
 
-    def _capture(self, bp: int, mp: int, gp: int, pw: int) -> _Graph:
+    def _capture(self, bp: int, mp: int, gp: int) -> _Graph:
         scratch = self.scratch_block
-        buffer = torch.zeros(4 * bp + bp * mp + _cascade_size(bp, mp, gp, pw), dtype=torch.long, device=self.device)
+        buffer = torch.zeros(4 * bp + _tables_size(bp, mp, gp), dtype=torch.long, device=self.device)
         buffer[2 * bp : 3 * bp] = scratch * self.block_size  # every row is padding while capturing
         buffer[3 * bp : 4 * bp] = 1
-        buffer[4 * bp : 4 * bp + bp * mp] = scratch
         ids, positions, slots, lens = (buffer[i * bp : (i + 1) * bp] for i in range(4))
-        tables = buffer[4 * bp : 4 * bp + bp * mp].view(bp, mp)
-        cascade = self._cascade_views(buffer[4 * bp + bp * mp :], bp, mp, gp, pw) if gp else None
+        cascade = None
+        if gp:
+            cascade = self._cascade_views(buffer[4 * bp :], bp, mp, gp)
+            tables = cascade[-1]  # the paged path's tables are not read in a cascade step
+        else:
+            buffer[4 * bp :] = scratch
+            tables = buffer[4 * bp :].view(bp, mp)
 
         def forward() -> torch.Tensor:
             layout = None
@@ -195,20 +202,20 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             logits = forward()
         entry = _Graph(graph, buffer, logits)
-        self._graphs[(bp, mp, gp, pw)] = entry
+        self._graphs[(bp, mp, gp)] = entry
         return entry
 
-    def _cascade_views(self, part: torch.Tensor, bp: int, mp: int, gp: int, pw: int) -> tuple[torch.Tensor, ...]:
+    def _cascade_views(self, part: torch.Tensor, bp: int, mp: int, gp: int) -> tuple[torch.Tensor, ...]:
         """Views of a cascade graph's buffer part, filled as for a batch of
         padding rows (one group holding every row, empty prefixes)."""
-        sizes = (gp * pw, gp, gp, gp, bp, bp, bp, bp * mp)
+        sizes = (gp * mp, gp, gp, gp, bp, bp, bp, bp * mp)
         views = list(torch.split(part, sizes))
         views[0].fill_(self.scratch_block)  # prefix tables
         views[3][0] = bp  # row counts: every row in group 0 (the capture sizes nothing by it) ...
         views[4].copy_(torch.arange(bp, device=part.device))  # ... in order
         views[5].fill_(1)  # suffix lens: the row's own token
         views[7].fill_(self.scratch_block)  # suffix tables
-        views[0] = views[0].view(gp, pw)
+        views[0] = views[0].view(gp, mp)
         views[7] = views[7].view(bp, mp)
         return tuple(views)
 

@@ -112,6 +112,11 @@ class TorchEngineConfig:
     # of at least its ``min_length`` tokens with nothing cached is prefilled
     # in one chunk with sparse attention; shorter ones stay dense.
     sparse_prefill: str | Path | SparseAttentionConfig | None = None
+    # torch's cuDNN attention backend builds an execution plan for every new
+    # sequence length (65 ms per length on the H200, torch 2.11, against
+    # 0.1 ms for flash attention), and served prompts rarely repeat a length:
+    # on CUDA the engine turns it off for the process unless this is True.
+    sdpa_cudnn: bool = False
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -174,6 +179,9 @@ class TorchEngine(Engine):
         self.config = config or TorchEngineConfig()
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        if self.device.type == "cuda" and not self.config.sdpa_cudnn and torch.backends.cuda.cudnn_sdp_enabled():
+            torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: see TorchEngineConfig.sdpa_cudnn
+            log.info("torch's cuDNN SDPA backend turned off (it plans per prompt length); flash attention serves")
         self.counters = EngineCounters()
         c = model.config
         self._max_model_len = self.config.max_model_len or c.max_position_embeddings
