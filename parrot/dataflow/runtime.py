@@ -48,6 +48,7 @@ from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression, questions_after
+from .early_prefill import DEFAULT_MIN_TOKENS, EarlyPrefill
 from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
@@ -65,6 +66,9 @@ HEALTH_RETRY_S = 0.25
 ENGINE_WAIT_S = 300.0
 #: Longest pause between two probes of a state store that went away.
 STORE_RETRY_MAX_S = 2.0
+#: Whether early prefill of waiting calls' heads is on when nobody says
+#: (``early_prefill=None`` and no $PARROT_EARLY_PREFILL); see the README.
+EARLY_PREFILL_DEFAULT = True
 
 
 @dataclass
@@ -108,6 +112,8 @@ class LocalRuntime(Runtime):
         scorer_model: str | os.PathLike[str] | None = None,
         keep_closed_sessions: int | None = 1000,
         engine_wait_s: float = ENGINE_WAIT_S,
+        early_prefill: bool | None = None,
+        early_prefill_min_tokens: int = DEFAULT_MIN_TOKENS,
     ) -> None:
         super().__init__(portal)
         if keep_closed_sessions is not None and keep_closed_sessions < 0:
@@ -146,6 +152,14 @@ class LocalRuntime(Runtime):
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
         self.compression = InputCompression(self.engines, compressor, scorer_model)
+        # Prefill the known head of waiting calls while their producers run
+        # (see parrot.dataflow.early_prefill); None: $PARROT_EARLY_PREFILL,
+        # default on. Never in the request-level baseline.
+        if early_prefill is None:
+            early_prefill = env_flag("PARROT_EARLY_PREFILL", default=EARLY_PREFILL_DEFAULT)
+        self.early_prefill: EarlyPrefill | None = (
+            EarlyPrefill(min_tokens=early_prefill_min_tokens) if early_prefill and not request_level else None
+        )
         #: Most prompt tokens a call of a namespace (a tenant) may send,
         #: checked when its prompt is built, so text that arrives through
         #: variables counts; a call over it fails with PromptTooLongError.
@@ -474,8 +488,36 @@ class LocalRuntime(Runtime):
                         "function": node.function.name, "state": node.state})
             if node.state == "ready":
                 self._dispatch(node)
+            elif node.state == "waiting" and self.early_prefill is not None:
+                self._prefill_head(node, state.namespace)
             elif node.state == "failed":
                 await self._failed(node, [self.graph.variables[v] for v in node.outputs.values()])
+
+    def _prefill_head(self, call: CallNode, namespace: str) -> None:
+        """Warm up the known head of a waiting call on the engine it will
+        most likely run on (see :mod:`parrot.dataflow.early_prefill`)."""
+        assert self.early_prefill is not None
+        scheduler = self.scheduler
+        if not isinstance(scheduler, AppScheduler):
+            return  # only the app scheduler says where a hinted call will go
+
+        def pick(key: str) -> Engine | None:
+            engines = [e for e in self.engines if e.healthy()]
+            if any(key in e.capacity().cached_prefixes for e in engines):
+                return None  # stored already: the call will be placed there
+            return scheduler.place_prefix(key, engines)
+
+        def placed(key: str, engine: Engine) -> None:
+            self.prefixes.reach(key)  # the call is hinted with the head, so it takes the stored one
+            scheduler.note_prefix(key, engine)
+
+        limit = self.prompt_limits.get(namespace)
+        known = {name: value for name, value in self.graph.input_values(call).items()
+                 if value is not None and name not in call.compress}
+        self.early_prefill.consider(
+            call, self.prefixes.head(call), known, namespace, pick, placed=placed,
+            check=None if limit is None else (lambda request: self._check_prompt_limit(request, limit)),
+        )
 
     def _dispatch(self, call: CallNode) -> None:
         """Queue a ready call; a scheduling pass places it on an engine.
@@ -755,6 +797,8 @@ class LocalRuntime(Runtime):
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
+        if self.early_prefill is not None:
+            self.early_prefill.cancel_all()
         if self._store_watch is not None:
             self._store_watch.cancel()
         for engine in self.engines:
