@@ -34,18 +34,30 @@ def _cold(engine) -> None:
     engine.prefix_cache.evict(0)
 
 
-def _critic_program(runtime: LocalRuntime, head: str) -> tuple[list[str], str]:
-    """A writer (the producer) and a critic whose long head waits for the draft;
-    returns the outputs and the session id."""
-    writer = _greedy("Write a short note about trams.\nNote:{{output:draft}}", "writer", 8, ignore_eos=True)
+def _tool_chain(runtime: LocalRuntime, head: str, writer_head: str, *, listener=None) -> tuple[list[str], str]:
+    """A tool's result (a value the client sets) feeds a writer (the model
+    producer), whose draft feeds a critic with a long constant head. Before
+    the tool's value is set the engine is idle, so early prefill warms both
+    heads then. Returns the outputs and the session id."""
+    writer = _greedy(writer_head + "\nFacts:{{input:facts}}\nNote:{{output:draft}}", "writer", 8,
+                     ignore_eos=True)
     critic = _greedy(head + "\nDraft:{{input:draft}}\nCritique:{{output:critique}}", "critic", 8)
-    with P.Session(runtime) as s:
-        draft = writer()
-        critique = critic(draft)
-        out = [critique.get(perf="latency"), draft.get()]
-    if runtime.early_prefill is not None:
-        runtime.portal.call(runtime.early_prefill.wait())
-    return out, s.id
+    portal = runtime.portal
+    sid = portal.call(runtime.open_session())
+    tag = uuid.uuid4().hex[:6]
+    facts, draft, critique = f"facts-{tag}", f"draft-{tag}", f"critique-{tag}"
+    portal.call(runtime.create_variable(sid, facts, "facts"))
+    portal.call(runtime.submit_calls(sid, [
+        Call(f"writer-{tag}", writer.spec, {"facts": facts}, {}, {"draft": draft}),
+        Call(f"critic-{tag}", critic.spec, {"draft": draft}, {}, {"critique": critique}),
+    ]))
+    portal.call(runtime.early_prefill_settled())  # the tool runs meanwhile
+    if listener is not None:
+        listener(runtime, sid)
+    portal.call(runtime.set_variable(sid, facts, "Two trams were late at Harbor Gate."))
+    out = [portal.call(runtime.get_variable(sid, critique)), portal.call(runtime.get_variable(sid, draft))]
+    portal.call(runtime.close_session(sid))
+    return out, sid
 
 
 def _call(runtime: LocalRuntime, session_id: str, function: str):
@@ -53,15 +65,17 @@ def _call(runtime: LocalRuntime, session_id: str, function: str):
 
 
 def test_greedy_text_is_identical_with_early_prefill_on_and_off(default_engine):
-    head = _head("identical")
+    head, writer_head = _head("identical"), _head("writer", 8)
     outputs = {}
     for early in (False, True, False):
         _cold(default_engine)
         runtime = LocalRuntime([default_engine], early_prefill=early)
-        outputs.setdefault(early, []).append(_critic_program(runtime, head)[0])
+        out, sid = _tool_chain(runtime, head, writer_head)
+        outputs.setdefault(early, []).append(out)
         if early:
-            assert runtime.early_prefill.counters.started == 1
-            assert runtime.early_prefill.counters.finished == 1
+            assert runtime.early_prefill.counters.started == 2  # the writer's head and the critic's
+            assert runtime.early_prefill.counters.finished == 2
+            assert _call(runtime, sid, "critic").cached_tokens > 0
         else:
             assert runtime.early_prefill is None
     assert outputs[True][0] == outputs[False][0] == outputs[False][1]
@@ -70,7 +84,7 @@ def test_greedy_text_is_identical_with_early_prefill_on_and_off(default_engine):
 def test_the_consumers_head_is_cached_before_its_producer_finishes(default_engine):
     """The critic's head is in the engine's prefix cache when the writer's
     draft is released, and the critic then prefills only its suffix."""
-    head = _head("before")
+    head, writer_head = _head("before"), _head("writer", 8)
     figures = {}
     for early in (False, True):
         _cold(default_engine)
@@ -80,14 +94,19 @@ def test_the_consumers_head_is_cached_before_its_producer_finishes(default_engin
         def on_event(event, runtime=runtime, seen=seen) -> None:
             # At the moment the producer's output is set, before the critic runs.
             if event["type"] == "variable_set" and event["name"] == "draft":
-                critic = next(c for c in runtime.calls() if c.function.name == "critic")
-                key = runtime.prefixes.head(critic).key
-                seen["stored"] = key in default_engine.capacity().cached_prefixes
+                critic = next(c for c in runtime.calls() if c.function.name == "critic" and c.id in keys)
+                seen["stored"] = keys[critic.id] in default_engine.capacity().cached_prefixes
                 seen["critic_not_run"] = critic.state in ("waiting", "ready")
+
+        keys: dict[str, str] = {}
+
+        def before_tool(runtime: LocalRuntime, sid: str) -> None:
+            critic = _call(runtime, sid, "critic")
+            keys[critic.id] = runtime.prefixes.head(critic).key
 
         runtime.subscribe(on_event)
         saved = default_engine.counters.prefix_tokens_saved
-        _, sid = _critic_program(runtime, head)
+        _, sid = _tool_chain(runtime, head, writer_head, listener=before_tool)
         critic = _call(runtime, sid, "critic")
         figures[early] = (seen, critic.cached_tokens, critic.prefill_tokens,
                           default_engine.counters.prefix_tokens_saved - saved)
@@ -103,6 +122,21 @@ def test_the_consumers_head_is_cached_before_its_producer_finishes(default_engin
     assert saved_on >= cached_on
 
 
+def test_no_warm_up_competes_with_running_work(default_engine):
+    """A critic whose producer runs on the only engine: the engine is never
+    idle while the critic waits, so its head is not prefilled early (the
+    same prefill would only move ahead of the producer's tokens)."""
+    runtime = LocalRuntime([default_engine], early_prefill=True)
+    writer = _greedy("Write a short note about trams.\nNote:{{output:draft}}", "writer", 8, ignore_eos=True)
+    critic = _greedy(_head("busy") + "\nDraft:{{input:draft}}\nCritique:{{output:critique}}", "critic", 4)
+    with P.Session(runtime) as s:
+        critique = critic(writer())
+        critique.get()
+    counters = runtime.early_prefill.counters
+    assert counters.started == 0 and counters.deferred >= 1 and runtime.early_prefill.pending == 0
+    assert _call(runtime, s.id, "critic").cached_tokens == 0
+
+
 def test_a_head_waiting_for_a_client_value_is_prefilled_before_the_value_arrives(default_engine):
     """Deterministic without timing: the warm-up ends while the input is unset."""
     runtime = LocalRuntime([default_engine])  # on by default
@@ -112,8 +146,8 @@ def test_a_head_waiting_for_a_client_value_is_prefilled_before_the_value_arrives
     portal.call(runtime.create_variable(sid, "draft-1", "draft"))
     portal.call(runtime.submit_calls(sid, [Call("critic-1", critic.spec, {"draft": "draft-1"}, {}, {"c": "c-1"})]))
     key = runtime.prefixes.head(runtime.call("critic-1")).key
-    assert runtime.early_prefill.inflight == {key}
-    portal.call(runtime.early_prefill.wait())
+    portal.call(runtime.early_prefill_settled())
+    assert runtime.early_prefill.counters.started == 1
     assert runtime.call("critic-1").state == "waiting"
     assert key in default_engine.capacity().cached_prefixes
     hits = default_engine.counters.prefix_hits
@@ -139,8 +173,7 @@ def test_tenants_never_share_a_warmed_head(default_engine):
         portal.call(runtime.submit_calls(sid, [Call(f"{tenant}-critic", critic.spec, {"draft": f"{tenant}-draft"},
                                                     {}, {"c": f"{tenant}-c"})]))
         key = runtime.prefixes.head(runtime.call(f"{tenant}-critic")).key
-        if runtime.early_prefill is not None:
-            portal.call(runtime.early_prefill.wait())
+        portal.call(runtime.early_prefill_settled())
         portal.call(runtime.set_variable(sid, f"{tenant}-draft", "The same draft for both."))
         portal.call(runtime.get_variable(sid, f"{tenant}-c"))
         call = runtime.call(f"{tenant}-critic")
@@ -169,9 +202,11 @@ def test_warm_ups_are_bounded(default_engine):
         Call("k2", long_fn.spec, {"d": "d2"}, {}, {"c": "o2"}),
         Call("k3", short_fn.spec, {"d": "d3"}, {}, {"c": "o3"}),
     ]))
+    portal.call(runtime.early_prefill_settled())
     counters = runtime.early_prefill.counters
-    assert (counters.started, counters.skipped_inflight, counters.skipped_short) == (1, 1, 1)
-    portal.call(runtime.early_prefill.wait())
+    # k2's head is k1's: in flight (or stored) when its turn came.
+    assert counters.started == 1 and counters.skipped_inflight + counters.skipped_stored == 1
+    assert counters.skipped_short == 1
     for v in ("d1", "d2", "d3"):
         portal.call(runtime.set_variable(sid, v, "A draft."))
     for o in ("o1", "o2", "o3"):

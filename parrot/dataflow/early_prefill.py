@@ -29,23 +29,34 @@ pool runs short and then dropped before any running request is preempted.
 A pin held while producers run (for an unbounded time) would let one
 tenant's waiting calls hold memory that others' running work needs.
 
+When: only on engine time nobody else wants. A warm-up goes to an engine
+with nothing running or queued (neither requests it holds nor calls the
+runtime is placing on it); when none is idle, the call's head waits for the
+next scheduling pass (a call or a warm-up finishing) and is tried again while
+the call still waits. So a head is prefilled early while the engine would
+otherwise idle -- its call waits for a tool, a client, or a producer on
+another engine -- and never competes with running work, not even at
+throughput priority. (Measured on one CPU engine, a warm-up that shares the
+engine with the call's own producer only moves the same prefill earlier and
+costs the producer its first token: see the README.)
+
 Bounds: only heads of at least ``min_tokens`` tokens (shorter ones cost less
 to prefill with the call than a request costs), at most one warm-up per head
-key in flight, none when the head is already stored on an engine, and none
-when no engine has room for more work (then it would only queue).
+key in flight, none when the head is stored on an engine already.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Protocol
 
-from parrot.backends.engine import Engine, GenerationRequest, RequestStream
+from parrot.backends.engine import Engine, GenerationRequest, RequestStream, TokenizerLike
 from parrot.semantic_vars import ParrotError
 
-from .graph import CallNode
+from .graph import CallNode, DataflowGraph
 from .prefix import PrefixBoundary
 from .program import head_request
 
@@ -66,15 +77,37 @@ class EarlyPrefillCounters:
     tokens: int = 0  # head tokens sent in warm-ups
     skipped_short: int = 0  # heads under min_tokens
     skipped_inflight: int = 0  # a warm-up of the same head key was in flight
-    skipped_no_engine: int = 0  # the head was stored already, or no engine had room
+    skipped_stored: int = 0  # an engine held the head already
+    deferred: int = 0  # passes that found no idle engine for the next head
+
+
+class EarlyPrefillHost(Protocol):
+    """What early prefill asks of the runtime."""
+
+    tokenizer: TokenizerLike
+
+    def idle_engine_for(self, key: str) -> Engine | None:
+        """The idle engine a call hinted with ``key`` would go to; None when no engine is idle."""
+
+    def holds_prefix(self, key: str) -> bool:
+        """Whether an engine holds the prefix ``key`` now."""
+
+    def warmed(self, key: str, engine: Engine) -> None:
+        """A warm-up of ``key`` went to ``engine`` (calls hinted with it should follow)."""
+
+    def admit_warm_up(self, request: GenerationRequest, namespace: str) -> None:
+        """Raise a :class:`ParrotError` if the tenant may not send ``request``."""
+
+    def warm_up_ended(self) -> None:
+        """An engine has room again: run a scheduling pass."""
 
 
 class EarlyPrefill:
-    """Issues warm-ups of waiting calls' heads and tracks those in flight.
+    """The waiting calls whose heads may be warmed up, and the warm-ups in flight.
 
-    The runtime calls :meth:`consider` on its event loop for every call that
-    is submitted waiting; it supplies ``pick(key)``, the engine the call
-    would be placed on (None: do not warm up).
+    The runtime registers every call that is submitted waiting
+    (:meth:`add`) and runs :meth:`run_pass` on its event loop at each
+    scheduling pass.
     """
 
     def __init__(self, *, min_tokens: int = DEFAULT_MIN_TOKENS) -> None:
@@ -82,6 +115,8 @@ class EarlyPrefill:
             raise ValueError(f"early prefill min_tokens must be >= 1, got {min_tokens}")
         self.min_tokens = min_tokens
         self.counters = EarlyPrefillCounters()
+        # Waiting calls with a head to warm, oldest first: (call, its head, its tenant).
+        self._pending: OrderedDict[str, tuple[CallNode, PrefixBoundary, str]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[None]] = {}  # head key -> its warm-up
 
     @property
@@ -89,54 +124,82 @@ class EarlyPrefill:
         """Head keys whose warm-up runs now."""
         return frozenset(self._inflight)
 
-    def consider(
-        self,
-        call: CallNode,
-        head: PrefixBoundary | None,
-        known: Mapping[str, str],
-        namespace: str,
-        pick: Callable[[str], Engine | None],
-        *,
-        placed: Callable[[str, Engine], None] | None = None,
-        check: Callable[[GenerationRequest], None] | None = None,
-    ) -> bool:
-        """Warm up ``call``'s ``head`` (its known text's last boundary, with
-        the ``known`` input values) if it is worth it; True when a warm-up
-        was submitted. ``placed(key, engine)`` is told where one went;
-        ``check`` may raise to refuse the request (a tenant's prompt limit)."""
-        if head is None:
-            return False
-        if head.key in self._inflight:
-            self.counters.skipped_inflight += 1
-            return False
-        engine = pick(head.key)
-        if engine is None:
-            self.counters.skipped_no_engine += 1
-            return False
-        request = head_request(call.function, call.template, known, engine.tokenizer, key=head.key,
-                               end=head.end, request_id=f"{call.id}.head")
+    @property
+    def pending(self) -> int:
+        """Waiting calls whose head may still be warmed up."""
+        return len(self._pending)
+
+    def add(self, call: CallNode, head: PrefixBoundary | None, namespace: str) -> None:
+        """Consider warming ``call``'s ``head`` (the last boundary of its known text)."""
+        if head is not None:
+            self._pending[call.id] = (call, head, namespace)
+
+    def run_pass(self, graph: DataflowGraph, host: EarlyPrefillHost) -> None:
+        """Warm up the oldest pending heads while an engine is idle."""
+        while self._pending:
+            call_id, (call, head, namespace) = next(iter(self._pending.items()))
+            if call.state != "waiting":
+                del self._pending[call_id]
+                continue
+            if head.key in self._inflight or host.holds_prefix(head.key):
+                del self._pending[call_id]
+                if head.key in self._inflight:
+                    self.counters.skipped_inflight += 1
+                else:
+                    self.counters.skipped_stored += 1
+                continue
+            request = self._request(call, head, graph, host.tokenizer)
+            if request is None:
+                del self._pending[call_id]
+                self.counters.skipped_short += 1
+                continue
+            engine = host.idle_engine_for(head.key)
+            if engine is None:
+                self.counters.deferred += 1
+                return  # no engine is idle: every other head waits too
+            del self._pending[call_id]
+            if engine.tokenizer is not host.tokenizer:  # another vocabulary (a remote engine's stand-in)
+                request = self._request(call, head, graph, engine.tokenizer)
+                if request is None:
+                    self.counters.skipped_short += 1
+                    continue
+            self._submit(call, head.key, request, namespace, engine, host)
+
+    def _request(self, call: CallNode, head: PrefixBoundary, graph: DataflowGraph,
+                 tokenizer: TokenizerLike) -> GenerationRequest | None:
+        """The warm-up request of ``call``'s head; None when the head is too short."""
+        known = {name: value for name, value in graph.input_values(call).items()
+                 if value is not None and name not in call.compress}
+        request = head_request(call.function, call.template, known, tokenizer, key=head.key, end=head.end,
+                               request_id=f"{call.id}.head")
         hint = request.prefix_hint if request is not None else None
         if request is None or hint is None or hint.num_tokens < self.min_tokens:
-            self.counters.skipped_short += 1
-            return False
+            return None
+        return request
+
+    def _submit(self, call: CallNode, key: str, request: GenerationRequest, namespace: str, engine: Engine,
+                host: EarlyPrefillHost) -> None:
         request.namespace = namespace
         request.objective = "throughput"
         try:
-            if check is not None:
-                check(request)
+            host.admit_warm_up(request, namespace)
             stream = engine.submit(request)
         except ParrotError as exc:  # the call itself will meet (and report) the same refusal
             log.info("no early prefill for call %s: %s", call.id, exc)
             self.counters.failed += 1
-            return False
+            return
+        assert request.prefix_hint is not None
         self.counters.started += 1
-        self.counters.tokens += hint.num_tokens
-        if placed is not None:
-            placed(head.key, engine)
+        self.counters.tokens += request.prefix_hint.num_tokens
+        host.warmed(key, engine)
         task = asyncio.get_running_loop().create_task(self._drain(stream), name=f"{call.id}.head")
-        self._inflight[head.key] = task
-        task.add_done_callback(lambda _t, key=head.key: self._inflight.pop(key, None))
-        return True
+        self._inflight[key] = task
+
+        def ended(_task: asyncio.Task[None]) -> None:
+            self._inflight.pop(key, None)
+            host.warm_up_ended()
+
+        task.add_done_callback(ended)
 
     async def _drain(self, stream: RequestStream) -> None:
         try:
@@ -150,15 +213,15 @@ class EarlyPrefill:
             log.info("early prefill %s failed: %s", stream.request.request_id, exc)
 
     async def wait(self) -> None:
-        """Until every warm-up in flight now has ended."""
-        tasks = list(self._inflight.values())
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        """Until the warm-ups in flight now have ended."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     def cancel_all(self) -> None:
-        """Stop every warm-up in flight (the runtime is shutting down)."""
+        """Stop every warm-up in flight and forget the pending heads (the runtime is shutting down)."""
+        self._pending.clear()
         for task in list(self._inflight.values()):
             task.cancel()
 
 
-__all__ = ["DEFAULT_MIN_TOKENS", "EarlyPrefill", "EarlyPrefillCounters"]
+__all__ = ["DEFAULT_MIN_TOKENS", "EarlyPrefill", "EarlyPrefillCounters", "EarlyPrefillHost"]

@@ -160,6 +160,7 @@ class LocalRuntime(Runtime):
         self.early_prefill: EarlyPrefill | None = (
             EarlyPrefill(min_tokens=early_prefill_min_tokens) if early_prefill and not request_level else None
         )
+        self._early_host = _EarlyPrefillHost(self)
         #: Most prompt tokens a call of a namespace (a tenant) may send,
         #: checked when its prompt is built, so text that arrives through
         #: variables counts; a call over it fails with PromptTooLongError.
@@ -489,35 +490,20 @@ class LocalRuntime(Runtime):
             if node.state == "ready":
                 self._dispatch(node)
             elif node.state == "waiting" and self.early_prefill is not None:
-                self._prefill_head(node, state.namespace)
+                self.early_prefill.add(node, self.prefixes.head(node), state.namespace)
+                self._request_pass()  # an idle engine may warm its head now
             elif node.state == "failed":
                 await self._failed(node, [self.graph.variables[v] for v in node.outputs.values()])
 
-    def _prefill_head(self, call: CallNode, namespace: str) -> None:
-        """Warm up the known head of a waiting call on the engine it will
-        most likely run on (see :mod:`parrot.dataflow.early_prefill`)."""
-        assert self.early_prefill is not None
-        scheduler = self.scheduler
-        if not isinstance(scheduler, AppScheduler):
-            return  # only the app scheduler says where a hinted call will go
-
-        def pick(key: str) -> Engine | None:
-            engines = [e for e in self.engines if e.healthy()]
-            if any(key in e.capacity().cached_prefixes for e in engines):
-                return None  # stored already: the call will be placed there
-            return scheduler.place_prefix(key, engines)
-
-        def placed(key: str, engine: Engine) -> None:
-            self.prefixes.reach(key)  # the call is hinted with the head, so it takes the stored one
-            scheduler.note_prefix(key, engine)
-
-        limit = self.prompt_limits.get(namespace)
-        known = {name: value for name, value in self.graph.input_values(call).items()
-                 if value is not None and name not in call.compress}
-        self.early_prefill.consider(
-            call, self.prefixes.head(call), known, namespace, pick, placed=placed,
-            check=None if limit is None else (lambda request: self._check_prompt_limit(request, limit)),
-        )
+    async def early_prefill_settled(self) -> None:
+        """Until no warm-up of a waiting call's head is in flight and none
+        can start now (the passes that earlier ones' ends request included)."""
+        while self.early_prefill is not None:
+            if self._pass_scheduled:
+                self._schedule_pass()  # now, not after this coroutine's next wait
+            if not self.early_prefill.inflight:
+                return
+            await self.early_prefill.wait()
 
     def _dispatch(self, call: CallNode) -> None:
         """Queue a ready call; a scheduling pass places it on an engine.
@@ -563,8 +549,13 @@ class LocalRuntime(Runtime):
 
     def _schedule_pass(self) -> None:
         self._pass_scheduled = False
-        if not self._ready:
-            return
+        if self._ready:
+            self._place_ready()
+        if self.early_prefill is not None and self.early_prefill.pending:
+            # After placement: an engine given work now is not idle.
+            self.early_prefill.run_pass(self.graph, self._early_host)
+
+    def _place_ready(self) -> None:
         for call in self._ready.values():
             # Now, not at readiness: the calls submitted with it count too.
             hint = self.prefixes.hint_for(call)
@@ -808,6 +799,54 @@ class LocalRuntime(Runtime):
     def describe(self, session_id: str) -> str:
         """The session's DAG as text (calls in submission order)."""
         return self.graph.describe(session_id)
+
+
+class _EarlyPrefillHost:
+    """What early prefill asks of the runtime (see :class:`~parrot.dataflow.early_prefill.EarlyPrefillHost`)."""
+
+    def __init__(self, runtime: LocalRuntime) -> None:
+        self.runtime = runtime
+
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        return self.runtime.tokenizer
+
+    def _busy(self) -> set[str]:
+        """Engines the runtime has placed calls on that have not finished."""
+        rt = self.runtime
+        return {c.engine for c in (rt.graph.calls.get(cid) for cid in rt._tasks)
+                if c is not None and c.state == "running" and c.engine is not None}
+
+    def idle_engine_for(self, key: str) -> Engine | None:
+        scheduler = self.runtime.scheduler
+        if not isinstance(scheduler, AppScheduler):
+            return None  # only the app scheduler says where a hinted call will go
+        busy = self._busy()
+        idle = []
+        for engine in self.runtime.engines:
+            if engine.name in busy or not engine.healthy():
+                continue
+            cap = engine.capacity()
+            if cap.running == 0 and cap.waiting == 0:
+                idle.append(engine)
+        return scheduler.place_prefix(key, idle) if idle else None
+
+    def holds_prefix(self, key: str) -> bool:
+        return any(key in e.capacity().cached_prefixes for e in self.runtime.engines if e.healthy())
+
+    def warmed(self, key: str, engine: Engine) -> None:
+        self.runtime.prefixes.reach(key)  # the call is hinted with the head, so it takes the stored one
+        scheduler = self.runtime.scheduler
+        if isinstance(scheduler, AppScheduler):
+            scheduler.note_prefix(key, engine)
+
+    def admit_warm_up(self, request: GenerationRequest, namespace: str) -> None:
+        limit = self.runtime.prompt_limits.get(namespace)
+        if limit is not None:
+            self.runtime._check_prompt_limit(request, limit)
+
+    def warm_up_ended(self) -> None:
+        self.runtime._request_pass()
 
 
 # -- records: what the store keeps ------------------------------------------
