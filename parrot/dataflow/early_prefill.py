@@ -84,8 +84,6 @@ class EarlyPrefillCounters:
 class EarlyPrefillHost(Protocol):
     """What early prefill asks of the runtime."""
 
-    tokenizer: TokenizerLike
-
     def idle_engine_for(self, key: str) -> Engine | None:
         """The idle engine a call hinted with ``key`` would go to; None when no engine is idle."""
 
@@ -148,21 +146,15 @@ class EarlyPrefill:
                 else:
                     self.counters.skipped_stored += 1
                 continue
-            request = self._request(call, head, graph, host.tokenizer)
-            if request is None:
-                del self._pending[call_id]
-                self.counters.skipped_short += 1
-                continue
             engine = host.idle_engine_for(head.key)
             if engine is None:
                 self.counters.deferred += 1
                 return  # no engine is idle: every other head waits too
             del self._pending[call_id]
-            if engine.tokenizer is not host.tokenizer:  # another vocabulary (a remote engine's stand-in)
-                request = self._request(call, head, graph, engine.tokenizer)
-                if request is None:
-                    self.counters.skipped_short += 1
-                    continue
+            request = self._request(call, head, graph, engine.tokenizer)
+            if request is None:
+                self.counters.skipped_short += 1
+                continue
             self._submit(call, head.key, request, namespace, engine, host)
 
     def _request(self, call: CallNode, head: PrefixBoundary, graph: DataflowGraph,

@@ -807,10 +807,6 @@ class _EarlyPrefillHost:
     def __init__(self, runtime: LocalRuntime) -> None:
         self.runtime = runtime
 
-    @property
-    def tokenizer(self) -> TokenizerLike:
-        return self.runtime.tokenizer
-
     def _busy(self) -> set[str]:
         """Engines the runtime has placed calls on that have not finished."""
         rt = self.runtime
