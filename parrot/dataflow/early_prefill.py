@@ -132,6 +132,10 @@ class EarlyPrefill:
         if head is not None:
             self._pending[call.id] = (call, head, namespace)
 
+    def discard(self, call_id: str) -> None:
+        """``call_id`` no longer waits (ready, failed, cancelled or forgotten): no warm-up for it."""
+        self._pending.pop(call_id, None)
+
     def run_pass(self, graph: DataflowGraph, host: EarlyPrefillHost) -> None:
         """Warm up the oldest pending heads while an engine is idle."""
         while self._pending:

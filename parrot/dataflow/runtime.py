@@ -338,6 +338,8 @@ class LocalRuntime(Runtime):
                                      *(("variable", v) for v in var_ids)])
             for call_id in call_ids:
                 self.prefixes.forget(self.graph.calls[call_id])
+                if self.early_prefill is not None:
+                    self.early_prefill.discard(call_id)
             self.graph.remove_session(session_id)
             for var_id in var_ids:
                 self._streamed.pop(var_id, None)
@@ -366,6 +368,8 @@ class LocalRuntime(Runtime):
         for call_id in failed:
             node = self.graph.calls[call_id]
             self._ready.pop(call_id, None)
+            if self.early_prefill is not None:
+                self.early_prefill.discard(call_id)
             self._call_event(node)
             await self._persist_call(node)
 
@@ -508,6 +512,8 @@ class LocalRuntime(Runtime):
     def _dispatch(self, call: CallNode) -> None:
         """Queue a ready call; a scheduling pass places it on an engine.
         A call with inputs to compress is compressed first."""
+        if self.early_prefill is not None:
+            self.early_prefill.discard(call.id)  # it waits no more
         if call.compress and call.compression is None:
             # Tracked with the running calls, so closing the session waits
             # for it and cancelling the call cancels it.
