@@ -1,6 +1,6 @@
 """The Parrot paper's four application shapes: Parrot vs the request-level baseline.
 
-    python -m benchmarks.app_workloads [--workload all] [--json out.json]
+    python -m benchmarks.app_workloads [--workload all] [--compare baseline|early-prefill] [--json out.json]
 
 Workloads (prompts written for this benchmark; sizes are options):
 
@@ -17,6 +17,17 @@ Workloads (prompts written for this benchmark; sizes are options):
 * ``shared-prompt``: K users of one assistant with a long system prompt, each
   asking a different short question in a session of their own, all at once
   (asyncio, ``aget``); throughput in apps/s.
+
+Two more shapes measure early prefill (``--compare early-prefill``: Parrot
+with it on vs off, alternating; see parrot/dataflow/early_prefill.py), not
+part of ``all``:
+
+* ``critic``: a writer generates a draft of ``--producer-tokens`` tokens (the
+  slow producer), then a critic with a long constant instruction head of
+  ``--head-tokens`` tokens reviews it; latency is read on the critique.
+* ``tool-critic``: the same critic, but the draft comes from a tool that the
+  client runs for ``--tool-ms`` ms before it sets the value (the engine is
+  idle meanwhile, which is where a head prefilled early pays most).
 
 Parrot mode sends each app's DAG at its first read; the runtime dispatches
 dependent calls itself, batches task groups and prefills shared prefixes
@@ -58,6 +69,10 @@ from benchmarks.harness import (
 )
 
 WORKLOADS = ("chain", "map-reduce", "multi-agent", "shared-prompt")
+#: Workloads of the early-prefill comparison (not in "all").
+EARLY_WORKLOADS = ("critic", "tool-critic")
+#: What ``--compare`` pits against what: (candidate, reference) modes of the harness.
+COMPARISONS = {"baseline": ("parrot", "baseline"), "early-prefill": ("early-on", "early-off")}
 Counter = Callable[[str], int]  # text -> tokens
 
 
@@ -303,6 +318,61 @@ class SharedPrompt:
                              app_latencies_s=[s for _, s in results])
 
 
+@dataclass
+class CriticReview:
+    """A draft (from a model call, or from a tool the client runs) reviewed by
+    a critic whose long instruction head is constant: the head can be
+    prefilled while the draft is still being written."""
+
+    head: str
+    topic: str
+    producer_tokens: int
+    output_tokens: int
+    count: Counter
+    tool_s: float | None = None  # None: a model call writes the draft
+    tool_text: str = ""
+    name: str = "critic"
+    unit: str = "calls"
+
+    def __post_init__(self) -> None:
+        if self.tool_s is not None:
+            self.name = "tool-critic"
+        # Exactly producer_tokens: random weights end early at EOS otherwise.
+        sampling = SamplingConfig(max_tokens=self.producer_tokens, temperature=0.0, ignore_eos=True)
+        self.writer = P.SemanticFunction("Write a short inspection note about {{input:topic}}.\nNote:{{output:draft}}",
+                                         name="writer", defaults=sampling)
+        self.critic = _fn(self.head + "\nDraft to review:{{input:draft}}\nCritique:{{output:critique}}",
+                          "critic", self.output_tokens)
+
+    def sizes(self) -> dict[str, Any]:
+        return {"head_tokens": self.count(self.head), "output_tokens": self.output_tokens,
+                "producer": "tool" if self.tool_s is not None else "model",
+                "producer_tokens": None if self.tool_s is not None else self.producer_tokens,
+                "tool_ms": None if self.tool_s is None else round(self.tool_s * 1000),
+                "calls": 1 if self.tool_s is not None else 2}
+
+    def run(self, runtime: Any) -> ProgramResult:
+        started = time.perf_counter()
+        with P.Session(runtime) as s:
+            if self.tool_s is None:
+                draft: Any = self.writer(self.topic)
+                outputs = [draft]
+            elif runtime.request_level:  # the client runs the tool, then sends the call
+                time.sleep(self.tool_s)
+                draft, outputs = self.tool_text, []
+            else:
+                draft, outputs = s.variable("draft"), []
+            review = self.critic(draft)
+            if self.tool_s is not None and not runtime.request_level:
+                s.flush()  # the runtime sees the critic waiting for the tool's value
+                time.sleep(self.tool_s)  # the tool's work
+                draft.set(self.tool_text)
+            final = review.get(perf="latency")
+            latency = time.perf_counter() - started
+            texts = [o.get() for o in outputs]
+        return ProgramResult([final, *texts], latency)
+
+
 _QUESTION_STARTS = ["How do I report", "Who should I call about", "What is the rule for", "Where do I find the log of",
                     "When is the next check of", "Why did the system flag"]
 
@@ -329,6 +399,14 @@ def build_workloads(names: Sequence[str], args: argparse.Namespace, count: Count
             questions = [f"{_QUESTION_STARTS[i % len(_QUESTION_STARTS)]} the {rng.choice(_PARTS)} at "
                          f"{rng.choice(_PLACES)} (ticket {1000 + i})?" for i in range(args.users)]
             out.append(SharedPrompt(system, questions, args.output_tokens, count))
+        elif name in EARLY_WORKLOADS:
+            intro = ("You are the reviewing engineer of a tram network's maintenance department. You read a draft "
+                     "inspection note and list what is wrong, missing or unclear in it, most serious first.")
+            head = system_prompt(rng, "critic", intro, args.head_tokens, count)
+            tool_s = args.tool_ms / 1000 if name == "tool-critic" else None
+            tool_text = make_text(rng, args.producer_tokens, count, _report_sentence)
+            out.append(CriticReview(head, rng.choice(_PARTS), args.producer_tokens, args.output_tokens, count,
+                                    tool_s=tool_s, tool_text=tool_text))
         else:
             raise ValueError(f"unknown workload {name!r}")
     return out
@@ -340,7 +418,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Parrot vs the request-level baseline on the paper's four application shapes "
         "(same engines, alternating runs, medians and ratios).",
     )
-    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
+    parser.add_argument("--workload", choices=(*WORKLOADS, *EARLY_WORKLOADS, "all"), default="all",
+                        help="all: the four paper shapes (default)")
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="baseline",
+                        help="baseline: Parrot vs the request-level baseline (default); early-prefill: Parrot with "
+                             "early prefill of waiting calls' heads on vs off")
     s = parser.add_argument_group("sizes (defaults finish in a few minutes on a 2-core CPU with the tiny model)")
     s.add_argument("--chunks", type=int, default=6, help="document chunks for chain and map-reduce (default 6)")
     s.add_argument("--chunk-tokens", type=int, default=384, help="tokens per chunk (default 384)")
@@ -351,12 +433,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     s.add_argument("--output-tokens", type=int, default=24, help="max_tokens of every output (default 24)")
     s.add_argument("--system-prompt-tokens", type=int, default=768,
                    help="length of each long system prompt, multi-agent and shared-prompt (default 768)")
+    s.add_argument("--head-tokens", type=int, default=1536,
+                   help="constant instruction head of the critic, critic and tool-critic (default 1536)")
+    s.add_argument("--producer-tokens", type=int, default=64,
+                   help="tokens the critic's producer writes (the tool's text for tool-critic; default 64)")
+    s.add_argument("--tool-ms", type=float, default=500.0, help="how long tool-critic's tool runs (default 500)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generated texts (default 0)")
     add_engine_args(parser)
     args = parser.parse_args(argv)
-    for name in ("chunks", "chunk_tokens", "users", "rounds", "output_tokens", "repeats", "engines"):
+    for name in ("chunks", "chunk_tokens", "users", "rounds", "output_tokens", "repeats", "engines",
+                 "head_tokens", "producer_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.tool_ms < 0:
+        parser.error("--tool-ms must be >= 0")
     if args.system_prompt_tokens < 32:
         parser.error("--system-prompt-tokens must be >= 32")
     return args
@@ -375,12 +465,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for workload in build_workloads(names, args, count):
             progress(f"{workload.name}: {workload.sizes()['calls']} calls per run")
             results.append(measure(workload, engines, repeats=args.repeats, warmup=not args.no_warmup,
-                                   keep_prefix_cache=args.keep_prefix_cache))
+                                   keep_prefix_cache=args.keep_prefix_cache, modes=COMPARISONS[args.compare]))
         context = describe_context(engines, model_path=model_path, weights=weights,
                                    extra={"argv": list(sys.argv[1:] if argv is None else argv)})
     finally:
         close_engines(engines)
-    print(f"Parrot vs request-level baseline on {context['device_name']} ({context['device']}, {context['dtype']}), "
+    title = "Parrot vs request-level baseline" if args.compare == "baseline" else "Early prefill on vs off (Parrot)"
+    print(f"{title} on {context['device_name']} ({context['device']}, {context['dtype']}), "
           f"{context['parameters'] / 1e6:.1f} M parameters, {weights}; medians of {args.repeats} alternating runs")
     print(format_table(results))
     payload = {"benchmark": "app_workloads", "context": context, "results": results}

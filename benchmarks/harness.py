@@ -36,6 +36,13 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 MODES = ("parrot", "baseline")
+#: ``LocalRuntime`` options of each mode a benchmark may run: Parrot as
+#: configured by default, the request-level baseline, and Parrot with early
+#: prefill of waiting calls' heads forced on or off (its own comparison).
+MODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "parrot": {}, "baseline": {"request_level": True},
+    "early-on": {"early_prefill": True}, "early-off": {"early_prefill": False},
+}
 _COUNTERS = ("steps", "prefill_tokens", "decode_tokens", "prefix_hits", "prefix_misses", "prefix_tokens_saved")
 
 
@@ -147,6 +154,10 @@ class RunRecord:
     engine_steps: int
     client_requests: dict[str, int]
     mean_app_latency_s: float | None = None
+    # Heads of waiting calls prefilled early (their tokens are extra prompt
+    # tokens: prefilled, or taken from the cache, once more than the calls').
+    early_prefills: int = 0
+    early_prefill_tokens: int = 0
     outputs_sha256: str = ""
 
 
@@ -158,13 +169,13 @@ def run_once(workload: Workload, engines: Sequence[Any], mode: str, *, repeat: i
     """One run of ``workload`` in ``mode`` on a fresh runtime over ``engines``."""
     from parrot.dataflow import LocalRuntime
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in MODE_OPTIONS:
+        raise ValueError(f"mode must be one of {tuple(MODE_OPTIONS)}, got {mode!r}")
     wait_idle(engines)
     if not keep_prefix_cache:
         clear_prefix_caches(engines)
     gc.collect()
-    runtime = LocalRuntime(list(engines), request_level=mode == "baseline")
+    runtime = LocalRuntime(list(engines), **MODE_OPTIONS[mode])
     before = engine_counters(engines)
     started = time.perf_counter()
     result = workload.run(runtime)
@@ -195,6 +206,8 @@ def run_once(workload: Workload, engines: Sequence[Any], mode: str, *, repeat: i
         client_requests=dict(runtime.client_requests),
         mean_app_latency_s=statistics.fmean(result.app_latencies_s) if result.app_latencies_s else None,
         outputs_sha256=_digest(result.outputs),
+        early_prefills=runtime.early_prefill.counters.started if runtime.early_prefill else 0,
+        early_prefill_tokens=runtime.early_prefill.counters.tokens if runtime.early_prefill else 0,
     )
     return record, result.outputs
 
@@ -202,6 +215,7 @@ def run_once(workload: Workload, engines: Sequence[Any], mode: str, *, repeat: i
 _MEDIAN_FIELDS = (
     "latency_s", "wall_s", "throughput", "calls", "apps", "prefill_tokens", "prefix_tokens_saved",
     "prefix_hits", "prefix_misses", "decode_tokens", "generated_tokens", "engine_steps", "mean_app_latency_s",
+    "early_prefills", "early_prefill_tokens",
 )
 
 
@@ -227,8 +241,14 @@ def measure(
     warmup: bool = True,
     keep_prefix_cache: bool = False,
     strict_outputs: bool | None = None,
+    modes: tuple[str, str] = MODES,
 ) -> dict[str, Any]:
     """Warm-up of each mode, then ``repeats`` alternating rounds; medians and ratios.
+
+    ``modes`` is ``(candidate, reference)`` (names of :data:`MODE_OPTIONS`):
+    Parrot and the request-level baseline by default. The ratio keys name
+    them "parrot" and "baseline" whatever they are (> 1: the candidate is
+    better); the result says which under ``modes``.
 
     ``strict_outputs`` (default: on CPU) raises ``AssertionError`` if any two
     runs' final outputs differ; otherwise a difference is a warning and is
@@ -238,12 +258,12 @@ def measure(
         raise ValueError("repeats must be >= 1")
     if strict_outputs is None:
         strict_outputs = all(e.device.type == "cpu" for e in engines)
-    plan = [(-1, m) for m in MODES] if warmup else []
+    plan = [(-1, m) for m in modes] if warmup else []
     # A B, B A, A B, ...: alternating, and each mode goes first in half the
     # rounds, so a drift during the run (clocks, page-cache writeback) does not
     # always favour the mode that runs second.
-    plan += [(i, m) for i in range(repeats) for m in (MODES if i % 2 == 0 else MODES[::-1])]
-    records: dict[str, list[RunRecord]] = {m: [] for m in MODES}
+    plan += [(i, m) for i in range(repeats) for m in (modes if i % 2 == 0 else modes[::-1])]
+    records: dict[str, list[RunRecord]] = {m: [] for m in modes}
     warmups: list[RunRecord] = []
     reference: tuple[str, int, list[str]] | None = None
     mismatches: list[str] = []
@@ -267,11 +287,12 @@ def measure(
         if strict_outputs:
             raise AssertionError(f"greedy outputs differ between runs (they must not on CPU): {message}")
         progress(f"WARNING: {message} (expected only where batching changes bf16 rounding)")
-    med = {m: _medians(records[m]) for m in MODES}
-    p, b = med["parrot"], med["baseline"]
+    med = {m: _medians(records[m]) for m in modes}
+    p, b = med[modes[0]], med[modes[1]]
     return {
         "workload": workload.name,
         "unit": workload.unit,
+        "modes": list(modes),
         "sizes": workload.sizes(),
         "repeats": repeats,
         "warmup": warmup,
@@ -279,8 +300,7 @@ def measure(
         "outputs_identical": not mismatches,
         "mismatches": mismatches,
         "final_outputs": len(reference[2]) if reference else 0,
-        "parrot": {"median": p, "runs": [asdict(r) for r in records["parrot"]]},
-        "baseline": {"median": b, "runs": [asdict(r) for r in records["baseline"]]},
+        **{m: {"median": med[m], "runs": [asdict(r) for r in records[m]]} for m in modes},
         "warmup_runs": [asdict(r) for r in warmups],
         "ratios": {
             # > 1 means Parrot is better in every ratio below.
@@ -303,10 +323,11 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     rows: list[list[str]] = []
     for res in results:
         unit = res["unit"]
-        for mode in MODES:
+        modes = tuple(res.get("modes", MODES))
+        for mode in modes:
             m = res[mode]["median"]
             rows.append([
-                res["workload"] if mode == "parrot" else "",
+                res["workload"] if mode == modes[0] else "",
                 mode,
                 _fmt(m["latency_s"], ".3f"),
                 _fmt(m["wall_s"], ".3f"),
@@ -318,7 +339,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         r = res["ratios"]
         rows.append([
             "",
-            "base/parrot",
+            "base/parrot" if modes == MODES else f"{modes[1]}/{modes[0]}",
             _fmt(r["latency_baseline_over_parrot"], ".2f", "x"),
             _fmt(r["wall_baseline_over_parrot"], ".2f", "x"),
             _fmt(r["throughput_parrot_over_baseline"], ".2f", "x (P/B)"),

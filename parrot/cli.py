@@ -111,7 +111,8 @@ def serve_settings(args: argparse.Namespace) -> ServerSettings:
             remote_engines=args.remote_engine, remote_model=args.remote_model,
             engine_process=False if args.engine_in_process else None, max_running=args.max_running,
             max_step_tokens=args.max_step_tokens, prefix_cache=False if args.no_prefix_cache else None,
-            sparse_config=args.sparse_config,
+            sparse_config=args.sparse_config, early_prefill=args.early_prefill,
+            early_prefill_min_tokens=args.early_prefill_min_tokens,
         )
     except ValueError as exc:
         raise SystemExit(f"parrot serve: {exc}")
@@ -269,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="turn the torch engines' automatic prefix cache off (no KV reuse across requests, "
                             "prefix hints ignored; default: on, $PARROT_PREFIX_CACHE=0 does the same)")
+    serve.add_argument("--early-prefill", action=argparse.BooleanOptionalAction, default=None,
+                       help="prefill the constant head of calls that wait for inputs while their producers run "
+                            "(default: $PARROT_EARLY_PREFILL, else on; off with --no-prefix-cache)")
+    serve.add_argument("--early-prefill-min-tokens", type=int, default=None, metavar="N",
+                       help="shortest head worth an early prefill (default: $PARROT_EARLY_PREFILL_MIN_TOKENS, else 64)")
     serve.add_argument("--engine-in-process", action="store_true",
                        help="run the torch engines in the API process (default: each in its own process; "
                             "$PARROT_ENGINE_PROCESS=0 does the same)")

@@ -46,13 +46,29 @@ def test_app_workloads_all_four_write_every_figure(tmp_path, default_model_dir, 
         assert p["calls"] == b["calls"] == res["sizes"]["calls"]
         assert p["generated_tokens"] == b["generated_tokens"] > 0
         assert b["prefix_tokens_saved"] == 0  # the baseline sends no prefix hints
-        # The same prompts: what Parrot did not prefill it took from the prefix cache.
-        assert p["prefill_tokens"] + p["prefix_tokens_saved"] == b["prefill_tokens"]
+        # The same prompts: what Parrot did not prefill it took from the prefix
+        # cache (heads it prefilled early are prompt tokens the baseline never sent).
+        assert p["prefill_tokens"] + p["prefix_tokens_saved"] == b["prefill_tokens"] + p["early_prefill_tokens"]
     assert results["shared-prompt"]["parrot"]["median"]["prefix_tokens_saved"] > 0
     assert results["multi-agent"]["parrot"]["median"]["prefix_tokens_saved"] > 0
     assert results["shared-prompt"]["parrot"]["median"]["apps"] == 3
     table = capsys.readouterr().out
     assert "base/parrot" in table and "shared-prompt" in table
+
+
+def test_app_workloads_compare_early_prefill_on_and_off(tmp_path, default_model_dir, capsys):
+    from benchmarks import app_workloads
+
+    out = tmp_path / "early.json"
+    app_workloads.main(["--workload", "tool-critic", "--compare", "early-prefill", "--head-tokens", "96",
+                        "--producer-tokens", "8", "--tool-ms", "0", *TINY, "--json", str(out)])
+    res = json.loads(out.read_text())["results"][0]
+    assert res["modes"] == ["early-on", "early-off"] and res["outputs_identical"], res["mismatches"]
+    on, off = res["early-on"]["median"], res["early-off"]["median"]
+    assert on["early_prefills"] == 1 and off["early_prefills"] == 0
+    assert on["prefix_tokens_saved"] >= 96 and off["prefix_tokens_saved"] == 0
+    assert on["prefill_tokens"] + on["prefix_tokens_saved"] == off["prefill_tokens"] + on["early_prefill_tokens"]
+    assert "early-off/early-on" in capsys.readouterr().out
 
 
 def test_app_workloads_on_a_random_weight_checkpoint(tmp_path, default_model_dir):

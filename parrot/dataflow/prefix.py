@@ -121,6 +121,19 @@ class PrefixIndex:
                 return boundary
         return None
 
+    def head(self, call: CallNode) -> PrefixBoundary | None:
+        """The boundary at the end of ``call``'s known text (its longest), if
+        that text is at least ``min_chars`` long."""
+        found = self.boundaries.get(call.id)
+        return found[-1] if found else None
+
+    def reach(self, key: str) -> None:
+        """Count one more request reaching ``key`` outside the calls (an early
+        prefill of a call's head): the call is then hinted with it, so it
+        takes the stored head and is placed where the head is."""
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts.move_to_end(key)
+
     def forget(self, call: CallNode) -> None:
         """Drop a finished call's boundary list (the counts stay: history is
         what makes a later user's identical system prompt a known prefix)."""

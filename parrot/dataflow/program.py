@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from parrot.backends.engine import Fill, Gen, GenerationRequest, PrefixHint, TokenizerLike
-from parrot.semantic_vars import FunctionSpec, Placeholder, Template, Text
+from parrot.semantic_vars import FunctionSpec, Placeholder, SamplingConfig, Template, Text
 
 
 #: Spaces and tabs a template's text ends in before an output are not sent
@@ -164,3 +164,36 @@ def build_request(
         if end in tokens_at:
             hint = PrefixHint(key, tokens_at[end])
     return GenerationRequest(program=program, request_id=request_id, prefix_hint=hint)
+
+
+def head_request(
+    function: FunctionSpec,
+    template: Template,
+    known: Mapping[str, str],
+    tokenizer: TokenizerLike,
+    *,
+    key: str,
+    end: int,
+    request_id: str,
+) -> GenerationRequest | None:
+    """A request that prefills only the known head of a call: the first
+    ``end`` characters of its prompt text (template text and the ``known``
+    input values before its first unknown input), hinted under ``key``.
+
+    The head's tokens are those :func:`build_request` gives the full prompt
+    up to that boundary (each segment is tokenized on its own, and the
+    spaces before the unknown input go with its value), so they are an exact
+    prefix of the call's request once every input has a value. The program
+    generates one greedy token, which nobody reads: an engine needs a Gen to
+    run a program, and one sampled token costs no forward beyond the prefill.
+    None when ``end`` is not a segment boundary of the known text.
+    """
+    filled = {name: known.get(name) or "" for name in template.inputs}
+    probe = build_request(function, template, filled, tokenizer, request_id=request_id, prefix=(key, end))
+    hint = probe.prefix_hint
+    if hint is None:
+        return None
+    tokens = [t for step in probe.program if isinstance(step, Fill) for t in step.token_ids][: hint.num_tokens]
+    one = SamplingConfig(max_tokens=1, temperature=0.0)
+    return GenerationRequest(program=[Fill(tuple(tokens)), Gen(one, name="head")], request_id=request_id,
+                             prefix_hint=hint)

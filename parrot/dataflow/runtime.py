@@ -48,6 +48,7 @@ from parrot.semantic_vars.validation import check_unicode, check_unicode_mapping
 
 from .analysis import ObjectiveAnalyzer
 from .compress import InputCompression, questions_after
+from .early_prefill import DEFAULT_MIN_TOKENS, EarlyPrefill
 from .graph import FINAL_STATES, CallNode, DataflowGraph, SessionView, VariableNode
 from .prefix import PrefixIndex
 from .program import build_request, output_value, space_led_outputs
@@ -65,6 +66,9 @@ HEALTH_RETRY_S = 0.25
 ENGINE_WAIT_S = 300.0
 #: Longest pause between two probes of a state store that went away.
 STORE_RETRY_MAX_S = 2.0
+#: Whether early prefill of waiting calls' heads is on when nobody says
+#: (``early_prefill=None`` and no $PARROT_EARLY_PREFILL); see the README.
+EARLY_PREFILL_DEFAULT = True
 
 
 @dataclass
@@ -108,6 +112,8 @@ class LocalRuntime(Runtime):
         scorer_model: str | os.PathLike[str] | None = None,
         keep_closed_sessions: int | None = 1000,
         engine_wait_s: float = ENGINE_WAIT_S,
+        early_prefill: bool | None = None,
+        early_prefill_min_tokens: int = DEFAULT_MIN_TOKENS,
     ) -> None:
         super().__init__(portal)
         if keep_closed_sessions is not None and keep_closed_sessions < 0:
@@ -146,6 +152,15 @@ class LocalRuntime(Runtime):
         self.store: StateStore = store or MemoryStore()
         self._listeners: set[Listener] = set()
         self.compression = InputCompression(self.engines, compressor, scorer_model)
+        # Prefill the known head of waiting calls while their producers run
+        # (see parrot.dataflow.early_prefill); None: $PARROT_EARLY_PREFILL,
+        # default on. Never in the request-level baseline.
+        if early_prefill is None:
+            early_prefill = env_flag("PARROT_EARLY_PREFILL", default=EARLY_PREFILL_DEFAULT)
+        self.early_prefill: EarlyPrefill | None = (
+            EarlyPrefill(min_tokens=early_prefill_min_tokens) if early_prefill and not request_level else None
+        )
+        self._early_host = _EarlyPrefillHost(self)
         #: Most prompt tokens a call of a namespace (a tenant) may send,
         #: checked when its prompt is built, so text that arrives through
         #: variables counts; a call over it fails with PromptTooLongError.
@@ -323,6 +338,8 @@ class LocalRuntime(Runtime):
                                      *(("variable", v) for v in var_ids)])
             for call_id in call_ids:
                 self.prefixes.forget(self.graph.calls[call_id])
+                if self.early_prefill is not None:
+                    self.early_prefill.discard(call_id)
             self.graph.remove_session(session_id)
             for var_id in var_ids:
                 self._streamed.pop(var_id, None)
@@ -351,6 +368,8 @@ class LocalRuntime(Runtime):
         for call_id in failed:
             node = self.graph.calls[call_id]
             self._ready.pop(call_id, None)
+            if self.early_prefill is not None:
+                self.early_prefill.discard(call_id)
             self._call_event(node)
             await self._persist_call(node)
 
@@ -474,12 +493,27 @@ class LocalRuntime(Runtime):
                         "function": node.function.name, "state": node.state})
             if node.state == "ready":
                 self._dispatch(node)
+            elif node.state == "waiting" and self.early_prefill is not None:
+                self.early_prefill.add(node, self.prefixes.head(node), state.namespace)
+                self._request_pass()  # an idle engine may warm its head now
             elif node.state == "failed":
                 await self._failed(node, [self.graph.variables[v] for v in node.outputs.values()])
+
+    async def early_prefill_settled(self) -> None:
+        """Until no warm-up of a waiting call's head is in flight and none
+        can start now (the passes that earlier ones' ends request included)."""
+        while self.early_prefill is not None:
+            if self._pass_scheduled:
+                self._schedule_pass()  # now, not after this coroutine's next wait
+            if not self.early_prefill.inflight:
+                return
+            await self.early_prefill.wait()
 
     def _dispatch(self, call: CallNode) -> None:
         """Queue a ready call; a scheduling pass places it on an engine.
         A call with inputs to compress is compressed first."""
+        if self.early_prefill is not None:
+            self.early_prefill.discard(call.id)  # it waits no more
         if call.compress and call.compression is None:
             # Tracked with the running calls, so closing the session waits
             # for it and cancelling the call cancels it.
@@ -521,8 +555,13 @@ class LocalRuntime(Runtime):
 
     def _schedule_pass(self) -> None:
         self._pass_scheduled = False
-        if not self._ready:
-            return
+        if self._ready:
+            self._place_ready()
+        if self.early_prefill is not None and self.early_prefill.pending:
+            # After placement: an engine given work now is not idle.
+            self.early_prefill.run_pass(self.graph, self._early_host)
+
+    def _place_ready(self) -> None:
         for call in self._ready.values():
             # Now, not at readiness: the calls submitted with it count too.
             hint = self.prefixes.hint_for(call)
@@ -755,6 +794,8 @@ class LocalRuntime(Runtime):
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
+        if self.early_prefill is not None:
+            self.early_prefill.cancel_all()
         if self._store_watch is not None:
             self._store_watch.cancel()
         for engine in self.engines:
@@ -764,6 +805,50 @@ class LocalRuntime(Runtime):
     def describe(self, session_id: str) -> str:
         """The session's DAG as text (calls in submission order)."""
         return self.graph.describe(session_id)
+
+
+class _EarlyPrefillHost:
+    """What early prefill asks of the runtime (see :class:`~parrot.dataflow.early_prefill.EarlyPrefillHost`)."""
+
+    def __init__(self, runtime: LocalRuntime) -> None:
+        self.runtime = runtime
+
+    def _busy(self) -> set[str]:
+        """Engines the runtime has placed calls on that have not finished."""
+        rt = self.runtime
+        return {c.engine for c in (rt.graph.calls.get(cid) for cid in rt._tasks)
+                if c is not None and c.state == "running" and c.engine is not None}
+
+    def idle_engine_for(self, key: str) -> Engine | None:
+        scheduler = self.runtime.scheduler
+        if not isinstance(scheduler, AppScheduler):
+            return None  # only the app scheduler says where a hinted call will go
+        busy = self._busy()
+        idle = []
+        for engine in self.runtime.engines:
+            if engine.name in busy or not engine.healthy():
+                continue
+            cap = engine.capacity()
+            if cap.running == 0 and cap.waiting == 0:
+                idle.append(engine)
+        return scheduler.place_prefix(key, idle) if idle else None
+
+    def holds_prefix(self, key: str) -> bool:
+        return any(key in e.capacity().cached_prefixes for e in self.runtime.engines if e.healthy())
+
+    def warmed(self, key: str, engine: Engine) -> None:
+        self.runtime.prefixes.reach(key)  # the call is hinted with the head, so it takes the stored one
+        scheduler = self.runtime.scheduler
+        if isinstance(scheduler, AppScheduler):
+            scheduler.note_prefix(key, engine)
+
+    def admit_warm_up(self, request: GenerationRequest, namespace: str) -> None:
+        limit = self.runtime.prompt_limits.get(namespace)
+        if limit is not None:
+            self.runtime._check_prompt_limit(request, limit)
+
+    def warm_up_ended(self) -> None:
+        self.runtime._request_pass()
 
 
 # -- records: what the store keeps ------------------------------------------

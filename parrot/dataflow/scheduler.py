@@ -120,6 +120,17 @@ class AppScheduler:
                 return min(holders, key=lambda s: s.load)
         return min(with_room, key=lambda s: (s.load, -s.room))
 
+    def place_prefix(self, key: str, engines: Sequence[Engine]) -> Engine | None:
+        """The engine a call hinted with ``key`` would be placed on now (the
+        prefix's holder if it has room, else the engine with the most room);
+        None when no engine has room (an early prefill would only queue)."""
+        target = self._pick(_snapshot(engines, self.queue_depth), key)
+        return target.engine if target is not None else None
+
+    def note_prefix(self, key: str, engine: Engine) -> None:
+        """``engine`` computes the prefix ``key`` now: calls hinted with it go there."""
+        self.affinity[key] = engine
+
     def _place(self, rooms: list[_Room], calls: list[CallNode], out: list[Assignment]) -> bool:
         target = self._pick(rooms, calls[0].prefix_key)
         if target is None:

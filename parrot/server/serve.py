@@ -73,6 +73,12 @@ class ServerSettings:
     # 2048): a request-level server's latency/throughput knob.
     max_step_tokens: int | None = None
     prefix_cache: bool = True  # PARROT_PREFIX_CACHE=0: the torch engines' automatic prefix cache off
+    # PARROT_EARLY_PREFILL: prefill the known head of calls that wait for
+    # inputs while their producers run (see parrot.dataflow.early_prefill);
+    # None: the runtime's default. Off with the prefix cache, which holds the heads.
+    early_prefill: bool | None = None
+    # PARROT_EARLY_PREFILL_MIN_TOKENS: shortest head worth it (default 64).
+    early_prefill_min_tokens: int = 64
     # PARROT_REMOTE_ENGINES (comma-separated): OpenAI-compatible servers to
     # drive as engines; PARROT_REMOTE_MODEL, PARROT_REMOTE_API_KEY,
     # PARROT_REMOTE_TOKENIZER (a local folder: exact token counts) and
@@ -106,6 +112,8 @@ class ServerSettings:
             max_running=int(env["PARROT_MAX_RUNNING"]) if env.get("PARROT_MAX_RUNNING") else None,
             max_step_tokens=int(env["PARROT_MAX_STEP_TOKENS"]) if env.get("PARROT_MAX_STEP_TOKENS") else None,
             prefix_cache=env_flag("PARROT_PREFIX_CACHE", default=True),
+            early_prefill=env_flag("PARROT_EARLY_PREFILL") if env.get("PARROT_EARLY_PREFILL") is not None else None,
+            early_prefill_min_tokens=int(env.get("PARROT_EARLY_PREFILL_MIN_TOKENS", "64")),
             remote_engines=_urls(env.get("PARROT_REMOTE_ENGINES")),
             remote_model=env.get("PARROT_REMOTE_MODEL") or None,
             remote_api_key=env.get("PARROT_REMOTE_API_KEY") or None,
@@ -126,6 +134,8 @@ class ServerSettings:
             raise ValueError("no engines: give engines >= 1 or at least one remote engine")
         if self.engine_gpus < 0 or self.engine_cpus < 0:
             raise ValueError("engine_gpus and engine_cpus must be >= 0")
+        if self.early_prefill_min_tokens < 1:
+            raise ValueError(f"early_prefill_min_tokens must be >= 1, got {self.early_prefill_min_tokens}")
         if self.engine_restarts < -1:
             raise ValueError(f"engine_restarts must be >= -1 (-1: forever), got {self.engine_restarts}")
         if self.max_running is not None and self.max_running < 1:
@@ -205,8 +215,10 @@ async def build_service(settings: ServerSettings) -> ParrotService:
 
         store = RedisStore.from_url(settings.redis_url)
     # Remote engines hold no model to score compression with: the model setting names the local scorer.
+    early = False if not settings.prefix_cache else settings.early_prefill  # no cache: nothing holds a warmed head
     runtime = LocalRuntime(engines, store=store, request_level=settings.request_level,
-                           keep_closed_sessions=settings.keep_closed_sessions, scorer_model=settings.model)
+                           keep_closed_sessions=settings.keep_closed_sessions, scorer_model=settings.model,
+                           early_prefill=early, early_prefill_min_tokens=settings.early_prefill_min_tokens)
     return ParrotService(runtime, admin_key=settings.admin_key, default_quotas=settings.default_quotas)
 
 
