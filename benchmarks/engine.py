@@ -234,6 +234,51 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
     return out
 
 
+def bench_priority(model, tok, cfg: dict[str, Any], batch: int, waiting: int, prompt_len: int, gen: int,
+                   probe_len: int) -> dict:
+    """TTFT of a latency-critical request arriving while ``batch`` throughput
+    requests decode and ``waiting`` more queue: priorities on (the requests
+    carry their objectives) vs off (no objective anywhere: arrival order),
+    in one engine each, side by side."""
+    rng = torch.Generator().manual_seed(7)
+    background = [prompt(rng, prompt_len) for _ in range(batch + waiting)]
+    probe_ids = prompt(rng, probe_len)
+    out: dict[str, Any] = {"running": batch, "waiting": waiting, "prompt_tokens": prompt_len, "new_tokens": gen,
+                           "probe_prompt_tokens": probe_len}
+    for label, on in (("priorities_on", True), ("priorities_off", False)):
+        engine = TorchEngine(model, tok, config=TorchEngineConfig(max_running=batch, **cfg))
+        try:
+            run_all(engine, [request(prompt(rng, 64), 8) for _ in range(4)])  # warm-up
+
+            async def main() -> tuple[float, float]:
+                reqs = [request(ids, gen) for ids in background]
+                for r in reqs:
+                    r.objective = "throughput" if on else None
+                streams = [engine.submit(r) for r in reqs]
+                while engine.counters.decode_tokens < batch * 8:  # the batch is decoding (polled, not slept on)
+                    await asyncio.sleep(0.005)
+                probe = request(probe_ids, 4)
+                probe.objective = "latency" if on else None
+                t = time.monotonic()
+                first = await engine.submit(probe).results()
+                ttft = first[1].first_token_at - t
+                await asyncio.gather(*(s.results() for s in streams))
+                return ttft, first[1].finished_at - t
+
+            ttft, total = asyncio.run(main())
+            out[f"{label}_ttft_ms"] = ttft * 1e3
+            out[f"{label}_probe_total_ms"] = total * 1e3
+        finally:
+            engine.close()
+            del engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out["ttft_ratio_off_over_on"] = out["priorities_off_ttft_ms"] / out["priorities_on_ttft_ms"]
+    say(f"latency-critical request under {batch} running + {waiting} waiting throughput requests: TTFT "
+        f"{out['priorities_on_ttft_ms']:.0f} ms with priorities vs {out['priorities_off_ttft_ms']:.0f} ms without "
+        f"({out['ttft_ratio_off_over_on']:.1f}x)")
+    return out
+
+
 _KERNEL_KINDS = (
     ("attention", ("paged_partial", "_merge_kernel", "flash", "fmha", "attention")),
     ("layer ops", ("add_rms_norm", "rotary", "silu_mul")),
@@ -414,14 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke run)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--parts", default="decode,prefill,ttft,cascade,hf",
-                        help="comma-separated: decode, prefill, ttft, cascade, hf, profile")
+                        help="comma-separated: decode, prefill, ttft, cascade, priority, hf, profile")
     parser.add_argument("--compare-layer-ops", action="store_true",
                         help="also run decode, prefill and ttft with the torch twins of the fused layer ops"
                              " (PARROT_LAYER_OPS=torch), side by side")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    unknown = parts - {"decode", "prefill", "ttft", "cascade", "hf", "profile"}
+    unknown = parts - {"decode", "prefill", "ttft", "cascade", "priority", "hf", "profile"}
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}")
     device = torch.device(args.device)
@@ -472,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         if not q:  # small groups and short prefixes: what turning it on by default costs there
             result["cascade_decode_small"] = [bench_cascade(model, tok, cfg, n, prefix, 16, 32)
                                               for n, prefix in ((2, 256), (8, 512), (64, 512), (16, 4096))]
+    if "priority" in parts:
+        result["priority_ttft"] = bench_priority(model, tok, cfg, 8 if q else 64, 4 if q else 64, 64 if q else 1024,
+                                                 16 if q else 256, 32 if q else 512)
     if hf is not None:
         result["vs_transformers"] = bench_vs_hf(model, hf, tok, cfg, [1, 8] if q else [1, 8, 64], 32 if q else 512,
                                                 8 if q else 128)
