@@ -180,6 +180,6 @@ def sparse_prefill(
 
 
 __all__ = [
-    "ATTENTION_BACKEND", "decode_kernels_capturable", "paged_decode_attention", "paged_prefill_attention", "sdpa", "shared_prefix_decode_attention",
-    "sparse_prefill", "write_kv",
+    "ATTENTION_BACKEND", "decode_kernels_capturable", "paged_decode_attention", "paged_prefill_attention", "sdpa",
+    "shared_prefix_decode_attention", "sparse_prefill", "write_kv",
 ]

@@ -11,7 +11,11 @@ each sequence's suffix is another item.
 ``_paged_partial_kernel`` computes, per (item, row tile, KV head, split of
 the context), softmax-normalised partial outputs and their log2-sum-exp into
 slots of a ``[B, Hq, slots, D]`` buffer; ``_merge_kernel`` combines the
-slots of each (sequence, head) exactly. GQA: the rows of one program are
+slots of each (sequence, head) exactly; when the last pass (one item per
+sequence) is not split, its programs fold the earlier passes' slots in
+themselves and write the output, and no merge kernel runs. Rows that no
+item of a pass covers (a sequence in no prefix group) find that pass's
+slots at -inf. GQA: the rows of one program are
 (member, query head of this KV head) pairs, so a KV tile serves every query
 head that reads it. Importing this module needs triton.
 """
