@@ -194,10 +194,16 @@ def test_group_prefills_its_prefix_once_with_identical_outputs(tiny_llama_dir, p
         assert engine.capacity().cached_prefixes == frozenset({"sys"})
 
         before = engine.counters.prefill_tokens
+        fed = 0
         for s, want in zip(suffixes, expected):  # one after another, after the group
             [(results, stats)] = run(engine, request(prefix, s))
-            assert results[0].token_ids == want and stats.cached_tokens == p
-        assert engine.counters.prefill_tokens - before == extra
+            # The hinted prefix, or the longer run of full blocks the group published for this very prompt
+            # (all of it cached: its last position is fed again for the logits).
+            ctx = p + len(s)
+            blocks = ctx // 16 * 16
+            assert results[0].token_ids == want and stats.cached_tokens == max(p, blocks if blocks < ctx else ctx - 1)
+            fed += ctx - stats.cached_tokens
+        assert engine.counters.prefill_tokens - before == fed < extra
         assert engine.counters.prefix_hits == (n - 1) + n
         assert_no_refs(engine)
         # Unhinted, the same prompts reuse the published full blocks of the prefix.
@@ -223,6 +229,27 @@ def test_sequential_first_request_then_hits(tiny_llama_dir, prompts, baseline):
         [(want, _)] = run(baseline, request(prefix, [], max_tokens=6))
         assert results[0].token_ids == want[0].token_ids
         assert stats.cached_tokens == len(prefix) - 1 and stats.prefill_tokens == 1
+        assert_no_refs(engine)
+    finally:
+        engine.close()
+
+
+def test_a_hinted_request_takes_published_blocks_past_its_hint(tiny_llama_dir, prompts, baseline):
+    """A hit on a short hinted prefix does not stop a request from reusing
+    the longer run of full blocks an earlier request with the same
+    continuation published (a multi-agent round reading the same file again)."""
+    prefix, suffixes = prompts
+    head, body = prefix[:40], prefix[40:]  # the hint covers 40 positions, the context shares 100
+    first = request(head, body + suffixes[0], key="head")
+    again = request(head, body + suffixes[1], key="head")
+    expected = tokens_of(run(baseline, first, again))
+    engine = make_engine(tiny_llama_dir)
+    try:
+        [(one, _)] = run(engine, first)
+        [(two, stats)] = run(engine, again)
+        assert [one[0].token_ids, two[0].token_ids] == expected
+        assert stats.cached_tokens == 96  # the 6 full blocks of the shared 100 positions, not the hint's 40
+        assert engine.counters.prefix_hits == 1  # the hint was found, and pinned while the request ran
         assert_no_refs(engine)
     finally:
         engine.close()

@@ -16,7 +16,9 @@ request either
 
 * finds the key stored with the same tokens (a hit): its block table starts
   with the entry's blocks (the last one possibly partial, copied on its
-  first write) and those tokens are not prefilled;
+  first write) and those tokens are not prefilled -- unless published full
+  blocks cover more of its context (an earlier request with the same
+  continuation), then it starts from those and holds the entry only as a pin;
 * finds the key being computed right now by another admitted request with
   the same tokens: it is *parked* (admitted but not fed) until that
   request's KV covers the prefix, which is then stored, and the parked
@@ -224,10 +226,13 @@ class KVManager:
             return
         entry = self.prefix.lookup(key, tokens)
         if entry is not None:
-            saved = r.seq.attach_cached_prefix(entry.blocks, entry.num_tokens)
-            self.prefix.acquire(entry)
+            self.prefix.acquire(entry)  # pinned while r runs, for the group's other members
             r.prefix_entry = entry
             self.counters.prefix_hits += 1
+            published, _ = self.prefix.match(r.namespace, r.seq.tokens, len(r.seq.tokens))
+            if len(published) * self.block_size > entry.num_tokens:
+                return  # published full blocks reach past the hinted prefix: admit() starts r from them
+            saved = r.seq.attach_cached_prefix(entry.blocks, entry.num_tokens)
             self.counters.prefix_tokens_saved += saved
             return
         self.counters.prefix_misses += 1
