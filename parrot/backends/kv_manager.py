@@ -229,8 +229,7 @@ class KVManager:
             self.prefix.acquire(entry)  # pinned while r runs, for the group's other members
             r.prefix_entry = entry
             self.counters.prefix_hits += 1
-            published, _ = self.prefix.match(r.namespace, r.seq.tokens, len(r.seq.tokens))
-            if len(published) * self.block_size > entry.num_tokens:
+            if self.prefix.reaches_past(r.namespace, r.seq.tokens, entry.num_tokens):
                 return  # published full blocks reach past the hinted prefix: admit() starts r from them
             saved = r.seq.attach_cached_prefix(entry.blocks, entry.num_tokens)
             self.counters.prefix_tokens_saved += saved

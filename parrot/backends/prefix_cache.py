@@ -94,6 +94,23 @@ class PrefixCache:
         """The longest run of published full blocks that starts ``tokens``,
         covering at most ``limit`` positions: ``(blocks, digests)``. Counts
         one block hit per block found and one miss when the walk stops early."""
+        found, digests, missed = self._walk(namespace, tokens, limit)
+        self.block_misses += 1 if missed else 0
+        self.block_hits += len(found)
+        return found, digests
+
+    def reaches_past(self, namespace: str, tokens: Sequence[int], positions: int) -> bool:
+        """Whether published full blocks that start ``tokens`` cover more than
+        its first ``positions`` (walks one block past them; counts nothing)."""
+        end = (positions // self.block_size + 1) * self.block_size
+        if end > len(tokens):
+            return False
+        found, _, _ = self._walk(namespace, tokens, end)
+        return len(found) * self.block_size == end
+
+    def _walk(self, namespace: str, tokens: Sequence[int], limit: int) -> tuple[list[int], list[bytes], bool]:
+        """Published full blocks that start ``tokens`` (at most ``limit``
+        positions), their digests, and whether the walk stopped at a miss."""
         bs = self.block_size
         found: list[int] = []
         digests: list[bytes] = []
@@ -102,13 +119,11 @@ class PrefixCache:
             digest = block_digest(parent, namespace, tokens[i * bs : (i + 1) * bs])
             block = self.blocks.find(digest)
             if block is None:
-                self.block_misses += 1
-                break
+                return found, digests, True
             found.append(block)
             digests.append(digest)
             parent = digest
-        self.block_hits += len(found)
-        return found, digests
+        return found, digests, False
 
     def publish(self, namespace: str, tokens: Sequence[int], blocks: list[int], digests: list[bytes], length: int) -> None:
         """Publish every full block among the first ``length`` positions that
