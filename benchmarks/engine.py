@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -88,6 +89,19 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / min(times[1:])
 
 
+@contextlib.contextmanager
+def bench_engine(model: LlamaFamilyModel, tok: Any, **config: Any) -> Iterator[TorchEngine]:
+    """A torch engine over the shared model, closed on exit and its GPU
+    memory (KV pool, graphs) handed back before the next one starts."""
+    engine = TorchEngine(model, tok, config=TorchEngineConfig(**config))
+    try:
+        yield engine
+    finally:
+        engine.close()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def run_all(engine: TorchEngine, requests: list[GenerationRequest]) -> tuple[float, list[Any]]:
     """Submit together, wait for all; wall seconds and each request's stats."""
 
@@ -118,17 +132,12 @@ def bench_decode(model, tok, cfg: dict[str, Any], bw: float, batches: list[int],
     kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     rng = torch.Generator().manual_seed(1)
     for b in batches:
-        engine = TorchEngine(model, tok, config=TorchEngineConfig(
-            max_running=max(b, 1), max_step_tokens=max(8192, b), prefix_cache=False, **cfg))
-        try:
+        with bench_engine(model, tok, max_running=max(b, 1), max_step_tokens=max(8192, b), prefix_cache=False,
+                          **cfg) as engine:
             prompts = [prompt(rng, prompt_len) for _ in range(b)]
             run_all(engine, [request(p, 4) for p in prompts])  # warm-up
             prefill_s = min(run_all(engine, [request(p, 1) for p in prompts])[0] for _ in range(2))
             full_s = min(run_all(engine, [request(p, gen) for p in prompts])[0] for _ in range(2))
-        finally:
-            engine.close()
-            del engine
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
         step = (full_s - prefill_s) / (gen - 1)
         mean_ctx = prompt_len + gen / 2
         step_bytes = weight_bytes + b * mean_ctx * kv_per_token
@@ -201,9 +210,8 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
     hint = PrefixHint("bench-shared", prefix_len)
     out: dict[str, Any] = {"sequences": n, "prefix_tokens": prefix_len, "suffix_tokens": suffix_len, "new_tokens": gen}
     for label, cascade in (("cascade", True), ("paged", False)):  # explicit: the default is on for CUDA
-        engine = TorchEngine(model, tok, config=TorchEngineConfig(
-            max_running=n, max_step_tokens=max(8192, n * (suffix_len + 1)), cascade_decode=cascade, **cfg))
-        try:
+        with bench_engine(model, tok, max_running=n, max_step_tokens=max(8192, n * (suffix_len + 1)),
+                          cascade_decode=cascade, **cfg) as engine:
             reqs = lambda tokens: [request(prefix + s, tokens, hint) for s in suffixes]  # noqa: E731
             run_all(engine, reqs(4))  # warm-up: caches the prefix, captures graphs
             prefill_s = min(run_all(engine, reqs(1))[0] for _ in range(2))
@@ -222,10 +230,6 @@ def bench_cascade(model, tok, cfg: dict[str, Any], n: int, prefix_len: int, suff
             context = prefix_len + suffix_len + gen // 2
             out[f"{label}_graph_replay_ms"] = _graph_replay_ms(
                 engine, n, context, shared_blocks=prefix_len // engine.config.block_size if cascade else 0)
-        finally:
-            engine.close()
-            del engine
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
     out["speedup"] = out["paged_step_ms"] / out["cascade_step_ms"]
     say(f"decode of {n} sequences after a shared {prefix_len}-token prefix: cascade {out['cascade_step_ms']:.2f} ms/step"
         f" vs paged {out['paged_step_ms']:.2f} ms ({out['speedup']:.2f}x); graph alone "
@@ -246,8 +250,7 @@ def bench_priority(model, tok, cfg: dict[str, Any], batch: int, waiting: int, pr
     out: dict[str, Any] = {"running": batch, "waiting": waiting, "prompt_tokens": prompt_len, "new_tokens": gen,
                            "probe_prompt_tokens": probe_len}
     for label, on in (("priorities_on", True), ("priorities_off", False)):
-        engine = TorchEngine(model, tok, config=TorchEngineConfig(max_running=batch, **cfg))
-        try:
+        with bench_engine(model, tok, max_running=batch, **cfg) as engine:
             run_all(engine, [request(prompt(rng, 64), 8) for _ in range(4)])  # warm-up
 
             async def main() -> tuple[float, float]:
@@ -268,10 +271,6 @@ def bench_priority(model, tok, cfg: dict[str, Any], batch: int, waiting: int, pr
             ttft, total = asyncio.run(main())
             out[f"{label}_ttft_ms"] = ttft * 1e3
             out[f"{label}_probe_total_ms"] = total * 1e3
-        finally:
-            engine.close()
-            del engine
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
     out["ttft_ratio_off_over_on"] = out["priorities_off_ttft_ms"] / out["priorities_on_ttft_ms"]
     say(f"latency-critical request under {batch} running + {waiting} waiting throughput requests: TTFT "
         f"{out['priorities_on_ttft_ms']:.0f} ms with priorities vs {out['priorities_off_ttft_ms']:.0f} ms without "
