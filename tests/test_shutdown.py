@@ -95,7 +95,9 @@ def test_sigterm_stops_the_server_after_dropped_stream_and_long_poll(default_mod
 def test_a_dropped_non_streaming_request_is_cancelled(live_server, route):
     key = live_server.new_tenant("dropper")
     max_tokens = 3000
-    body = {"model": _model_id(live_server, key), "max_tokens": max_tokens}
+    # ignore_eos: the drop must find the call still generating (an early end-of-sequence
+    # finished it within the client's 0.5 s once).
+    body = {"model": _model_id(live_server, key), "max_tokens": max_tokens, "ignore_eos": True}
     if route == "/v1/completions":
         body["prompt"] = "Once upon a time"
     else:
