@@ -21,6 +21,15 @@ medians of CUDA-event timings; ratios are baseline / contender.
   physical prefix blocks. Both are captured in CUDA graphs and replayed so
   launch overhead does not dominate microsecond kernels.
 
+* Cached prefill (``--parts cached-prefill``): one layer of the 8B shape
+  (32 query heads, 8 KV heads, head dim 128, bf16, block size 16), ``n`` new
+  tokens after ``past`` positions already in the paged pool (a prefix-cache
+  hit, or a prompt's later chunk). Contender: the engine's
+  ``paged_prefill_attention`` (a lower-right causal bias, so SDPA keeps its
+  flash kernel). Baseline: the same gather with an explicit boolean mask
+  (what the engine did before). Floor: flash attention over the new tokens
+  alone (no past).
+
 Run on a CUDA machine: ``python -m benchmarks.kernels --json benchmarks/results/kernels-h100.json``.
 """
 
@@ -316,6 +325,54 @@ def bench_decode_passes(ns: list[int], heads: int, hkv: int, prefix: int, suffix
     return rows
 
 
+def masked_prefill(query, key, value, key_cache, value_cache, blocks, past: int, scale: float) -> torch.Tensor:
+    """The baseline of ``--parts cached-prefill``: the cached context gathered,
+    then SDPA with an explicit boolean causal mask (the engine before the
+    lower-right bias; SDPA has no flash kernel for a tensor mask)."""
+    n = query.shape[0]
+    _, block_size, kv_heads, dim = key_cache.shape
+    q_heads = query.shape[1]
+    group = q_heads // kv_heads
+    total = past + n
+    used = blocks[: -(-total // block_size)].long()
+    keys = key_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
+    values = value_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
+    key_pos = torch.arange(total, device=query.device)
+    mask = key_pos[None, :] <= key_pos[past:, None]
+    q = query.transpose(0, 1).reshape(1, kv_heads, group * n, dim)
+    out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1), scale=scale)
+    return out.reshape(q_heads, n, dim).transpose(0, 1)
+
+
+def bench_cached_prefill(cases: list[tuple[int, int]], reps: int) -> list[dict]:
+    from parrot.backends.attention import paged_prefill_attention
+
+    rows = []
+    hq, hkv, d, bs = 32, 8, 128, 16
+    scale = 1 / math.sqrt(d)
+    for past, n in cases:
+        progress(f"cached prefill past={past} n={n}")
+        total = past + n
+        nblocks = -(-total // bs)
+        g = torch.Generator(device="cuda").manual_seed(past * 7 + n)
+        key_cache = torch.randn(nblocks + 64, bs, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        value_cache = torch.randn_like(key_cache)
+        blocks = torch.randperm(nblocks + 64, device="cuda", generator=g)[:nblocks].to(torch.int32)
+        q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16), torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        args = (q, k, v, key_cache, value_cache, blocks, past, scale)
+        fns = {"bias": lambda: paged_prefill_attention(*args), "mask": lambda: masked_prefill(*args),
+               "no_past": lambda: paged_prefill_attention(q, k, v, key_cache, value_cache, blocks, 0, scale)}
+        times = alternate(fns, reps=max(reps, 20))
+        err = rel_err(paged_prefill_attention(*args), masked_prefill(*args))
+        rows.append({"past": past, "n": n, "bias_s": times["bias"], "mask_s": times["mask"],
+                     "no_past_s": times["no_past"], "speedup": times["mask"] / times["bias"],
+                     "rel_err_vs_mask": err})
+        del key_cache, value_cache
+        torch.cuda.empty_cache()
+    return rows
+
+
 def environment() -> dict:
     import triton
 
@@ -329,6 +386,12 @@ def environment() -> dict:
 
 def print_tables(result: dict) -> None:
     print(f"\n# {result['env']['device']}  torch {result['env']['torch']}  triton {result['env']['triton']}")
+    if result.get("cached_prefill"):
+        print("\n## prefill after cached positions, one layer (32/8 heads, d 128, bf16)")
+        print(f"{'past':>6} {'n':>6} {'bias us':>9} {'mask us':>9} {'no past us':>11} {'speedup':>8} {'rel err':>8}")
+        for r in result["cached_prefill"]:
+            print(f"{r['past']:>6} {r['n']:>6} {r['bias_s'] * 1e6:>9.1f} {r['mask_s'] * 1e6:>9.1f} "
+                  f"{r['no_past_s'] * 1e6:>11.1f} {r['speedup']:>7.2f}x {r['rel_err_vs_mask']:>8.1e}")
     if result.get("decode_passes"):
         print("\n## shared-prefix decode pass by pass (prefix 4096, suffix 128, bf16, CUDA graphs)")
         print(f"{'N':>4} {'options':>48} {'prefix us':>10} {'suffix us':>10} {'merge us':>9} {'whole us':>9} {'floor us':>9}")
@@ -368,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, nargs="*", default=[32, 8])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--parts", nargs="+", choices=("decode", "passes", "recall", "prefill"),
+    ap.add_argument("--cached-prefill", type=int, nargs="*", default=[16, 1100, 3072, 600, 512, 512, 4096, 4096],
+                    help="cached-prefill cases as PAST N pairs (default: a 1-block hit, a multi-agent hit, "
+                         "the latency and throughput configs' second chunk)")
+    ap.add_argument("--parts", nargs="+", choices=("decode", "passes", "recall", "prefill", "cached-prefill"),
                     default=["decode", "recall", "prefill"],
                     help="passes: shared-prefix decode pass by pass over a sweep of grid options (GQA, --kv-heads' last)")
     ap.add_argument("--json", type=Path)
@@ -390,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         result["recall"] = bench_recall(args.recall_lengths, args.heads, last_rows=512)
     if "prefill" in args.parts:
         result["prefill"] = bench_prefill(args.lengths, args.heads, args.reps)
+    if "cached-prefill" in args.parts:
+        if len(args.cached_prefill) % 2:
+            ap.error("--cached-prefill takes PAST N pairs")
+        pairs = list(zip(args.cached_prefill[::2], args.cached_prefill[1::2]))
+        result["cached_prefill"] = bench_cached_prefill(pairs, args.reps)
     result["wall_s"] = time.time() - t0
     print_tables(result)
     if args.json:

@@ -3,6 +3,8 @@ compare their tokens, and the random-cancel load the fuzz tests drive."""
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import random
 
@@ -46,3 +48,39 @@ def run_with_cancels(engine: TorchEngine, batch: list[tuple[GenerationRequest, b
         return await asyncio.gather(*(s.results() for s, (_, cancel) in zip(streams, batch) if not cancel))
 
     return asyncio.run(main())
+
+
+def paged_prefill_case(device: str, dtype, past: int, n: int, *, block_size: int = 16, kv_heads: int = 2,
+                       q_heads: int = 8, dim: int = 32, seed: int = 0, kernels=contextlib.nullcontext):
+    """``paged_prefill_attention`` for ``n`` new tokens after ``past`` cached
+    ones in shuffled pool blocks (run inside ``kernels()``, e.g. one SDPA
+    backend allowed), and dense causal attention over the whole sequence's
+    last ``n`` rows (the reference), as float32 on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    from parrot.backends.attention import paged_prefill_attention
+
+    g = torch.Generator().manual_seed(seed)
+    total = past + n
+    q = torch.randn(total, q_heads, dim, generator=g)
+    k = torch.randn(total, kv_heads, dim, generator=g)
+    v = torch.randn(total, kv_heads, dim, generator=g)
+    num_blocks = -(-total // block_size) + 3
+    blocks = torch.randperm(num_blocks, generator=g)[: -(-total // block_size)]
+    key_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
+    value_cache = torch.zeros_like(key_cache)
+    slots = blocks.repeat_interleave(block_size)[:total] * block_size + torch.arange(total) % block_size
+    key_cache.view(-1, kv_heads, dim)[slots] = k
+    value_cache.view(-1, kv_heads, dim)[slots] = v
+    put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    with kernels():
+        got = paged_prefill_attention(put(q[past:]), put(k[past:]), put(v[past:]), put(key_cache),
+                                      put(value_cache), blocks.to(device), past, 1 / dim ** 0.5)
+    group = q_heads // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1), v.repeat_interleave(group, 1).transpose(0, 1),
+        is_causal=True, scale=1 / dim ** 0.5,
+    ).transpose(0, 1)[past:]
+    return got.float().cpu(), ref
+

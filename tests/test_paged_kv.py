@@ -13,7 +13,7 @@ from parrot.backends import Fill, Gen, GenerationRequest, TokenDelta
 from parrot.backends.torch_engine import TorchEngine, TorchEngineConfig
 from parrot.semantic_vars import EngineError, SamplingConfig
 
-from engine_runs import per_block, run, run_with_cancels, tokens_of
+from engine_runs import paged_prefill_case, per_block, run, run_with_cancels, tokens_of
 
 TEXT = (
     "Engines keep the keys and values of every token in fixed-size blocks, and requests that share "
@@ -237,3 +237,15 @@ def test_sparse_prefill_with_a_narrow_pattern_runs_and_a_mismatched_config_is_re
     bad.layers = bad.layers[:1]
     with pytest.raises(EngineError, match="sparse_prefill config has 1 layers"):
         make(tiny_llama_dir, sparse_prefill=bad)
+
+
+@pytest.mark.parametrize("past,n", [(0, 20), (1, 1), (5, 30), (16, 16), (37, 50), (64, 3)])
+def test_prefill_after_cached_positions_matches_dense_causal_attention(past, n):
+    """The new tokens of a prompt whose first ``past`` positions are in the
+    pool (a prefix-cache hit, or a later chunk) see exactly the positions at
+    or before their own, through the grouped KV heads."""
+    import torch
+
+    got, ref = paged_prefill_case("cpu", torch.float32, past, n)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

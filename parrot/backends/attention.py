@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from parrot import kernels
 from parrot.kernels import layer_ops
@@ -37,6 +38,16 @@ def decode_kernels_capturable(dtype: torch.dtype) -> bool:
     then shared-prefix (cascade) decode has no host sync and CUDA graphs can
     capture it."""
     return _TRITON and dtype in _TRITON_DTYPES
+
+
+def prepare_decode_kernels(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                           device: torch.device) -> int:
+    """Compile the decode kernels' variants now, where decode runs Triton
+    kernels (see :func:`decode_kernels_capturable`), so that no served step
+    waits for a JIT compile; the number of kernel launches (0: nothing to do)."""
+    if device.type != "cuda" or not decode_kernels_capturable(dtype):
+        return 0
+    return kernels.compile_decode_kernels(q_heads, kv_heads, head_dim, block_size, dtype, device)
 
 
 def sdpa(
@@ -155,19 +166,17 @@ def paged_prefill_attention(
     if past == 0:
         return sdpa(q, key.transpose(0, 1), value.transpose(0, 1), causal=n > 1, scale=scale).transpose(0, 1)
     _, block_size, kv_heads, dim = key_cache.shape
-    q_heads = query.shape[1]
-    group = q_heads // kv_heads
     total = past + n
     used = blocks[: -(-total // block_size)].long()
     keys = key_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
     values = value_cache[used].view(-1, kv_heads, dim)[:total].transpose(0, 1)
-    # Query i sits at position past + i and sees keys at positions <= it.
-    key_pos = torch.arange(total, device=query.device)
-    mask = key_pos[None, :] <= key_pos[past:, None]  # [n, total]
-    # As in decode, the group's query heads become rows of their KV head.
-    q = q.reshape(1, kv_heads, group * n, dim)  # 4-D: see sdpa()
-    out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1), scale=scale)
-    return out.reshape(q_heads, n, dim).transpose(0, 1)
+    # Query i sits at position past + i and sees keys at positions <= it: a
+    # causal mask aligned to the lower right. As a bias object (not a boolean
+    # tensor) SDPA keeps its flash / memory-efficient kernels; an explicit
+    # mask sent every prefill after a prefix-cache hit, and every chunk after
+    # a long prompt's first, to the slow masked kernel.
+    out = sdpa(q[None], keys[None], values[None], mask=causal_lower_right(n, total), scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def sparse_prefill(
@@ -180,6 +189,7 @@ def sparse_prefill(
 
 
 __all__ = [
-    "ATTENTION_BACKEND", "decode_kernels_capturable", "paged_decode_attention", "paged_prefill_attention", "sdpa",
+    "ATTENTION_BACKEND", "decode_kernels_capturable", "paged_decode_attention", "paged_prefill_attention",
+    "prepare_decode_kernels", "sdpa",
     "shared_prefix_decode_attention", "sparse_prefill", "write_kv",
 ]
