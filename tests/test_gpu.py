@@ -226,3 +226,54 @@ def test_cascade_graphs_with_two_groups_and_lone_rows(tiny_llama_dir):
             shared = step.keys() & want.keys()
             assert len(shared) >= 4, (i, other, step, want)
             assert max(abs(step[t] - want[t]) for t in shared) < 0.1, (i, other, step, want)
+
+
+@needs_cuda
+@pytest.mark.parametrize("past,n", [(16, 300), (3072, 200), (512, 512)])
+def test_prefill_after_cached_positions_runs_on_flash_and_matches_dense(past, n):
+    """On CUDA the prefill of new tokens after cached ones keeps SDPA's flash
+    kernel (flash alone is allowed here, so a fallback would raise) and
+    agrees with dense float32 causal attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine_runs import paged_prefill_case
+
+    got, ref = paged_prefill_case("cuda", torch.bfloat16, past, n, kv_heads=8, q_heads=32, dim=128,
+                                  kernels=lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    assert (got - ref).abs().max() / ref.abs().max() < 0.03
+
+
+def _compiled_variants(kernel) -> int:
+    """Binaries a Triton kernel holds in this process (every specialization compiled or loaded)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(entry) for entry in kernel.cache.values())
+
+
+@needs_cuda
+def test_a_started_engine_compiles_no_decode_kernel_while_serving(tiny_llama_dir):
+    """The engine compiles the decode kernels' variants at start: batches of
+    new sizes, widths and shared-prefix groups (eager and in CUDA graphs)
+    then find every variant they launch already compiled."""
+    from parrot.kernels import triton_decode as td
+
+    engine = TorchEngine.from_pretrained(tiny_llama_dir, device="cuda", config=TorchEngineConfig(
+        cascade_min_prefix_tokens=64))
+    try:
+        before = {k: _compiled_variants(k) for k in (td._paged_partial_kernel, td._merge_kernel)}
+        assert all(before.values()), "the engine should have compiled the decode kernels at start"
+        prefix = tuple(range(5, 5 + 128))  # the tiny model holds 512 positions
+        for width in (1, 3, 9, 20, 40):
+            requests = [
+                GenerationRequest([Fill((prefix if i % 2 else ()) + tuple(range(150 + i, 150 + i + 3 * width + i % 5))),
+                                   Gen(SamplingConfig(max_tokens=5 + i % 7, ignore_eos=True))],
+                                  prefix_hint=PrefixHint("sys", len(prefix)) if i % 2 else None)
+                for i in range(width)
+            ]
+            assert all(r[0][0].token_ids for r in _run(engine, requests))
+        assert engine.counters.cascade_steps > 0
+        after = {k: _compiled_variants(k) for k in before}
+        assert after == before
+    finally:
+        engine.close()

@@ -30,7 +30,7 @@ import torch
 from parrot.kernels import SparseAttentionConfig
 from parrot.semantic_vars import EngineError, new_id
 
-from .attention import decode_kernels_capturable
+from .attention import decode_kernels_capturable, prepare_decode_kernels
 from .checkpoint import load_model
 from .cuda_graphs import DecodeGraphs
 from .constraints import GrammarStates
@@ -117,6 +117,12 @@ class TorchEngineConfig:
     # 0.1 ms for flash attention), and served prompts rarely repeat a length:
     # on CUDA the engine turns it off for the process unless this is True.
     sdpa_cudnn: bool = False
+    # Compile every variant of the Triton decode kernels when the engine
+    # starts (CUDA only): served steps that meet a new batch shape otherwise
+    # waited 0.6-2 s for a JIT compile (H200, seen in the step traces of a
+    # fresh server). Triton caches the binaries on disk, so only a machine's
+    # first start pays the compile.
+    precompile_decode_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -219,6 +225,12 @@ class TorchEngine(Engine):
             self.reserved_blocks = 1
             graphs = DecodeGraphs(model, self.pool, scratch, scale, self.config.cuda_graph_max_batch,
                                   cascade=self.cascade_decode and capturable)
+        if self.config.precompile_decode_kernels:
+            started = time.perf_counter()
+            launches = prepare_decode_kernels(c.num_heads, c.num_kv_heads, c.head_dim, bs, self.dtype, self.device)
+            if launches:
+                log.info("engine %s: %d decode kernel variants ready in %.1f s", self.name, launches,
+                         time.perf_counter() - started)
         cascade = self.config.cascade_min_prefix_tokens if self.cascade_decode else None
         self.grammars = GrammarStates(tokenizer, c.vocab_size)  # compiles constrained Gens' grammars
         self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs,

@@ -52,6 +52,7 @@ __all__ = [
     "SparseIndex",
     "a_shape_index",
     "build_layer_index",
+    "compile_decode_kernels",
     "dense_prefill_attention",
     "estimate_block_sparse",
     "estimate_vertical_slash",
@@ -96,6 +97,16 @@ def _check_cache(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
     _check_gqa(query.shape[1], key_cache.shape[2])
+
+
+def compile_decode_kernels(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                           device: torch.device | str) -> int:
+    """Compile the Triton decode kernels' variants for a model of these heads
+    (see ``triton_decode.compile_decode_kernels``); the number of launches.
+    Needs triton and a CUDA device."""
+    from .triton_decode import compile_decode_kernels as compile_all
+
+    return compile_all(q_heads, kv_heads, head_dim, block_size, dtype, device)
 
 
 def paged_decode_attention(

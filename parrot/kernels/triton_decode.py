@@ -22,6 +22,7 @@ head that reads it. Importing this module needs triton.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -31,13 +32,19 @@ import triton.language as tl
 
 from .decode_plan import SharedPrefixPlan, plan_shared_prefix
 
+_log = logging.getLogger(__name__)
 _LOG2E = 1.4426950408889634
 _BLOCK_N = 64  # keys per loop iteration
 _NUM_WARPS = 4
 _NUM_STAGES = 2
 
 
-@triton.jit
+# Integer arguments that change from step to step (split sizes, slot
+# offsets, strides of buffers sized by the step) are not specialized on:
+# Triton would otherwise compile a variant per value class (== 1, multiple
+# of 16, other), and each compile stalls a served step for about a second.
+@triton.jit(do_not_specialize=["tokens_per_split", "slot_base", "m_tiles", "stride_bt", "stride_pb", "stride_ph",
+                               "stride_ps", "stride_lb", "stride_lh"])
 def _paged_partial_kernel(
     Q, K, V, PART_O, PART_LSE, OUT,
     ITEM_BT, ITEM_LEN, ITEM_ROW_START, ITEM_ROW_COUNT, ROW_SEQ,
@@ -123,7 +130,7 @@ def _paged_partial_kernel(
         tl.store(PART_LSE + seq * stride_lb + head * stride_lh + slot, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"])
 def _merge_kernel(
     PART_O, PART_LSE, OUT, n_slots,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
@@ -290,6 +297,48 @@ def _run(query, key_cache, value_cache, parts: list[_Items], scale: float | None
     for run in partials:
         run()
     return merge()
+
+
+def compile_decode_kernels(q_heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype,
+                           device: torch.device | str, *, max_slots: int = 512) -> int:
+    """Compile every variant of the decode kernels a model of these heads can
+    launch, on dummy inputs: a pass of each query-row tile width ``_plan``
+    picks, with and without the in-place merge, and the merge kernel for each
+    slot count up to ``max_slots``. A served engine calls it at start, so no
+    step waits for a JIT compile (Triton keeps the binaries on disk, so later
+    starts only load them). Returns the number of launches."""
+    device = torch.device(device)
+    group = q_heads // kv_heads
+    i32 = dict(dtype=torch.int32, device=device)
+    query = torch.zeros(1, q_heads, head_dim, dtype=dtype, device=device)
+    key_cache = torch.zeros(1, page, kv_heads, head_dim, dtype=dtype, device=device)
+    part_o = torch.zeros(1, q_heads, max_slots, head_dim, dtype=torch.float32, device=device)
+    part_lse = torch.full((1, q_heads, max_slots), float("-inf"), dtype=torch.float32, device=device)
+    out = torch.empty_like(query)
+    zero, one = torch.zeros(1, **i32), torch.ones(1, **i32)
+    widths: dict[int, _Launch] = {}
+    rows = 1
+    while True:  # one member, then more, until the widest tile
+        items = _Items(torch.zeros(1, 1, **i32), one, zero, one, zero, rows)
+        (launch,), _ = _plan([items], group, kv_heads, page, _num_sms(device))
+        widths.setdefault(launch.block_m, launch)
+        if launch.block_m >= 128 or rows * group >= 1024:
+            break
+        rows *= 2
+    runs = [lambda launch=launch, merge=merge: _launch_partial(query, key_cache, key_cache, launch, part_o,
+                                                               part_lse, out, 1.0, merge)
+            for launch in widths.values() for merge in (False, True)]
+    runs += [lambda slots=1 << i: _launch_merge(part_o, part_lse, out, slots)
+             for i in range(max_slots.bit_length()) if 1 << i <= max_slots]
+    launches = 0
+    for run in runs:
+        try:
+            run()
+            launches += 1
+        except Exception as exc:  # a variant that does not compile here fails where it is used, not at start
+            _log.warning("decode kernel warm-up: a variant did not compile: %s", exc)
+    torch.cuda.synchronize(device)
+    return launches
 
 
 def _per_sequence_items(block_tables: torch.Tensor, lens: torch.Tensor) -> _Items:
