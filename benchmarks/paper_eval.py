@@ -821,11 +821,19 @@ def max_rate_under(points: list[dict[str, Any]], bound: float) -> dict[str, floa
 
 
 def measure(workload: str, servers: dict[str, Server], s: dict[str, Any], sweep: Sequence[float], rounds: int,
-            count: Counter, rtt_s: float, block_bytes: int, strict: bool) -> list[dict[str, Any]]:
-    """Every sweep point: ``rounds`` rounds of every mode, alternating the order; medians and ratios."""
+            count: Counter, rtt_s: float, block_bytes: int, strict: bool, warmup_rounds: int = 0) -> list[dict[str, Any]]:
+    """Every sweep point: ``warmup_rounds`` unrecorded rounds of every mode
+    (each server meets the point's shapes once: graph captures, first-use
+    costs), then ``rounds`` rounds, alternating the order; medians and ratios."""
     modes = list(servers)
     points = []
     for point in sweep:
+        for warm in range(1, warmup_rounds + 1):
+            for mode in modes:
+                texts = Texts(f"{workload}-{point}-warm-up-{warm}", count)
+                record = asyncio.run(one_run(workload, servers[mode], mode, s, point, 0, texts, rtt_s, block_bytes))
+                progress(f"{workload} {SWEEP_NAMES[workload]}={point:g} warm-up {warm}/{warmup_rounds} {mode:<10} "
+                         f"JCT mean {record.jct_mean_s:.3f} s (not recorded)")
         records: list[RunRecord] = []
         mismatches: list[str] = []
         for round_no in range(1, rounds + 1):
@@ -867,6 +875,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="preset sizes (default: paper on CUDA, tiny on CPU)")
     parser.add_argument("--sweep", type=float, nargs="+", help="the workload's swept values (see the list above)")
     parser.add_argument("--rounds", type=int, help="rounds of every mode per sweep value (default: the preset's)")
+    parser.add_argument("--warmup-rounds", type=int, default=0,
+                        help="unrecorded rounds of every mode before each sweep value's measured rounds (default 0; "
+                             "the servers' start-up warm-up runs anyway)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--client-rtt-ms", type=float, default=0.0,
                         help="simulated client round trip added before every HTTP request of both clients (default 0)")
@@ -898,6 +909,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.client_rtt_ms < 0:
         parser.error("--client-rtt-ms must be >= 0")
+    if args.warmup_rounds < 0:
+        parser.error("--warmup-rounds must be >= 0")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
     return args
@@ -957,9 +970,10 @@ def run_one_workload(name: str, servers: dict[str, Server], sizes: str, pool: in
     sweep = args.sweep or s["sweep"]
     rounds = args.rounds or s["rounds"]
     progress(f"{name}: {SWEEP_NAMES[name]} {sweep}, {rounds} round(s)")
-    points = measure(name, servers, s, sweep, rounds, count, args.client_rtt_ms / 1000, block_bytes, strict)
+    points = measure(name, servers, s, sweep, rounds, count, args.client_rtt_ms / 1000, block_bytes, strict,
+                     args.warmup_rounds)
     payload = {"benchmark": "paper_eval", "workload": name, "sweep_name": SWEEP_NAMES[name], "sizes": s,
-               "kv_pool_tokens": pool, "rounds": rounds,
+               "kv_pool_tokens": pool, "rounds": rounds, "warmup_rounds": args.warmup_rounds,
                "servers": {m: server_args(m, sizes, pool * per_token, max_len, args) for m in args.modes},
                "context": context, "points": points}
     if name == "gpts":

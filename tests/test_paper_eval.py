@@ -77,3 +77,19 @@ def test_output_length_check_and_server_flags(default_model_dir):
                                              "blocks_total": 64.0, "blocks_free": 60.0}
     with pytest.raises(SystemExit):
         paper_eval.parse_args(["--client-rtt-ms", "-1"])
+    with pytest.raises(SystemExit):
+        paper_eval.parse_args(["--warmup-rounds", "-1"])
+
+
+def test_warm_up_rounds_run_every_mode_and_are_not_recorded(default_model_dir, capsys):
+    from benchmarks import paper_eval
+
+    report = paper_eval.main(["--workload", "chain", "--sizes", "tiny", "--device", "cpu", "--server-mode", "thread",
+                              "--modes", "parrot", "throughput", "--warmup-rounds", "1", "--no-json"])
+    (payload,) = report["workloads"]
+    assert payload["warmup_rounds"] == 1
+    (point,) = payload["points"]
+    assert sorted(r["mode"] for r in point["runs"]) == ["parrot", "throughput"]  # the measured round only
+    assert all(r["round"] == 1 for r in point["runs"])
+    log = capsys.readouterr().err
+    assert log.count("warm-up 1/1") == 2 and log.count("(not recorded)") == 2
