@@ -99,6 +99,41 @@ def test_same_program_same_text_in_process_and_over_http(runtime, http, live_ser
     assert any(g["members"] for g in dag["groups"])  # the maps formed a task group server-side
 
 
+def test_a_session_opens_with_its_first_calls_in_one_round_trip(http):
+    """Entering a session over HTTP sends nothing; its first batch of calls
+    opens it (one request), so a chain costs its client an open-with-submit
+    and a read; a block left before anything was sent opens nothing, and
+    the synchronous API opens the same way."""
+
+    def sent() -> dict[str, int]:
+        return {k: http.requests[k] for k in ("open_session", "submit", "get", "close_session")}
+
+    async def chain() -> tuple[P.Session, str, dict[str, int]]:
+        before = sent()
+        async with P.Session(http) as s:
+            assert s.id is None
+            name, _tag = title(summarize(CHUNKS[0]))
+            value = await name.aget()
+            during = {k: v - before[k] for k, v in sent().items()}
+        return s, value, during
+
+    s, value, during = asyncio.run(chain())
+    assert isinstance(value, str) and s.id is not None and s.closed
+    assert during["open_session"] == 1 and during["submit"] == 0 and during["get"] >= 1
+    assert during["close_session"] == 0  # the close comes after the block's last line
+
+    before = sent()
+    with pytest.raises(KeyError):
+        with P.Session(http) as idle:
+            summarize(CHUNKS[1])  # buffered, never sent: the block fails first
+            raise KeyError("the program failed before reading anything")
+    assert sent() == before and idle.closed and idle.id is None
+
+    with P.Session(http) as sync:
+        assert summarize(CHUNKS[2]).get()
+    assert sent()["open_session"] == before["open_session"] + 1 and sent()["submit"] == before["submit"]
+
+
 def test_template_error_from_the_server_keeps_its_position(http):
     bad = FunctionSpec("bad", "Hello {{input:x}} then {{output:y", {"y": SamplingConfig(max_tokens=2)})
     call = Call(new_id("call"), bad, constants={"x": "1"}, outputs={"y": new_id("var")})

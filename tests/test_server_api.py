@@ -117,6 +117,39 @@ def test_quotas_answer_429_with_retry_after(live_server):
         assert r.status_code == 413 and r.json()["error"]["type"] == "PromptTooLongError"
 
 
+def test_a_session_opens_with_its_first_calls_in_one_request(live_server, key):
+    """``POST /sessions`` with ``calls`` opens the session and submits them
+    (one round trip); refused calls leave no open session and no call."""
+    with live_server.client(key) as c:
+        r = c.post("/api/v1/sessions", json={"calls": [
+            {"call_id": "call-o1", "function": SUMMARIZE, "constants": {"text": "a grey tram"}, "outputs": {"summary": "var-o1"}},
+            {"call_id": "call-o2", "function": TITLE, "inputs": {"s": "var-o1"}, "outputs": {"t": "var-o2"}},
+        ]})
+        assert r.status_code == 201, r.text
+        opened = r.json()
+        sid = opened["session_id"]
+        assert [x["call_id"] for x in opened["calls"]] == ["call-o1", "call-o2"]
+        assert opened["calls"][1]["outputs"] == {"t": "var-o2"}
+        state = c.get(f"/api/v1/sessions/{sid}/variables/var-o2", params={"timeout": 60}).json()
+        assert state["ready"] and isinstance(state["value"], str)
+        assert c.delete(f"/api/v1/sessions/{sid}").json()["closed"]
+        assert c.post("/api/v1/sessions", json={"calls": []}).status_code == 201  # an empty batch: a plain open
+
+        before = {x["session_id"] for x in c.get("/api/v1/sessions").json()["sessions"]}
+        bad = c.post("/api/v1/sessions", json={"calls": [
+            {"function": SUMMARIZE, "constants": {"text": "fine"}},
+            {"function": SUMMARIZE, "constants": {"text": 5}},
+        ]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "calls.1.constants.text"
+        bad = c.post("/api/v1/sessions", json={"calls": [
+            {"function": SUMMARIZE, "constants": {"text": "fine"}},
+            {"function": SUMMARIZE, "inputs": {"text": "var-missing"}},
+        ]})
+        assert bad.status_code == 404 and bad.json()["error"]["field"] == "calls.1.inputs.text"
+        new = [x for x in c.get("/api/v1/sessions").json()["sessions"] if x["session_id"] not in before]
+        assert all(not x["open"] and x["calls"] == 0 for x in new)  # the refused opens were closed again, empty
+
+
 @pytest.mark.parametrize(
     "body, status, field",
     [

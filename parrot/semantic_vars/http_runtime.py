@@ -190,6 +190,9 @@ class HttpRuntime(Runtime):
     ``set``, ``submit``, ``get`` -- one per long-poll --, ``close_session``).
     ``request_level`` (default: ``$PARROT_REQUEST_LEVEL``) makes the SDK
     resolve every input on the client, as with the in-process baseline.
+    A session opens with its first batch of calls, in one request
+    (``open_session`` then carries the batch; its ``id`` is None until then,
+    unless it declares a free variable first).
     A waiting ``get`` whose server drops or refuses the connection (a
     restart) reconnects for up to ``reconnect_s`` seconds before it raises
     :class:`ParrotConnectionError`; other requests raise at once.
@@ -199,6 +202,8 @@ class HttpRuntime(Runtime):
     holds at most 100 connections by default; a program reading more
     outputs at once than that queues its long-polls), ``transport``, ...
     """
+
+    opens_with_first_submit = True
 
     def __init__(
         self,
@@ -291,6 +296,19 @@ class HttpRuntime(Runtime):
     async def open_session(self) -> str:
         body = await self._request("open_session", "POST", self._path("sessions"))
         return body["session_id"]
+
+    async def open_session_with_calls(self, calls: Sequence[Call]) -> str:
+        """Open a session with its first batch of calls in one request (the
+        server submits them all or closes the session again); a batch larger
+        than the per-request limit sends its rest in consecutive requests."""
+        bodies = [call_body(c) for c in calls]
+        body = await self._request("open_session", "POST", self._path("sessions"),
+                                   json={"calls": bodies[:MAX_CALLS_PER_REQUEST]})
+        session_id = body["session_id"]
+        path = self._path("sessions", session_id, "calls")
+        for start in range(MAX_CALLS_PER_REQUEST, len(bodies), MAX_CALLS_PER_REQUEST):
+            await self._request("submit", "POST", path, json={"calls": bodies[start:start + MAX_CALLS_PER_REQUEST]})
+        return session_id
 
     async def close_session(self, session_id: str, *, cancel: bool = False) -> None:
         await self._request(

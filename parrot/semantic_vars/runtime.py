@@ -110,6 +110,10 @@ class Runtime(ABC):
     #: When True the SDK resolves every input on the client before submitting
     #: a call (the request-level baseline) instead of sending the DAG.
     request_level: bool = False
+    #: When True a :class:`Session` opens with its first batch of calls
+    #: (:meth:`open_session_with_calls`: one round trip to a remote runtime
+    #: for both) instead of when its block is entered.
+    opens_with_first_submit: bool = False
 
     def __init__(self, portal: Portal | None = None) -> None:
         self.portal = portal or Portal.shared()
@@ -134,6 +138,14 @@ class Runtime(ABC):
     async def submit_calls(self, session_id: str, calls: Sequence[Call]) -> None:
         """Add calls to the DAG in one message; each runs as soon as its
         inputs are set. Seeing them together lets the runtime group them."""
+
+    async def open_session_with_calls(self, calls: Sequence[Call]) -> str:
+        """Open a session and submit ``calls`` to it; its id. The default
+        opens, then submits; a remote runtime does both in one request."""
+        session_id = await self.open_session()
+        if calls:
+            await self.submit_calls(session_id, calls)
+        return session_id
 
     @abstractmethod
     async def get_variable(self, session_id: str, var_id: str, perf: Perf = "latency") -> str:

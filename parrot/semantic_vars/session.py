@@ -57,6 +57,11 @@ class Session:
     Leaving the block normally waits until every submitted call has finished
     (like ``concurrent.futures.Executor``); leaving it with an exception
     cancels what has not run yet.
+
+    With a remote runtime (``runtime.opens_with_first_submit``) entering the
+    block sends nothing: the session opens with its first batch of calls, in
+    the same request, so ``id`` is None until then (declaring a free
+    variable opens it at once).
     """
 
     def __init__(self, runtime: Runtime | None = None) -> None:
@@ -69,6 +74,14 @@ class Session:
         # Batches handed to the runtime by aflush() and not yet acknowledged:
         # a concurrent aget() must not read a variable before its call exists.
         self._submitting: list[asyncio.Future[None]] = []
+        # The open that carries the first batch (lazy sessions), once begun.
+        self._opening: asyncio.Future[None] | None = None
+        self._open_lock = threading.Lock()
+
+    @property
+    def _lazy(self) -> bool:
+        """Whether this session opens with its first batch of calls."""
+        return self.runtime.opens_with_first_submit and not self.runtime.request_level
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Session":
@@ -87,23 +100,52 @@ class Session:
 
     def close(self, *, cancel: bool = False) -> None:
         """Close the session, waiting for its calls unless ``cancel``."""
-        if self.id is not None and not self.closed:
+        if self.closed or (self.id is None and not self._lazy):
+            return
+        if self.id is None:  # lazy, not open yet: its buffered calls open it
+            if cancel:
+                self._take_buffer()  # never sent: nothing to run or cancel
             try:
                 self.flush()
             finally:
-                self.closed = True
-                self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
+                if self.id is None:
+                    self.closed = True
+            if self.id is None:
+                return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
 
     async def aclose(self, *, cancel: bool = False) -> None:
-        if self.id is not None and not self.closed:
+        if self.closed or (self.id is None and not self._lazy):
+            return
+        if self.id is None:
+            if cancel:
+                self._take_buffer()
             try:
-                await self.aflush()
+                await self.aflush()  # also waits for an open already under way
             finally:
-                self.closed = True
-                await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
+                if self.id is None:
+                    self.closed = True
+            if self.id is None:
+                return
+        try:
+            await self.aflush()
+        finally:
+            self.closed = True
+            await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
+
+    def _refuse_if_closed(self) -> None:
+        if self.closed:
+            raise SessionClosedError("this session was closed; open a new one")
 
     def __enter__(self) -> "Session":
-        self.open()
+        if self._lazy:
+            self._refuse_if_closed()
+        else:
+            self.open()
         self._tokens.append(_current.set(self))
         return self
 
@@ -112,7 +154,10 @@ class Session:
         self.close(cancel=exc_type is not None)
 
     async def __aenter__(self) -> "Session":
-        await self.aopen()
+        if self._lazy:
+            self._refuse_if_closed()
+        else:
+            await self.aopen()
         self._tokens.append(_current.set(self))
         return self
 
@@ -126,6 +171,9 @@ class Session:
     def _require_open(self) -> str:
         if self.closed:
             raise SessionClosedError("this session was closed; open a new one")
+        if self.id is None and self._opening is not None and not self._opening.done():
+            # Opening here would make a second session beside the one on its way.
+            raise RuntimeError("the session is opening with its first calls; await one of their values first")
         if self.id is None:
             self.open()
         assert self.id is not None
@@ -144,7 +192,10 @@ class Session:
 
     def submit(self, call: Call) -> None:
         """Queue a call for the runtime (used by :class:`SemanticFunction`)."""
-        self._require_open()
+        if self._lazy:
+            self._refuse_if_closed()  # the first flush opens the session
+        else:
+            self._require_open()
         with self._buffer_lock:
             self._buffer.append(call)
         if self.runtime.request_level:
@@ -156,24 +207,41 @@ class Session:
         return calls
 
     def flush(self) -> None:
-        """Send the buffered calls to the runtime now."""
+        """Send the buffered calls to the runtime now (a lazy session opens
+        with them, in one request)."""
         calls = self._take_buffer()
-        if calls:
-            assert self.id is not None
-            self.runtime.portal.call(self.runtime.submit_calls(self.id, calls))
+        if not calls:
+            return
+        if self.id is None:
+            with self._open_lock:
+                if self.id is None:
+                    self.id = self.runtime.portal.call(self.runtime.open_session_with_calls(calls))
+                    return
+        self.runtime.portal.call(self.runtime.submit_calls(self.id, calls))
 
     async def aflush(self) -> None:
         """:meth:`flush` for async programs; returns once every batch sent
         so far (also by concurrent readers of this session) has arrived."""
         calls = self._take_buffer()
         if calls:
-            assert self.id is not None
-            self._submitting.append(asyncio.ensure_future(
-                self.runtime.portal.call_async(self.runtime.submit_calls(self.id, calls))))
+            if self.id is None and self._opening is None:
+                self._opening = asyncio.ensure_future(self._open_with(calls))
+                self._submitting.append(self._opening)
+            else:
+                self._submitting.append(asyncio.ensure_future(self._submit_after_open(calls)))
         self._submitting = [f for f in self._submitting if not f.done()]
         if self._submitting:
             # shield: a reader cancelled meanwhile must not cancel the batch.
             await asyncio.shield(asyncio.gather(*self._submitting))
+
+    async def _open_with(self, calls: list[Call]) -> None:
+        self.id = await self.runtime.portal.call_async(self.runtime.open_session_with_calls(calls))
+
+    async def _submit_after_open(self, calls: list[Call]) -> None:
+        if self._opening is not None:
+            await asyncio.shield(self._opening)  # its failure is this batch's too
+        assert self.id is not None
+        await self.runtime.portal.call_async(self.runtime.submit_calls(self.id, calls))
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, runtime={type(self.runtime).__name__})"

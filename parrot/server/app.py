@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
 from parrot.dataflow.store import StoreUnavailableError
-from parrot.semantic_vars import FunctionSpec
+from parrot.semantic_vars import Call, FunctionSpec
 from parrot.semantic_vars.template import parse_template
 
 from . import models as m
@@ -28,7 +28,7 @@ from .metrics import ServiceMetrics
 from .openai_routes import CHAT_FUNCTION, COMPLETION_FUNCTION, router as openai_router
 from .service import ParrotService
 from .ui import mount_ui
-from .tenancy import Quotas
+from .tenancy import Quotas, Tenant
 
 ServiceFactory = Callable[[], Awaitable[ParrotService]]
 #: How long /readyz waits for the state store to answer.
@@ -39,9 +39,13 @@ admin = APIRouter(prefix="/admin/v1", responses=ERRORS, dependencies=[Depends(ad
 
 
 @api.post("/sessions", status_code=201, response_model=m.SessionCreated, tags=["sessions"])
-async def open_session(tenant: TenantDep, service: ServiceDep) -> m.SessionCreated:
-    """Open a session."""
-    return m.SessionCreated(session_id=await service.open_session(tenant))
+async def open_session(tenant: TenantDep, service: ServiceDep, body: m.SessionOpen | None = None) -> m.SessionCreated:
+    """Open a session; with ``calls``, submit them in the same request (one
+    round trip for both; all or none: calls refused close the session again)."""
+    if body is None or not body.calls:
+        return m.SessionCreated(session_id=await service.open_session(tenant))
+    session_id, specs = await service.open_session_with_calls(tenant, body.calls)
+    return m.SessionCreated(session_id=session_id, calls=_submitted(tenant, service, specs))
 
 
 @api.get("/sessions", response_model=m.SessionList, tags=["sessions"])
@@ -111,9 +115,14 @@ async def stream_variable(session_id: str, var_id: str, tenant: TenantDep, servi
 async def submit_calls(session_id: str, body: m.CallsSubmit, tenant: TenantDep, service: ServiceDep) -> m.CallsSubmitted:
     """Submit calls (all or none); the DAG is resolved server-side."""
     specs = await service.submit_calls(tenant, session_id, body.calls)
+    return m.CallsSubmitted(calls=_submitted(tenant, service, specs))
+
+
+def _submitted(tenant: Tenant, service: ParrotService, specs: list[Call]) -> list[m.CallSubmitted]:
+    """Submitted calls as the tenant names them."""
     public = lambda i: service.public_id(tenant, i)  # noqa: E731
-    return m.CallsSubmitted(calls=[m.CallSubmitted(call_id=public(s.call_id), outputs={k: public(v) for k, v in s.outputs.items()})
-                                   for s in specs])
+    return [m.CallSubmitted(call_id=public(s.call_id), outputs={k: public(v) for k, v in s.outputs.items()})
+            for s in specs]
 
 
 @api.get("/sessions/{session_id}/dag", tags=["dag"])

@@ -109,10 +109,6 @@ class FunctionCreated(BaseModel):
     outputs: list[str]
 
 
-class SessionCreated(BaseModel):
-    session_id: str
-
-
 class SessionInfo(BaseModel):
     session_id: str
     open: bool
@@ -170,6 +166,18 @@ class CallSubmitted(BaseModel):
 
 class CallsSubmitted(BaseModel):
     calls: list[CallSubmitted]
+
+
+class SessionOpen(Strict):
+    calls: list[CallBody] = Field(
+        default_factory=list, max_length=10_000,
+        description="calls to submit with the open, in the same request (all or none)",
+    )
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    calls: list[CallSubmitted] = Field(default_factory=list, description="the calls submitted with the open")
 
 
 class TenantCreate(Strict):

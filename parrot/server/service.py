@@ -256,6 +256,18 @@ class ParrotService:
         session (it is closed, its calls cancelled, after a restart)."""
         return await self.runtime.open_session(namespace=tenant.id, ephemeral=ephemeral)
 
+    async def open_session_with_calls(self, tenant: Tenant, bodies: list[CallBody]) -> tuple[str, list[Call]]:
+        """Open a session of ``tenant`` and submit ``bodies`` to it in one
+        step, all or none: if the calls are refused (invalid, over a quota)
+        the session is closed again, cancelled, with nothing run, and the
+        error is raised. Returns the session id and the calls (internal ids)."""
+        session_id = await self.open_session(tenant)
+        try:
+            return session_id, await self.submit_calls(tenant, session_id, bodies)
+        except BaseException:
+            await self.close_session(tenant, session_id, cancel=True)
+            raise
+
     def list_sessions(self, tenant: Tenant) -> list[tuple[str, bool, int]]:
         return self.runtime.session_summaries(tenant.id)
 
