@@ -225,12 +225,11 @@ class TorchEngine(Engine):
             self.reserved_blocks = 1
             graphs = DecodeGraphs(model, self.pool, scratch, scale, self.config.cuda_graph_max_batch,
                                   cascade=self.cascade_decode and capturable)
-        if self.config.precompile_decode_kernels:
+        if self.config.precompile_decode_kernels and capturable:
             started = time.perf_counter()
             launches = prepare_decode_kernels(c.num_heads, c.num_kv_heads, c.head_dim, bs, self.dtype, self.device)
-            if launches:
-                log.info("engine %s: %d decode kernel variants ready in %.1f s", self.name, launches,
-                         time.perf_counter() - started)
+            log.info("engine %s: %d decode kernel variants ready in %.1f s", self.name, launches,
+                     time.perf_counter() - started)
         cascade = self.config.cascade_min_prefix_tokens if self.cascade_decode else None
         self.grammars = GrammarStates(tokenizer, c.vocab_size)  # compiles constrained Gens' grammars
         self.runner = ModelRunner(model, self.pool, bs, scale, self.counters, sparse=sparse, graphs=graphs,

@@ -301,13 +301,12 @@ class HttpRuntime(Runtime):
         """Open a session with its first batch of calls in one request (the
         server submits them all or closes the session again); a batch larger
         than the per-request limit sends its rest in consecutive requests."""
-        bodies = [call_body(c) for c in calls]
+        first, rest = calls[:MAX_CALLS_PER_REQUEST], calls[MAX_CALLS_PER_REQUEST:]
         body = await self._request("open_session", "POST", self._path("sessions"),
-                                   json={"calls": bodies[:MAX_CALLS_PER_REQUEST]})
+                                   json={"calls": [call_body(c) for c in first]})
         session_id = body["session_id"]
-        path = self._path("sessions", session_id, "calls")
-        for start in range(MAX_CALLS_PER_REQUEST, len(bodies), MAX_CALLS_PER_REQUEST):
-            await self._request("submit", "POST", path, json={"calls": bodies[start:start + MAX_CALLS_PER_REQUEST]})
+        if rest:
+            await self.submit_calls(session_id, rest)
         return session_id
 
     async def close_session(self, session_id: str, *, cancel: bool = False) -> None:

@@ -85,15 +85,13 @@ class Session:
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Session":
-        if self.closed:
-            raise SessionClosedError("this session was closed; open a new one")
+        self._refuse_if_closed()
         if self.id is None:
             self.id = self.runtime.portal.call(self.runtime.open_session())
         return self
 
     async def aopen(self) -> "Session":
-        if self.closed:
-            raise SessionClosedError("this session was closed; open a new one")
+        self._refuse_if_closed()
         if self.id is None:
             self.id = await self.runtime.portal.call_async(self.runtime.open_session())
         return self
@@ -102,40 +100,26 @@ class Session:
         """Close the session, waiting for its calls unless ``cancel``."""
         if self.closed or (self.id is None and not self._lazy):
             return
-        if self.id is None:  # lazy, not open yet: its buffered calls open it
-            if cancel:
-                self._take_buffer()  # never sent: nothing to run or cancel
-            try:
-                self.flush()
-            finally:
-                if self.id is None:
-                    self.closed = True
-            if self.id is None:
-                return
         try:
-            self.flush()
+            if cancel and self.id is None:
+                self._take_buffer()  # never sent: nothing to run or cancel
+            self.flush()  # a lazy session's buffered calls open it
         finally:
             self.closed = True
-            self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
+            if self.id is not None:
+                self.runtime.portal.call(self.runtime.close_session(self.id, cancel=cancel))
 
     async def aclose(self, *, cancel: bool = False) -> None:
         if self.closed or (self.id is None and not self._lazy):
             return
-        if self.id is None:
-            if cancel:
-                self._take_buffer()
-            try:
-                await self.aflush()  # also waits for an open already under way
-            finally:
-                if self.id is None:
-                    self.closed = True
-            if self.id is None:
-                return
         try:
-            await self.aflush()
+            if cancel and self.id is None:
+                self._take_buffer()
+            await self.aflush()  # also waits for an open already under way
         finally:
             self.closed = True
-            await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
+            if self.id is not None:
+                await self.runtime.portal.call_async(self.runtime.close_session(self.id, cancel=cancel))
 
     def _refuse_if_closed(self) -> None:
         if self.closed:
@@ -169,8 +153,7 @@ class Session:
 
     # -- program API -------------------------------------------------------
     def _require_open(self) -> str:
-        if self.closed:
-            raise SessionClosedError("this session was closed; open a new one")
+        self._refuse_if_closed()
         if self.id is None and self._opening is not None and not self._opening.done():
             # Opening here would make a second session beside the one on its way.
             raise RuntimeError("the session is opening with its first calls; await one of their values first")
