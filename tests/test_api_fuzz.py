@@ -59,7 +59,8 @@ def test_submitting_anything_is_never_a_5xx(fuzz_client, body):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         assert set(r.json()["error"]) >= {"type", "message"}
-        assert stored(client, sid)[0] == before[0]  # no call was added
+        # No call was added (ids only: an earlier example's accepted call may fail meanwhile, on its own).
+        assert [c for c, _ in stored(client, sid)[0]] == [c for c, _ in before[0]]
 
 
 @FUZZ
